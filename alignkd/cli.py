@@ -1,0 +1,131 @@
+"""`alignkd-mobile`: train → export → check. Each command imports its workflow lazily (fast --help)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from .errors import AlignKDError
+
+
+def _clean_errors(fn):
+    """Bad input the user can fix → one line on stderr and exit status 2; bugs keep their traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AlignKDError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except OSError as e:
+            if e.errno == 28:  # ENOSPC: writes are atomic, so nothing half-written is left marked done
+                click.echo(f"error: disk full while writing {e.filename or ''}: {e.strerror}", err=True)
+                sys.exit(2)
+            raise
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="alignkd-mobile")
+def main() -> None:
+    """Align-KD distillation of MobileVLM V2, and export to phones.
+
+    \b
+    train   distil a teacher into a student (or train the baseline); no arguments = easy-vqa demo
+    info    architecture summary and parameter counts of a preset or checkpoint
+    """
+
+
+@main.command()
+@click.argument("preset_or_dir")
+@click.option("--json", "as_json", is_flag=True, help="Print the config and counts as JSON.")
+@_clean_errors
+def info(preset_or_dir: str, as_json: bool) -> None:
+    """Architecture summary and parameter counts per part.
+
+    PRESET_OR_DIR is a preset name (mobilevlm-v2-1.7b, mobilevlm-v2-7b, tiny-student, tiny-teacher) or a
+    local checkpoint directory in the mtgv format.
+    """
+    import dataclasses
+
+    from .model.checkpoint import config_from_name
+    from .model.summary import describe, parameter_counts
+
+    config = config_from_name(preset_or_dir)
+    if as_json:
+        click.echo(json.dumps({"config": dataclasses.asdict(config), "parameters": parameter_counts(config)}, indent=2))
+    else:
+        click.echo(describe(config))
+
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML training config.")
+@click.option("--method", type=click.Choice(["alignkd", "baseline", "logit-kd"]), help="What to train.")
+@click.option("--teacher", help="Teacher mtgv checkpoint directory (MobileVLM_V2-7B).")
+@click.option("--student", help="Student mtgv checkpoint directory (MobileVLM_V2-1.7B) or preset.")
+@click.option("--data", help="LLaVA-format JSON (or 'easyvqa').")
+@click.option("--image-folder", help="Folder the JSON's image paths are relative to.")
+@click.option("--output-dir", help="Output directory.")
+@click.argument("overrides", nargs=-1)
+@_clean_errors
+def train(config_path, method, teacher, student, data, image_folder, output_dir, overrides) -> None:
+    """Distil a teacher into a student (Align-KD), or train the logit-KD / baseline student.
+
+    \b
+    With no --config/--method/--teacher/--student/--data: the embedded easy-vqa demo (offline, CPU,
+    minutes): a tiny teacher, then the baseline and the Align-KD student with identical data, steps and
+    seed; prints held-out accuracy and final loss terms, writes OUTPUT_DIR/summary.json
+    (default runs/easyvqa). Demo overrides: teacher_steps=, student_steps=, batch_size=, lr=, eval_limit=, seed=.
+
+    \b
+    Otherwise one run; OVERRIDES are key=value pairs of the training config, e.g.
+      alignkd-mobile train --method alignkd --teacher ckpt/MobileVLM_V2-7B --student ckpt/MobileVLM_V2-1.7B \\
+          --data llava_v1_5_mix665k.json --image-folder data/ steps=5000 batch_size=8 lr=2e-5
+    Every key, with its meaning: alignkd-mobile train-keys.
+    Several GPUs: torchrun --nproc_per_node=8 --no-python alignkd-mobile train ... (FSDP2).
+    """
+    from .train.config import TrainConfig, load_config
+
+    flags = {"method": method, "teacher": teacher, "student": student, "data": data, "image_folder": image_folder}
+    if config_path is None and not any(flags.values()):
+        from .train.easyvqa_demo import DemoConfig, run_demo
+
+        extra = {"output_dir": output_dir} if output_dir else {}
+        run_demo(load_config(None, list(overrides), cls=DemoConfig, **extra))
+        return
+    from .train.recipe import train as run_training
+
+    given = {k: v for k, v in flags.items() if v is not None}
+    if output_dir:
+        given["output_dir"] = output_dir
+    cfg = load_config(config_path, list(overrides), cls=TrainConfig, **given)
+    summary = run_training(cfg)
+    click.echo(json.dumps(summary, indent=2))
+
+
+@main.command("train-keys")
+def train_keys() -> None:
+    """List every training config key with its default and meaning."""
+    import ast
+    import inspect
+
+    from .train.config import TrainConfig
+
+    src = inspect.getsource(TrainConfig)
+    tree = ast.parse(src).body[0]
+    body = tree.body
+    for i, node in enumerate(body):
+        if isinstance(node, ast.AnnAssign) and i + 1 < len(body) and isinstance(body[i + 1], ast.Expr):
+            name = node.target.id
+            default = getattr(TrainConfig, name, None)
+            doc = body[i + 1].value.value
+            click.echo(f"{name} = {default!r}\n    {doc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Training data: LLaVA-format JSON + image folder (MobileVLM's fine-tune format), and easy-vqa.
+
+Both yield examples `{"input_ids", "labels", "image"}` through the one data path (templates → tokenize →
+preprocess); `collate` pads them on the right and stacks the pixels of the samples that have an image.
+Samples longer than the context are dropped and counted, as MobileVLM does; a malformed entry fails with
+its index unless `on_malformed="skip"`, which skips and counts it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError, DataError
+from ..model.config import MobileVLMConfig
+from ..model.mobilevlm import IGNORE_INDEX
+from .image import ImageProcessingConfig, load_image, preprocess
+from .templates import IMAGE_TOKEN
+from .tokenize import SampleTooLongError, build_training_example
+
+EASYVQA_SUFFIX = "Answer the question using a single word or phrase."
+
+
+def image_config(config: MobileVLMConfig) -> ImageProcessingConfig:
+    """The pixels a model expects, from its vision config (pad to square, then CLIP's processor)."""
+    v = config.vision
+    return ImageProcessingConfig(image_size=v.image_size, image_mean=v.image_mean, image_std=v.image_std,
+                                 pad_to_square=config.image_aspect_ratio == "pad")
+
+
+@dataclass
+class LoadStats:
+    n_entries: int = 0
+    n_too_long: int = 0
+    n_malformed: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def note(self, msg: str) -> None:
+        if len(self.examples) < 5:
+            self.examples.append(msg)
+
+
+class VQADataset(torch.utils.data.Dataset):
+    """Pre-tokenized (conversation, image) samples; images are decoded and preprocessed on access."""
+
+    def __init__(self, samples: list[dict[str, Any]], image_cfg: ImageProcessingConfig, stats: LoadStats):
+        self.samples = samples
+        self.image_cfg = image_cfg
+        self.stats = stats
+        self._pixels: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def pixels(self, image: str | Path) -> torch.Tensor:
+        key = str(image)
+        if key not in self._pixels:  # small datasets repeat images (easy-vqa: ~10 questions per image)
+            self._pixels[key] = preprocess(load_image(image), self.image_cfg)
+        return self._pixels[key]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        s = self.samples[i]
+        return {"input_ids": s["input_ids"], "labels": s["labels"],
+                "pixel_values": self.pixels(s["image"]) if s["image"] is not None else None}
+
+
+def _tokenize_all(entries, tokenizer, template, max_length, num_image_tokens, on_malformed, where) -> tuple[list, LoadStats]:
+    stats = LoadStats()
+    samples = []
+    for idx, (conversation, image, problem) in enumerate(entries):
+        stats.n_entries += 1
+        try:
+            if problem:
+                raise DataError(f"sample {idx}: {problem}")
+            ex = build_training_example(conversation, template, tokenizer, image is not None, max_length,
+                                        num_image_tokens, sample_id=idx)
+        except SampleTooLongError as e:
+            stats.n_too_long += 1
+            stats.note(str(e))
+            continue
+        except DataError as e:
+            if on_malformed != "skip":
+                raise DataError(f"{where}: {e} (use on_malformed=skip to skip and count such entries)") from None
+            stats.n_malformed += 1
+            stats.note(str(e))
+            continue
+        samples.append({**ex, "image": image})
+    return samples, stats
+
+
+def llava_json_dataset(json_path: str | Path, image_folder: str | Path | None, tokenizer, template: str,
+                       image_cfg: ImageProcessingConfig, max_length: int, num_image_tokens: int = 144,
+                       on_malformed: str = "fail") -> VQADataset:
+    """A LLaVA/MobileVLM fine-tune JSON: `[{"id", "image": "rel/path.jpg", "conversations": [{"from", "value"}...]}]`."""
+    json_path = Path(json_path)
+    if on_malformed not in ("fail", "skip"):
+        raise ConfigError(f"on_malformed must be 'fail' or 'skip', got {on_malformed!r}")
+    try:
+        data = json.loads(json_path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"data file {json_path} not found") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{json_path} is not valid JSON: {e}") from None
+    if not isinstance(data, list):
+        raise DataError(f"{json_path}: expected a JSON list of samples")
+    folder = Path(image_folder) if image_folder else json_path.parent
+
+    def entries():
+        for idx, entry in enumerate(data):
+            if not isinstance(entry, dict) or not isinstance(entry.get("conversations"), list):
+                yield None, None, "entry has no 'conversations' list"
+                continue
+            image = entry.get("image")
+            if image is not None and not (folder / image).is_file():
+                yield None, None, f"image {folder / image} not found"
+                continue
+            yield entry["conversations"], (folder / image if image is not None else None), None
+
+    samples, stats = _tokenize_all(entries(), tokenizer, template, max_length, num_image_tokens, on_malformed,
+                                   str(json_path))
+    if not samples:
+        raise DataError(f"{json_path}: no usable sample ({stats.n_too_long} too long, {stats.n_malformed} malformed)")
+    return VQADataset(samples, image_cfg, stats)
+
+
+def easyvqa_dataset(split: str, tokenizer, image_cfg: ImageProcessingConfig, max_length: int,
+                    num_image_tokens: int = 144, template: str = "v1", limit: int | None = None,
+                    seed: int = 0) -> VQADataset:
+    """easy-vqa (MIT; shipped in the `easy-vqa` package): 64×64 shape images, 13 one-word answers."""
+    import easy_vqa
+
+    if split == "train":
+        questions, answers, image_ids = easy_vqa.get_train_questions()
+        paths = easy_vqa.get_train_image_paths()
+    elif split == "test":
+        questions, answers, image_ids = easy_vqa.get_test_questions()
+        paths = easy_vqa.get_test_image_paths()
+    else:
+        raise ConfigError(f"easy-vqa split must be 'train' or 'test', got {split!r}")
+    order = list(range(len(questions)))
+    if limit is not None and limit < len(order):
+        order = sorted(random.Random(seed).sample(order, limit))
+    entries = (((f"{IMAGE_TOKEN}\n{questions[i]}\n{EASYVQA_SUFFIX}", answers[i]), paths[image_ids[i]], None) for i in order)
+    samples, stats = _tokenize_all(entries, tokenizer, template, max_length, num_image_tokens, "fail", "easy-vqa")
+    return VQADataset(samples, image_cfg, stats)
+
+
+def collate(batch: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor | None]:
+    """Right-pad ids (pad_id) and labels (IGNORE_INDEX); stack the pixels of samples with an image."""
+    t = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), t), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), t), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), t), dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        ids[i, :n] = torch.tensor(b["input_ids"])
+        labels[i, :n] = torch.tensor(b["labels"])
+        mask[i, :n] = 1
+    pixels = [b["pixel_values"] for b in batch if b["pixel_values"] is not None]
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask,
+            "pixel_values": torch.stack(pixels) if pixels else None}

@@ -1,0 +1,252 @@
+"""Comparison report of evaluated checkpoints: Markdown table, JSON, and a radar plot like Align-KD's
+Figure 1.
+
+Input: {checkpoint_name: {benchmark: metrics}} where metrics is what `Benchmark.score` returned
+(only its "score" is used). Output (all written atomically: a temp file in the same folder, then
+`os.replace`): `{stem}.md`, `{stem}.json`, `{stem}_radar.png`.
+
+The average is the Align-KD paper's: the mean of GQA, SQA-I, TextVQA, POPE, MME-P / 20 and MMB-dev
+over those of them that are in the table (a checkpoint lacking one of them gets no average);
+easy-vqa is shown but never averaged.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from alignkd.errors import ConfigError
+
+PAPER_BENCHMARKS = ("gqa", "sqa", "textvqa", "pope", "mme", "mmbench")
+BENCHMARK_ORDER = PAPER_BENCHMARKS + ("easyvqa",)
+DISPLAY_NAMES = {
+    "gqa": "GQA",
+    "sqa": "SQA-I",
+    "textvqa": "TextVQA",
+    "pope": "POPE",
+    "mme": "MME-P",
+    "mmbench": "MMB-dev",
+    "easyvqa": "easy-vqa",
+}
+MME_DIVISOR = 20.0  # MME-P is out of 2000; /20 puts it on a 0-100 scale for the average
+
+
+def _display(b: str) -> str:
+    return DISPLAY_NAMES.get(b, b)
+
+
+def _score_of(metrics: Any) -> float | None:
+    if isinstance(metrics, Mapping):
+        v = metrics.get("score")
+    else:
+        v = metrics
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+        return None
+    return float(v)
+
+
+def _scaled(bench: str, v: float) -> float:
+    return v / MME_DIVISOR if bench == "mme" else v
+
+
+def build_report(
+    results: Mapping[str, Mapping[str, Any]],
+    distilled: str | None = None,
+    baseline: str | None = None,
+    benchmarks: Sequence[str] | None = None,
+) -> dict:
+    """JSON-able report: checkpoints x benchmarks "score", the paper's average, and the difference
+    distilled - baseline (when both are named; each must be a key of `results`)."""
+    if not results:
+        raise ConfigError("report: no results to compare")
+    ckpts = list(results)
+    if (distilled is None) != (baseline is None):
+        raise ConfigError("report: name both the distilled and the baseline checkpoint, or neither")
+    for role, name in (("distilled", distilled), ("baseline", baseline)):
+        if name is not None and name not in results:
+            raise ConfigError(f"report: {role} checkpoint {name!r} is not among {', '.join(ckpts)}")
+    if benchmarks is None:
+        present = {b for r in results.values() for b in r}
+        benchmarks = [b for b in BENCHMARK_ORDER if b in present] + sorted(present - set(BENCHMARK_ORDER))
+    benchmarks = list(benchmarks)
+
+    scores = {c: {b: _score_of(results[c].get(b)) for b in benchmarks} for c in ckpts}
+    avg_over = [b for b in benchmarks if b in PAPER_BENCHMARKS]
+    average: dict[str, float | None] = {}
+    for c in ckpts:
+        vals = [scores[c][b] for b in avg_over]
+        average[c] = (
+            sum(_scaled(b, v) for b, v in zip(avg_over, vals)) / len(vals)
+            if avg_over and all(v is not None for v in vals)
+            else None
+        )
+
+    diff = None
+    if distilled is not None:
+        def sub(a, b):
+            return None if a is None or b is None else a - b
+
+        diff = {
+            "distilled": distilled,
+            "baseline": baseline,
+            "scores": {b: sub(scores[distilled][b], scores[baseline][b]) for b in benchmarks},
+            "average": sub(average[distilled], average[baseline]),
+        }
+
+    notes = []
+    if avg_over:
+        names = ", ".join(_display(b) + (" / 20" if b == "mme" else "") for b in avg_over)
+        note = f"Avg: mean of {names}, as the Align-KD paper averages (MME-P is divided by 20 first)"
+        missing = [_display(b) for b in PAPER_BENCHMARKS if b not in avg_over]
+        if missing:
+            note += f"; the paper's average also has {', '.join(missing)}, not evaluated here"
+        if any(b not in PAPER_BENCHMARKS for b in benchmarks):
+            note += "; " + ", ".join(_display(b) for b in benchmarks if b not in PAPER_BENCHMARKS)
+            note += " not averaged"
+        notes.append(note + ".")
+    notes.append("Scores: accuracy in % (POPE: mean F1 over its splits; MMB-dev: circular accuracy); MME-P: sum of 10 subtasks, out of 2000.")
+    if any(v is None for s in scores.values() for v in s.values()):
+        notes.append("–: not evaluated.")
+    return {
+        "benchmarks": benchmarks,
+        "benchmark_names": {b: _display(b) for b in benchmarks},
+        "checkpoints": ckpts,
+        "scores": scores,
+        "average_over": avg_over,
+        "average": average,
+        "difference": diff,
+        "notes": notes,
+    }
+
+
+def _fmt(v: float | None, signed: bool = False) -> str:
+    if v is None:
+        return "–"
+    return f"{v:+.1f}" if signed else f"{v:.1f}"
+
+
+def render_markdown(report: dict) -> str:
+    """The report as a Markdown table (rows: checkpoints, then the difference row) with footnotes."""
+    benches = report["benchmarks"]
+    has_avg = bool(report["average_over"])
+    head = ["checkpoint"] + [report["benchmark_names"][b] for b in benches] + (["Avg¹"] if has_avg else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for c in report["checkpoints"]:
+        row = [c] + [_fmt(report["scores"][c][b]) for b in benches]
+        if has_avg:
+            row.append(_fmt(report["average"][c]))
+        lines.append("| " + " | ".join(row) + " |")
+    d = report["difference"]
+    if d is not None:
+        row = [f"Δ {d['distilled']} − {d['baseline']}"] + [_fmt(d["scores"][b], True) for b in benches]
+        if has_avg:
+            row.append(_fmt(d["average"], True))
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    for i, n in enumerate(report["notes"]):
+        lines.append(f"{'¹ ' if i == 0 and has_avg else ''}{n}")
+    return "\n".join(lines) + "\n"
+
+
+def render_radar_png(report: dict, title: str | None = None) -> bytes:
+    """PNG bytes of a radar plot: one axis per benchmark, one polygon per checkpoint.
+
+    Axes are scaled each on its own (like Align-KD's Figure 1): the lowest score on an axis sits at
+    0.45 of the radius, the highest at 0.9; the real values are written at the vertices. MME-P is
+    shown /20 like the average.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    benches = report["benchmarks"]
+    ckpts = report["checkpoints"]
+    if not benches:
+        raise ConfigError("report: no benchmarks to plot")
+    n = len(benches)
+    angles = [2 * math.pi * i / n for i in range(n)]  # clockwise from the top (see offset below)
+
+    radius: dict[str, list[float]] = {c: [] for c in ckpts}
+    for b in benches:
+        vals = [report["scores"][c][b] for c in ckpts]
+        real = [_scaled(b, v) for v in vals if v is not None]
+        lo, hi = (min(real), max(real)) if real else (0.0, 1.0)
+        span = max(hi - lo, 0.01 * abs(hi), 1e-6)
+        for c, v in zip(ckpts, vals):
+            radius[c].append(0.0 if v is None else 0.45 + 0.45 * (_scaled(b, v) - lo) / span)
+
+    fig = Figure(figsize=(6.4, 6.4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(111, projection="polar")
+    ax.set_theta_offset(math.pi / 2)
+    ax.set_theta_direction(-1)
+    closed = angles + angles[:1]
+    for c in ckpts:
+        r = radius[c] + radius[c][:1]
+        ax.plot(closed, r, linewidth=1.8, label=c)
+        ax.fill(closed, r, alpha=0.12)
+        for a, rr, b in zip(angles, radius[c], benches):
+            v = report["scores"][c][b]
+            if v is not None:
+                ax.annotate(_fmt(v), (a, rr), fontsize=7, ha="center", va="bottom")
+    ax.set_xlim(0, 2 * math.pi)
+    ax.set_xticks(angles)
+    ax.set_xticklabels([report["benchmark_names"][b] for b in benches], fontsize=10)
+    ax.set_yticks([0.25, 0.5, 0.75, 1.0])
+    ax.set_yticklabels([])
+    ax.set_ylim(0, 1.0)
+    ax.legend(loc="upper right", bbox_to_anchor=(1.15, 1.12), fontsize=8)
+    if title:
+        ax.set_title(title, pad=24)
+    fig.text(0.01, 0.01, "each axis scaled on its own (MME-P /20); labels are the measured scores", fontsize=7)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return buf.getvalue()
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write `data` to `path` via a temp file in the same folder and os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_report(
+    results: Mapping[str, Mapping[str, Any]],
+    out_dir: Path,
+    distilled: str | None = None,
+    baseline: str | None = None,
+    benchmarks: Sequence[str] | None = None,
+    stem: str = "report",
+    plot: bool = True,
+) -> dict[str, Path]:
+    """Build the report and write `{stem}.md`, `{stem}.json` (report + full metrics) and
+    `{stem}_radar.png` into out_dir. Returns the paths written, by kind ("markdown", "json", "radar")."""
+    rep = build_report(results, distilled, baseline, benchmarks)
+    out_dir = Path(out_dir)
+    paths = {"markdown": out_dir / f"{stem}.md", "json": out_dir / f"{stem}.json"}
+    atomic_write(paths["markdown"], render_markdown(rep))
+    full = dict(rep, metrics={c: {b: dict(m) if isinstance(m, Mapping) else m for b, m in r.items()} for c, r in results.items()})
+    atomic_write(paths["json"], json.dumps(full, indent=2, sort_keys=False) + "\n")
+    if plot:
+        paths["radar"] = out_dir / f"{stem}_radar.png"
+        atomic_write(paths["radar"], render_radar_png(rep))
+    return paths

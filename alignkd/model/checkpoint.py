@@ -1,0 +1,289 @@
+"""Load and save MobileVLM checkpoints in the mtgv format (the HF hub repos mtgv/MobileVLM_V2-*).
+
+A directory holds `config.json` (model_type "mobilevlm"), weights as safetensors (one file or shards
+with an index) or `pytorch_model*.bin` pickles (read with weights_only=True only), and the tokenizer.
+Weight names follow the original code; `NAME_TABLE` maps them to this package's module names. The CLIP
+config is not in config.json: `mm_vision_tower` names it (a local folder, or a hub id that resolves
+offline to a built-in config). We always write a `vision_tower/` folder so our checkpoints load offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError, ConfigError
+from .config import BUILTIN_VISION_TOWERS, MobileVLMConfig, VisionConfig, get_preset, PRESETS
+from .mobilevlm import MobileVLM
+from .vision import from_clip_config, preprocessor_dict, to_clip_config
+
+# (our name prefix, mtgv name prefix). transformers 5's CLIPVisionModel has no `vision_model.` level in its
+# state dict; the original checkpoints (written by transformers 4.x) have it.
+NAME_TABLE: tuple[tuple[str, str], ...] = (
+    ("vision_tower.vision_tower.", "model.vision_tower.vision_tower.vision_model."),
+    ("mm_projector.", "model.mm_projector."),
+    ("lm.model.", "model."),
+    ("lm.lm_head.", "lm_head."),
+)
+# Buffers that older transformers saved into checkpoints; they are recomputed, never loaded.
+IGNORED_SUFFIXES = ("embeddings.position_ids", "rotary_emb.inv_freq")
+SHARD_BYTES = 2 * 1024**3
+VISION_DIR = "vision_tower"
+
+
+def _map(name: str, src: int, dst: int) -> str | None:
+    for row in sorted(NAME_TABLE, key=lambda r: -len(r[src])):
+        if name.startswith(row[src]):
+            return row[dst] + name[len(row[src]):]
+    return None
+
+
+def to_mtgv_name(ours: str) -> str:
+    mapped = _map(ours, 0, 1)
+    if mapped is None:
+        raise KeyError(f"no mtgv name for {ours}")
+    return mapped
+
+
+def from_mtgv_name(mtgv: str) -> str | None:
+    return _map(mtgv, 1, 0)
+
+
+# ---- config ------------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+
+
+def resolve_vision_config(tower: str, ckpt_dir: Path) -> VisionConfig:
+    """`mm_vision_tower` → VisionConfig, offline: a local CLIP folder (absolute or relative to the
+    checkpoint) with config.json (+ preprocessor_config.json), or a known hub id."""
+    for cand in (Path(tower), ckpt_dir / tower):
+        if (cand / "config.json").is_file():
+            pre = cand / "preprocessor_config.json"
+            return from_clip_config(_read_json(cand / "config.json"), _read_json(pre) if pre.is_file() else None)
+    if tower in BUILTIN_VISION_TOWERS:
+        return BUILTIN_VISION_TOWERS[tower]
+    raise ConfigError(
+        f"{ckpt_dir / 'config.json'}: mm_vision_tower {tower!r} is neither a local CLIP folder nor a known hub id "
+        f"({', '.join(BUILTIN_VISION_TOWERS)}); nothing is downloaded: point it at a folder with the CLIP config.json"
+    )
+
+
+def load_config(ckpt_dir: str | Path) -> MobileVLMConfig:
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"checkpoint directory {ckpt_dir} does not exist")
+    d = _read_json(ckpt_dir / "config.json")
+    vision = resolve_vision_config(d.get("mm_vision_tower", ""), ckpt_dir)
+    return MobileVLMConfig.from_mtgv_dict(d, vision, where=str(ckpt_dir / "config.json"))
+
+
+def config_from_name(preset_or_dir: str) -> MobileVLMConfig:
+    return get_preset(preset_or_dir) if preset_or_dir in PRESETS else load_config(preset_or_dir)
+
+
+# ---- weights -----------------------------------------------------------------------------------
+def _weight_files(ckpt_dir: Path) -> list[Path]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = ckpt_dir / index_name
+        if index.is_file():
+            files = sorted(set(_read_json(index).get("weight_map", {}).values()))
+            missing = [f for f in files if not (ckpt_dir / f).is_file()]
+            if missing:
+                raise CheckpointError(f"{index} names shard(s) that are missing: {', '.join(missing)}")
+            return [ckpt_dir / f for f in files]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (ckpt_dir / single).is_file():
+            return [ckpt_dir / single]
+    shards = sorted(ckpt_dir.glob("pytorch_model-*.bin")) or sorted(ckpt_dir.glob("model-*.safetensors"))
+    if shards:
+        return shards
+    raise CheckpointError(f"no weights in {ckpt_dir}: expected model.safetensors, model-*.safetensors with an index, "
+                          "or pytorch_model*.bin")
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        # Pickled checkpoints can run arbitrary code: only ever load them with weights_only=True.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"cannot read weights from {path}: it holds more than plain tensors and is refused "
+                              f"(pickles are only loaded with weights_only=True): {str(e).splitlines()[0]}") from None
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"cannot read weights from {path} (truncated or corrupt?): {e}") from None
+
+
+def read_mtgv_state_dict(ckpt_dir: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Read every weight file, map names to ours, and check names and shapes against `model`."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state: dict[str, torch.Tensor] = {}
+    where: dict[str, Path] = {}
+    for f in _weight_files(ckpt_dir):
+        for name, tensor in _read_weights(f).items():
+            if name.endswith(IGNORED_SUFFIXES):
+                continue
+            ours = from_mtgv_name(name)
+            if ours is None or ours not in expected:
+                raise CheckpointError(f"{f}: unexpected tensor {name!r} for this config")
+            if tuple(tensor.shape) != tuple(expected[ours]):
+                raise CheckpointError(f"{f}: tensor {name!r} has shape {tuple(tensor.shape)}, the config needs "
+                                      f"{tuple(expected[ours])}")
+            state[ours] = tensor
+            where[ours] = f
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        shown = ", ".join(to_mtgv_name(m) for m in missing[:5])
+        raise CheckpointError(f"{ckpt_dir}: {len(missing)} tensor(s) missing, e.g. {shown}")
+    return state
+
+
+def _materialize_buffers(model: MobileVLM) -> None:
+    """Recreate the non-persistent buffers that a meta-device build left empty."""
+    rotary = model.lm.model.rotary_emb
+    model.lm.model.rotary_emb = type(rotary)(config=model.lm.config)
+    tower = model.vision_tower.vision_tower
+    emb = getattr(tower, "vision_model", tower).embeddings
+    emb.register_buffer("position_ids", torch.arange(emb.num_positions).expand((1, -1)), persistent=False)
+    left = [n for n, b in model.named_buffers() if b.is_meta]
+    if left:
+        raise RuntimeError(f"buffers left on the meta device: {left}")
+
+
+def load_model(ckpt_dir: str | Path, dtype: torch.dtype | None = None, attn_implementation: str = "sdpa") -> MobileVLM:
+    """Load an mtgv checkpoint directory. Built on the meta device: no random init, no double memory."""
+    ckpt_dir = Path(ckpt_dir)
+    config = load_config(ckpt_dir)
+    with torch.device("meta"):
+        model = MobileVLM(config, attn_implementation)
+    state = read_mtgv_state_dict(ckpt_dir, model)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    _materialize_buffers(model)
+    return model.eval()
+
+
+def build_model(preset_or_dir: str, seed: int = 0, dtype: torch.dtype | None = None) -> MobileVLM:
+    """A preset with random weights (seeded), or a checkpoint directory."""
+    if preset_or_dir not in PRESETS:
+        return load_model(preset_or_dir, dtype)
+    torch.manual_seed(seed)
+    model = MobileVLM(get_preset(preset_or_dir))
+    return (model.to(dtype) if dtype else model).eval()
+
+
+# ---- saving ------------------------------------------------------------------------------------
+def _atomic_dir(final: Path):
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+
+
+def publish_dir(tmp: Path, final: Path, merge: bool = False) -> None:
+    """Move a fully written temp dir into place; an existing `final` is replaced only after that.
+
+    merge=True keeps what else `final` holds (e.g. a training run's `train/` folder) and replaces our
+    entries one rename at a time, config.json last.
+    """
+    if merge and final.is_dir():
+        entries = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")
+        for src in entries:
+            dst = final / src.name
+            if dst.is_dir():
+                old = final / f".{src.name}.old-{os.getpid()}"
+                os.replace(dst, old)
+                os.replace(src, dst)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(src, dst)
+        tmp.rmdir()
+        return
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def save_model(model: MobileVLM, out_dir: str | Path, tokenizer=None, dtype: torch.dtype | None = None,
+               extra_files: dict[str, bytes] | None = None, state: dict[str, torch.Tensor] | None = None,
+               merge: bool = False) -> Path:
+    """Write `model` as an mtgv directory (safetensors, sharded past 2 GiB), atomically.
+
+    state: the weights to write under our names (default model.state_dict(); a sharded run passes the
+    gathered full state). merge: see `publish_dir`.
+    """
+    out_dir = Path(out_dir)
+    tmp = _atomic_dir(out_dir)
+    try:
+        config = model.config
+        mtgv = config.to_mtgv_dict()
+        v = config.vision
+        vdir = tmp / VISION_DIR
+        vdir.mkdir()
+        (vdir / "config.json").write_text(to_clip_config(v).to_json_string())
+        (vdir / "preprocessor_config.json").write_text(json.dumps(preprocessor_dict(v), indent=2))
+        if BUILTIN_VISION_TOWERS.get(config.vision_tower) != _without_select(v):
+            mtgv["mm_vision_tower"] = VISION_DIR
+        if dtype is not None:
+            mtgv["torch_dtype"] = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(mtgv, indent=2))
+        state = {to_mtgv_name(k): (t.to(dtype) if dtype else t).detach().contiguous().cpu()
+                 for k, t in (state if state is not None else model.state_dict()).items()}
+        _save_sharded(state, tmp)
+        if tokenizer is not None:
+            from .tokenizer import save_tokenizer
+
+            save_tokenizer(tokenizer, tmp)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+        publish_dir(tmp, out_dir, merge)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _without_select(v: VisionConfig) -> VisionConfig:
+    import dataclasses
+
+    return dataclasses.replace(v, select_layer=VisionConfig.select_layer)
+
+
+def _save_sharded(state: dict[str, torch.Tensor], out: Path) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))

@@ -1,0 +1,520 @@
+"""The training recipe — setup, train, save — for Align-KD, logit-KD and the undistilled baseline.
+
+One process or many (`torchrun --nproc_per_node=N`, FSDP2): the student's decoder layers and the
+student itself are `fully_shard`-ed, the trainable loss adapters are sharded with them, and the frozen
+teacher is *replicated* on every rank (forward under no_grad; a 7B teacher in bf16 is 14 GB, which fits
+beside a sharded 1.7B student). Every rank reads its own slice of each global batch.
+
+Losses are means per micro-batch, averaged over micro-batches and ranks (as torchtune/HF do without token
+normalisation); so N ranks × batch b equal one process with grad_accum N × batch b, exactly.
+
+Data order is a function of the step (a seeded permutation per epoch), so resuming needs only the step:
+a run killed and resumed logs the same losses as the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from ..data.datasets import VQADataset, collate, easyvqa_dataset, image_config, llava_json_dataset
+from ..distill import AlignKDLoss, AlignKDLossConfig, DistillInputs, capture_layer0_attention
+from ..errors import AlignKDError, CheckpointError, ConfigError
+from ..model.checkpoint import build_model, load_model, read_mtgv_state_dict, save_model
+from ..model.config import PRESETS
+from ..model.mobilevlm import MobileVLM
+from ..model.tokenizer import check_tokenizer_matches, load_tokenizer, tiny_tokenizer_dir
+from .config import TrainConfig, dump_config
+
+LOSS_TERMS = ("ce", "kd", "att", "v_all", "v_focus", "total")
+
+
+class TrainingDiverged(AlignKDError):
+    """A loss term became NaN or inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class Run:
+    """What `setup` builds and the loop uses."""
+
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    rank: int
+    world: int
+    tokenizer: Any
+    student: nn.Module  # MobileVLM, possibly fully_shard-ed
+    teacher: MobileVLM | None
+    loss_fn: AlignKDLoss
+    dataset: VQADataset
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    shared_vision: bool
+    autocast_dtype: torch.dtype | None
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+# ============================================================================ setup
+def _dist_init() -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank()
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def _tokenizer_for(cfg: TrainConfig):
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
+    if cfg.student in PRESETS:
+        if not cfg.student.startswith("tiny"):
+            raise ConfigError(f"preset {cfg.student} has no packaged tokenizer: pass tokenizer=DIR")
+        return load_tokenizer(tiny_tokenizer_dir())
+    return load_tokenizer(cfg.student)
+
+
+def _load_student(cfg: TrainConfig) -> MobileVLM:
+    student = build_model(cfg.student, seed=cfg.seed, dtype=torch.float32)  # fp32 master weights
+    if cfg.init_vision_from:
+        donor = load_model(cfg.init_vision_from)
+        if donor.config.vision != student.config.vision:
+            raise ConfigError(f"init_vision_from={cfg.init_vision_from}: its vision tower differs from the student's")
+        student.vision_tower.load_state_dict(donor.vision_tower.state_dict())
+    student.vision_tower.requires_grad_(cfg.train_vision_tower)
+    return student
+
+
+def _same_vision_tower(a: MobileVLM, b: MobileVLM) -> bool:
+    """Teacher and student usually share one frozen CLIP: then one vision forward serves both."""
+    if a.config.vision != b.config.vision:
+        return False
+    sb = b.vision_tower.state_dict()
+    return all(torch.equal(v.float().cpu(), sb[k].float().cpu()) for k, v in a.vision_tower.state_dict().items())
+
+
+def _dataset(cfg: TrainConfig, tokenizer, student_cfg) -> VQADataset:
+    max_len = cfg.max_length or student_cfg.text.max_position_embeddings
+    img = image_config(student_cfg)
+    if cfg.data == "easyvqa":
+        return easyvqa_dataset("train", tokenizer, img, max_len, student_cfg.num_image_tokens, cfg.template,
+                               limit=cfg.train_limit, seed=cfg.seed)
+    ds = llava_json_dataset(cfg.data, cfg.image_folder, tokenizer, cfg.template, img, max_len,
+                            student_cfg.num_image_tokens, cfg.on_malformed)
+    if cfg.train_limit is not None and cfg.train_limit < len(ds.samples):
+        keep = sorted(random.Random(cfg.seed).sample(range(len(ds.samples)), cfg.train_limit))
+        ds.samples = [ds.samples[i] for i in keep]
+    return ds
+
+
+def _param_groups(student: nn.Module, loss_fn: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups: LM, projector (its own lr), adapters; no weight decay on biases and norms."""
+    groups: dict[tuple[str, bool], list] = {}
+    for prefix, module in (("student", student), ("adapters", loss_fn)):
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            part = "projector" if "mm_projector" in name else ("adapters" if prefix == "adapters" else "lm")
+            groups.setdefault((part, p.ndim >= 2), []).append(p)
+    lrs = {"lm": cfg.lr, "adapters": cfg.lr, "projector": cfg.projector_lr or cfg.lr}
+    return [{"params": ps, "lr": lrs[part], "weight_decay": cfg.weight_decay if decay else 0.0, "name": f"{part}"}
+            for (part, decay), ps in sorted(groups.items())]
+
+
+def _cosine(cfg: TrainConfig):
+    warm = int(round(cfg.warmup_ratio * cfg.steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, cfg.steps - warm)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _shard(student: MobileVLM, loss_fn: nn.Module) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in student.lm.model.layers:
+        fully_shard(layer)
+    fully_shard(student)
+    if any(p.requires_grad for p in loss_fn.parameters()):
+        fully_shard(loss_fn)
+
+
+def setup(cfg: TrainConfig) -> Run:
+    rank, world, device = _dist_init()
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    tokenizer = _tokenizer_for(cfg)
+    student = _load_student(cfg)
+    check_tokenizer_matches(tokenizer, student.config.text.vocab_size, student.config.text.bos_token_id,
+                            student.config.text.eos_token_id, where=f"student {cfg.student}")
+    teacher = None
+    if cfg.method != "baseline":
+        teacher = load_model(cfg.teacher) if cfg.teacher not in PRESETS else build_model(cfg.teacher, seed=cfg.seed + 1)
+        if teacher.config.text.vocab_size != student.config.text.vocab_size:
+            raise ConfigError(f"teacher vocabulary ({teacher.config.text.vocab_size}) differs from the student's "
+                              f"({student.config.text.vocab_size}): logit KD needs one tokenizer")
+        check_tokenizer_matches(tokenizer, teacher.config.text.vocab_size, teacher.config.text.bos_token_id,
+                                teacher.config.text.eos_token_id, where=f"teacher {cfg.teacher}")
+        teacher.requires_grad_(False).eval()
+    shared = teacher is not None and _same_vision_tower(student, teacher)
+
+    weights = {"baseline": (0.0, 0.0, 0.0), "logit-kd": (cfg.kd_weight, 0.0, 0.0),
+               "alignkd": (cfg.kd_weight, cfg.att_weight, cfg.v_weight)}[cfg.method]
+    loss_cfg = AlignKDLossConfig(*weights, temperature=cfg.temperature, kd_positions=cfg.kd_positions,
+                                 top_k=cfg.top_k, variant=cfg.variant)
+    ref = teacher or student
+    # The head adapter maps any head count (also fewer teacher heads than student heads).
+    loss_fn = AlignKDLoss(loss_cfg, ref.config.text.num_heads, student.config.text.num_heads,
+                          ref.config.text.hidden_size, student.config.text.hidden_size)
+
+    dataset = _dataset(cfg, tokenizer, student.config)
+    student.to(device)
+    loss_fn.to(device)
+    if teacher is not None:
+        teacher.to(device=device, dtype=_dtype(cfg.teacher_dtype, device))
+    if cfg.gradient_checkpointing:
+        student.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if world > 1:
+        _shard(student, loss_fn)
+    optimizer = torch.optim.AdamW(_param_groups(student, loss_fn, cfg), betas=(0.9, 0.999), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(cfg))
+    autocast = None
+    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
+        autocast = torch.bfloat16
+    run = Run(cfg, out, device, rank, world, tokenizer, student, teacher, loss_fn, dataset, optimizer, scheduler,
+              shared, autocast)
+    if cfg.resume:
+        _maybe_resume(run)
+    return run
+
+
+# ============================================================================ data
+def batch_indices(step: int, micro: int, run: Run) -> list[int]:
+    """The sample indices of (step, micro-batch) on this rank: a seeded permutation per epoch."""
+    cfg, n = run.cfg, len(run.dataset)
+    per_step = cfg.batch_size * cfg.grad_accum * run.world
+    start = step * per_step + (micro * run.world + run.rank) * cfg.batch_size
+    out = []
+    for p in range(start, start + cfg.batch_size):
+        epoch, i = divmod(p, n)
+        perm = _epoch_perm(cfg.seed, epoch, n)
+        out.append(int(perm[i]))
+    return out
+
+
+_PERMS: dict[tuple[int, int, int], np.ndarray] = {}
+
+
+def _epoch_perm(seed: int, epoch: int, n: int) -> np.ndarray:
+    key = (seed, epoch, n)
+    if key not in _PERMS:
+        _PERMS.clear()
+        _PERMS[key] = np.random.default_rng([seed, epoch]).permutation(n)
+    return _PERMS[key]
+
+
+def _get_batch(run: Run, step: int, micro: int) -> dict[str, torch.Tensor]:
+    items = [run.dataset[i] for i in batch_indices(step, micro, run)]
+    batch = collate(items, run.student.config.text.pad_token_id)
+    return {k: (v.to(run.device) if v is not None else None) for k, v in batch.items()}
+
+
+# ============================================================================ the step
+def _micro_step(run: Run, batch: dict[str, torch.Tensor], scale: float) -> dict[str, float]:
+    student, teacher, cfg = run.student, run.teacher, run.loss_fn.config
+    need_attn = teacher is not None and (cfg.att_weight > 0 or cfg.v_weight > 0)
+    px = batch["pixel_values"]
+    amp = torch.autocast(run.device.type, dtype=run.autocast_dtype) if run.autocast_dtype else contextlib.nullcontext()
+    with contextlib.ExitStack() as stack:
+        # layer-0 capture stays open through backward: gradient checkpointing recomputes layer 0 there
+        s_cap = stack.enter_context(capture_layer0_attention(student.lm)) if need_attn and cfg.att_weight > 0 else None
+        with amp:
+            feats = student.vision_tower(px) if px is not None else None  # (B_img, 576, Dv), frozen
+            s_img = student.mm_projector(feats.to(student.mm_projector.mlp.mlp[0].weight.dtype)) if px is not None else None
+            s_out = student(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
+                            image_features=s_img, compute_loss=False)
+            t_in = None
+            if teacher is not None:
+                with torch.no_grad():
+                    t_feats = feats if run.shared_vision or px is None else teacher.vision_tower(px)
+                    t_img = teacher.mm_projector(t_feats.to(teacher.mm_projector.mlp.mlp[0].weight.dtype)) if px is not None else None
+                    with (capture_layer0_attention(teacher.lm) if need_attn else contextlib.nullcontext()) as t_cap:
+                        t_out = teacher(batch["input_ids"], batch["attention_mask"], image_features=t_img, compute_loss=False)
+                t_in = DistillInputs(t_out.logits, image_features=t_img, attn_probs=t_cap.probs if need_attn else None)
+            s_in = DistillInputs(s_out.logits, s_out.labels, s_out.attention_mask, s_out.image_mask, s_img,
+                                 s_cap.probs if s_cap else None)
+            terms = run.loss_fn(s_in, t_in)
+        (terms["total"] * scale).backward()
+    return {k: float(v.detach()) for k, v in terms.items()}
+
+
+def train_step(run: Run) -> dict[str, float]:
+    """One optimizer step (grad_accum micro-batches); returns the averaged loss terms, lr, grad norm."""
+    cfg = run.cfg
+    run.student.train()
+    run.optimizer.zero_grad(set_to_none=True)
+    sums = dict.fromkeys(LOSS_TERMS, 0.0)
+    for micro in range(cfg.grad_accum):
+        terms = _micro_step(run, _get_batch(run, run.step, micro), 1.0 / cfg.grad_accum)
+        for k in LOSS_TERMS:
+            sums[k] += terms[k] / cfg.grad_accum
+    if run.world > 1:  # report the global mean: every rank's gradient already is (FSDP averages)
+        t = torch.tensor([sums[k] for k in LOSS_TERMS], dtype=torch.float64, device=run.device)
+        dist.all_reduce(t)
+        sums = dict(zip(LOSS_TERMS, (t / run.world).tolist()))
+    bad = [k for k in LOSS_TERMS if not math.isfinite(sums[k])]
+    if bad:
+        raise TrainingDiverged(f"step {run.step + 1}: loss term(s) {', '.join(bad)} became NaN/inf; stopped. "
+                               f"The last good checkpoint in {run.out / 'train' / 'checkpoints'} is kept")
+    params = [p for g in run.optimizer.param_groups for p in g["params"]]
+    gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.step += 1
+    return {"step": run.step, **sums, "grad_norm": gnorm, "lr": lr}
+
+
+# ============================================================================ checkpoints
+def _ckpt_root(run: Run) -> Path:
+    return run.out / "train" / "checkpoints"
+
+
+def _full_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _optim_state(run: Run) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    model = nn.ModuleList([run.student, run.loss_fn])
+    return get_optimizer_state_dict(model, run.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+            "python_extra": [random.getstate()[0], random.getstate()[2]],
+            "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate((s["python_extra"][0], tuple(s["python"]), s["python_extra"][1]))
+    np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], 0, 0.0))
+    if s["cuda"]:
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _adapter_bytes(state: dict[str, torch.Tensor]) -> bytes | None:
+    if not state:
+        return None
+    from safetensors.torch import save as st_save
+
+    return st_save({k: v.contiguous() for k, v in state.items()})
+
+
+def save_checkpoint(run: Run) -> Path | None:
+    """`train/checkpoints/step-NNNNNN/`: the student (mtgv) + adapters + optimizer/scheduler/RNG state.
+    Written to a temp dir and renamed: a kill mid-write leaves the previous checkpoint loadable."""
+    student_state, adapter_state, optim = _full_state(run.student), _full_state(run.loss_fn), _optim_state(run)
+    if not run.is_main:
+        return None
+    extra = {"trainer_state.pt": _bytes({"step": run.step, "optimizer": optim, "scheduler": run.scheduler.state_dict(),
+                                         "rng": _rng_state()}),
+             "train_config.yaml": dump_config(run.cfg).encode()}
+    ad = _adapter_bytes(adapter_state)
+    if ad:
+        extra["adapters.safetensors"] = ad
+    root = _ckpt_root(run)
+    path = save_model(_plain(run.student), root / f"step-{run.step:06d}", tokenizer=run.tokenizer,
+                      extra_files=extra, state=student_state)
+    ckpts = sorted(root.glob("step-*"))
+    for old in ckpts[:-max(1, run.cfg.keep_last)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _plain(module: nn.Module) -> MobileVLM:
+    return module  # fully_shard keeps the class (a subclass of it) and its .config
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    root = out / "train" / "checkpoints"
+    ckpts = sorted(p for p in root.glob("step-*") if re.fullmatch(r"step-\d{6}", p.name)) if root.is_dir() else []
+    return ckpts[-1] if ckpts else None
+
+
+def _maybe_resume(run: Run) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    ckpt = latest_checkpoint(run.out)
+    if ckpt is None:
+        return
+    try:
+        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable state is one clear error
+        raise CheckpointError(f"cannot resume from {ckpt}: trainer_state.pt unreadable ({e})") from None
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = read_mtgv_state_dict(ckpt, _plain(run.student))
+    set_model_state_dict(run.student, weights, options=opts)
+    if (ckpt / "adapters.safetensors").is_file():
+        set_model_state_dict(run.loss_fn, load_file(str(ckpt / "adapters.safetensors")), options=opts)
+    set_optimizer_state_dict(nn.ModuleList([run.student, run.loss_fn]), run.optimizer, state["optimizer"], options=opts)
+    run.scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    run.step = int(state["step"])
+
+
+# ============================================================================ the loop
+def _metrics_path(run: Run) -> Path:
+    return run.out / "train" / "metrics.jsonl"
+
+
+def _truncate_metrics(run: Run) -> None:
+    """After a resume, drop the lines logged past the checkpoint so the log reads as one clean run."""
+    path = _metrics_path(run)
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= run.step:
+            keep.append(line)
+    _atomic_write(path, ("\n".join(keep) + "\n") if keep else "")
+    run.history = [json.loads(x) for x in keep]
+
+
+def _atomic_write(path: Path, text: str | bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(text.encode() if isinstance(text, str) else text)
+    os.replace(tmp, path)
+
+
+def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
+    """Run the recipe; returns a summary (final losses, steps, wall time, output paths).
+
+    stop_after: stop (as if killed) after this many steps of this invocation — for tests and drills.
+    """
+    run = setup(cfg)
+    t0 = time.perf_counter()
+    if run.is_main:
+        (run.out / "train").mkdir(parents=True, exist_ok=True)
+        _atomic_write(run.out / "train" / "config.yaml", dump_config(cfg))
+        _truncate_metrics(run)
+    bar = tqdm(total=cfg.steps, initial=run.step, desc=cfg.method, disable=not (cfg.progress and run.is_main),
+               dynamic_ncols=True)
+    sink = open(_metrics_path(run), "a") if run.is_main else None
+    done_here = 0
+    try:
+        while run.step < cfg.steps:
+            row = train_step(run)
+            done_here += 1
+            if run.is_main and (run.step % cfg.log_every == 0 or run.step == cfg.steps):
+                sink.write(json.dumps(row) + "\n")
+                sink.flush()
+                run.history.append(row)
+            bar.update(1)
+            bar.set_postfix({k: f"{row[k]:.3f}" for k in LOSS_TERMS if row[k] or k in ("ce", "total")})
+            if cfg.save_every and run.step % cfg.save_every == 0 and run.step < cfg.steps:
+                save_checkpoint(run)
+            if stop_after is not None and done_here >= stop_after:
+                return {"stopped_at": run.step}
+    finally:
+        bar.close()
+        if sink:
+            sink.close()
+    return save_final(run, time.perf_counter() - t0)
+
+
+def save_final(run: Run, wall_s: float) -> dict:
+    """The final student as an mtgv directory at output_dir; adapters, metrics, plot under train/."""
+    student_state, adapter_state = _full_state(run.student), _full_state(run.loss_fn)
+    summary = {"method": run.cfg.method, "steps": run.step, "wall_s": round(wall_s, 2),
+               "final": run.history[-1] if run.history else {}, "output_dir": str(run.out),
+               "dropped_too_long": run.dataset.stats.n_too_long, "skipped_malformed": run.dataset.stats.n_malformed}
+    if run.is_main:
+        save_model(_plain(run.student), run.out, tokenizer=run.tokenizer, state=student_state, merge=True)
+        ad = _adapter_bytes(adapter_state)
+        if ad:  # beside the student, not inside it: the adapters belong to the loss
+            _atomic_write(run.out / "train" / "adapters.safetensors", ad)
+        plot_losses(run.history, run.out / "train" / "loss_curve.png", title=f"{run.cfg.method}")
+        _atomic_write(run.out / "train" / "summary.json", json.dumps(summary, indent=2))
+    if run.world > 1:
+        dist.barrier()
+    return summary
+
+
+def plot_losses(history: list[dict], path: Path, title: str = "") -> None:
+    """Each non-zero loss term against the step, one PNG."""
+    if not history:
+        return
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=110)
+    ax = fig.add_subplot()
+    steps = [r["step"] for r in history]
+    for k in LOSS_TERMS:
+        ys = [r[k] for r in history]
+        if any(ys):
+            ax.plot(steps, ys, label=k, linewidth=1.8 if k == "total" else 1.0)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    _atomic_write(path, buf.getvalue())

@@ -1,0 +1,1 @@
+"""Deployment side: ExecuTorch, ONNX and GGUF exporters (installed as `alignkd.export`)."""

@@ -1,0 +1,103 @@
+"""The one small interface every export target implements (gpt-fast style), and the eager reference.
+
+A target turns a `MobileVLM` student into artifact files (`export`) and loads them back into a
+`Runtime` (`load`): three calls, exactly the ones the Android app makes — `encode_image` (pixels →
+image tokens), `embed` (ids → embeddings) and `decode` (embeddings at a start position → logits, with the
+runtime's own KV cache). `EagerRuntime` is the same interface over the PyTorch model: the reference of the
+parity gate and of the desktop emulator. The decoding loop over a `Runtime` is written once, in
+`alignkd.export.runtime`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from alignkd.model.mobilevlm import MobileVLM
+
+
+@dataclass
+class ExportOptions:
+    """What a target needs besides the model. Each target documents which fields it reads."""
+
+    quant: str = "fp32"
+    """Weight quantization; each target lists what it supports in `quants`."""
+    max_seq_len: int = 512
+    """Static KV-cache length (ExecuTorch), context length (GGUF), max positions (ONNX metadata)."""
+    group_size: int = 32
+    """Group / block size of 4-bit weight quantization."""
+    embedding_quant: str | None = None
+    """ExecuTorch only: "8" or "4" bit embedding table (None keeps it in the weight dtype)."""
+    threads: int = 2
+    """CPU threads of the runtime when an artifact is loaded for parity or benchmarks."""
+    extra: dict = field(default_factory=dict)
+    """Target-specific knobs, documented by the target."""
+
+
+class Runtime(Protocol):
+    """A loaded artifact, stepped as the app steps it. Arrays are numpy, batch 1."""
+
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        """(1, 3, S, S) float32 normalised pixels → (N, H) float32 image tokens."""
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """(T,) int64 token ids → (T, H) float32 embeddings."""
+
+    def decode(self, embeds: np.ndarray, start_pos: int) -> np.ndarray:
+        """(T, H) embeddings placed at positions start_pos.. → (V,) float32 logits of the last position.
+
+        Positions before start_pos come from the runtime's cache (what earlier calls fed); start_pos 0
+        starts a new sequence.
+        """
+
+
+class ExportTarget(Protocol):
+    name: str
+    """Format name used on the command line: "pte", "onnx" or "gguf"."""
+    quants: tuple[str, ...]
+    """Supported values of ExportOptions.quant."""
+
+    def export(self, model: MobileVLM, tokenizer, out_dir: Path, options: ExportOptions) -> list[Path]:
+        """Write the artifacts into out_dir (which exists) and return their paths."""
+
+    def load(self, out_dir: Path, options: ExportOptions) -> Runtime:
+        """Load what `export` wrote into its desktop runtime."""
+
+    def reference(self, model: MobileVLM, options: ExportOptions) -> Runtime:
+        """The eager runtime the artifact must match (usually `EagerRuntime(model)`)."""
+
+
+class EagerRuntime:
+    """`Runtime` over the PyTorch model: the reference every artifact is checked against."""
+
+    def __init__(self, model: MobileVLM):
+        self.model = model.eval()
+        self.cache: DynamicCache | None = None
+        self.pos = 0
+
+    @torch.no_grad()
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        return self.model.encode_images(torch.from_numpy(pixels).float())[0].float().numpy()  # (N, H)
+
+    @torch.no_grad()
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        return self.model.embed_tokens(torch.from_numpy(ids).long()[None])[0].float().numpy()  # (T, H)
+
+    @torch.no_grad()
+    def decode(self, embeds: np.ndarray, start_pos: int) -> np.ndarray:
+        if start_pos == 0:
+            self.cache = DynamicCache()
+        elif start_pos != self.pos:
+            raise ValueError(f"decode at position {start_pos}, but the cache holds {self.pos} positions")
+        x = torch.from_numpy(embeds).float()[None]  # (1, T, H)
+        positions = torch.arange(start_pos, start_pos + x.shape[1])[None]
+        from alignkd.model.mobilevlm import _CACHE_KWARG
+
+        out = self.model.lm(inputs_embeds=x, position_ids=positions, use_cache=True, **{_CACHE_KWARG: self.cache})
+        self.pos = start_pos + x.shape[1]
+        return out.logits[0, -1].float().numpy()  # (V,)

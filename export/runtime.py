@@ -1,0 +1,115 @@
+"""The decoding loop over any `Runtime` — eager, ExecuTorch, ONNX or GGUF — written once.
+
+It does what the Android app does: encode the image, embed the prompt around the image token, splice,
+prefill from position 0, then feed one token at a time at increasing start positions. The parity gate,
+the desktop emulator and the benchmarks all call `generate`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from alignkd.errors import DataError
+from alignkd.model.mobilevlm import IMAGE_TOKEN_INDEX, sample_next_token
+
+from .base import Runtime
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    """New tokens, EOS excluded."""
+    prompt_logits: np.ndarray
+    """(V,) logits after the prompt: the first decoding step."""
+    image_embeddings: np.ndarray | None
+    """(N, H) what encode_image returned (None for a text-only prompt)."""
+    prompt_len: int
+    """Positions fed in the prefill (image tokens included)."""
+    timings: dict = field(default_factory=dict)
+    """Seconds: image, prefill, decode (all steps), and the count of decode steps."""
+    step_logits: list[np.ndarray] = field(default_factory=list)
+    """(V,) logits of every step, when asked for."""
+
+
+def splice_prompt(runtime: Runtime, prompt_ids: list[int], pixels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Token ids with at most one IMAGE_TOKEN_INDEX → (T, H) prompt embeddings, and the image tokens."""
+    n_img = prompt_ids.count(IMAGE_TOKEN_INDEX)
+    if n_img > 1:
+        raise DataError("at most one image per prompt is supported")
+    if (n_img == 1) != (pixels is not None):
+        raise DataError("the prompt has an image token but no image was given" if n_img else
+                        "an image was given but the prompt has no <image> token")
+    if not n_img:
+        return runtime.embed(np.asarray(prompt_ids, dtype=np.int64)), None
+    k = prompt_ids.index(IMAGE_TOKEN_INDEX)
+    image = runtime.encode_image(pixels.astype(np.float32))  # (N, H)
+    parts = [runtime.embed(np.asarray(p, dtype=np.int64)) for p in (prompt_ids[:k], prompt_ids[k + 1:]) if p]
+    before = parts[0] if k > 0 else np.zeros((0, image.shape[1]), np.float32)
+    after = parts[-1] if k + 1 < len(prompt_ids) else np.zeros((0, image.shape[1]), np.float32)
+    return np.concatenate([before, image, after]), image  # (T, H)
+
+
+def prompt_positions(prompt_ids: list[int], num_image_tokens: int) -> int:
+    """How many positions a prompt occupies once its image token expands."""
+    return len(prompt_ids) + (num_image_tokens - 1) * prompt_ids.count(IMAGE_TOKEN_INDEX)
+
+
+def generate(
+    runtime: Runtime,
+    prompt_ids: list[int],
+    pixels: np.ndarray | None,
+    max_new_tokens: int,
+    eos_id: int,
+    max_seq_len: int | None = None,
+    num_image_tokens: int = 144,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    keep_step_logits: bool = False,
+) -> Generation:
+    """Greedy (temperature 0) or sampled decoding of one prompt through `runtime`."""
+    n_prompt = prompt_positions(prompt_ids, num_image_tokens)
+    if max_seq_len is not None and n_prompt + max_new_tokens > max_seq_len:
+        # refuse before any compute: a static KV cache would overflow
+        raise DataError(f"prompt of {n_prompt} positions + {max_new_tokens} new tokens exceeds max_seq_len {max_seq_len}")
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    embeds, image = splice_prompt(runtime, prompt_ids, pixels)
+    t1 = time.perf_counter()
+    logits = runtime.decode(embeds, 0)
+    t2 = time.perf_counter()
+    prompt_logits, steps, tokens = logits, [], []
+    pos = embeds.shape[0]
+    for _ in range(max_new_tokens):
+        if keep_step_logits:
+            steps.append(logits)
+        tok = int(sample_next_token(torch.from_numpy(np.asarray(logits, np.float32))[None], temperature, top_p, gen)[0])
+        if tok == eos_id:
+            break
+        tokens.append(tok)
+        if len(tokens) == max_new_tokens:
+            break
+        logits = runtime.decode(runtime.embed(np.asarray([tok], dtype=np.int64)), pos)
+        pos += 1
+    t3 = time.perf_counter()
+    timings = {"image_s": t1 - t0, "prefill_s": t2 - t1, "decode_s": t3 - t2, "decode_steps": max(len(tokens) - 1, 0)}
+    return Generation(tokens, prompt_logits, image, n_prompt, timings, steps)
+
+
+def forced_logits(runtime: Runtime, prompt_ids: list[int], pixels: np.ndarray | None, tokens: list[int]) -> list[np.ndarray]:
+    """Teacher forcing: the (V,) logits before each of `tokens`, feeding the given tokens one by one.
+
+    Comparing the argmax of these with `tokens` (a reference's greedy output) gives per-step top-1
+    agreement that one early divergence cannot cascade into.
+    """
+    embeds, _ = splice_prompt(runtime, prompt_ids, pixels)
+    out = [runtime.decode(embeds, 0)]
+    pos = embeds.shape[0]
+    for tok in tokens[:-1]:
+        out.append(runtime.decode(runtime.embed(np.asarray([tok], dtype=np.int64)), pos))
+        pos += 1
+    return out

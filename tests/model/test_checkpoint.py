@@ -1,0 +1,149 @@
+"""mtgv checkpoints: save → load, original naming from .bin shards and safetensors, bad checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from alignkd.errors import CheckpointError, ConfigError
+from alignkd.model import load_model, save_model
+from alignkd.model.checkpoint import to_mtgv_name
+
+IDS = torch.tensor([[1, -200, 17, 23, 9]])
+
+
+def _logits(model, pixels):
+    with torch.no_grad():
+        return model(IDS, pixel_values=pixels[:1]).logits
+
+
+def test_save_load_identical_logits(tiny_student, pixels, tmp_path):
+    out = save_model(tiny_student, tmp_path / "ckpt")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "mobilevlm" and cfg["mm_projector_type"] == "ldpnetv2"
+    assert cfg["mm_vision_tower"] == "vision_tower" and (out / "vision_tower" / "config.json").is_file()
+    loaded = load_model(out)
+    assert loaded.config == tiny_student.config
+    torch.testing.assert_close(_logits(loaded, pixels), _logits(tiny_student, pixels), rtol=0, atol=0)
+    assert not list(tmp_path.glob(".ckpt.tmp-*"))  # the temp dir was renamed into place
+
+
+def _write_original_layout(model, d, fmt: str, shards: int = 2):
+    """A directory as the original code writes it: mtgv names incl. `vision_model.`, position_ids buffer."""
+    save_model(model, d)  # for config.json + vision_tower/
+    (d / "model.safetensors").unlink()
+    state = {to_mtgv_name(k): v.clone() for k, v in model.state_dict().items()}
+    assert "model.vision_tower.vision_tower.vision_model.embeddings.patch_embedding.weight" in state
+    state["model.vision_tower.vision_tower.vision_model.embeddings.position_ids"] = torch.arange(577)[None]
+    names = sorted(state)
+    parts = [names[i::shards] for i in range(shards)]
+    weight_map = {}
+    for i, part in enumerate(parts, 1):
+        if fmt == "bin":
+            fname = f"pytorch_model-{i:05d}-of-{shards:05d}.bin"
+            torch.save({k: state[k] for k in part}, d / fname)
+        else:
+            fname = f"model-{i:05d}-of-{shards:05d}.safetensors"
+            save_file({k: state[k].contiguous() for k in part}, str(d / fname))
+        weight_map.update({k: fname for k in part})
+    index = "pytorch_model.bin.index.json" if fmt == "bin" else "model.safetensors.index.json"
+    (d / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+def test_original_naming_loads_from_shards(tiny_student, pixels, tmp_path, fmt):
+    d = tmp_path / "orig"
+    _write_original_layout(tiny_student, d, fmt)
+    loaded = load_model(d)
+    torch.testing.assert_close(_logits(loaded, pixels), _logits(tiny_student, pixels), rtol=0, atol=0)
+
+
+def test_bin_is_loaded_with_weights_only(tiny_student, tmp_path):
+    d = tmp_path / "evil"
+    _write_original_layout(tiny_student, d, "bin", shards=1)
+
+    class Boom:  # a pickle that would run code when unpickled without weights_only
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    shard = next(d.glob("pytorch_model-*.bin"))
+    state = torch.load(shard, weights_only=True)
+    state["lm_head.weight"] = Boom()
+    torch.save(state, shard)
+    with pytest.raises(CheckpointError, match="cannot read weights"):
+        load_model(d)
+
+
+def test_bad_checkpoints_give_one_clear_error(tiny_student, tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "nope")
+    good = save_model(tiny_student, tmp_path / "good")
+
+    # truncated safetensors
+    d = tmp_path / "trunc"
+    save_model(tiny_student, d)
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model.safetensors \(truncated or corrupt"):
+        load_model(d)
+
+    # missing tensor
+    from safetensors.torch import load_file
+
+    d = tmp_path / "missing"
+    save_model(tiny_student, d)
+    state = load_file(str(d / "model.safetensors"))
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="1 tensor.*missing.*model.layers.1.mlp.up_proj.weight"):
+        load_model(d)
+
+    # wrong shape for the config
+    d = tmp_path / "shape"
+    save_model(tiny_student, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] = 200
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'model.layers.\d.mlp.\w+_proj.weight' has shape \((176, 64|64, 176)\), the config needs \((200, 64|64, 200)\)"):
+        load_model(d)
+
+    # unknown projector / malformed config / unresolvable vision tower
+    cfg = json.loads((good / "config.json").read_text())
+    for change, err, msg in [
+        ({"mm_projector_type": "mlp2x_gelu"}, ConfigError, "mm_projector_type 'mlp2x_gelu' is not supported"),
+        ({"mm_vision_tower": "someone/clip-custom"}, ConfigError, "neither a local CLIP folder nor a known hub id"),
+        ({"model_type": "bert"}, ConfigError, "not a MobileVLM config"),
+    ]:
+        (good / "config.json").write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(err, match=msg):
+            load_model(good)
+    (good / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="config.json is not valid JSON"):
+        load_model(good)
+
+    # no weights at all
+    d = tmp_path / "empty"
+    save_model(tiny_student, d)
+    (d / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no weights in"):
+        load_model(d)
+
+
+def test_large_state_is_sharded(tiny_student, pixels, tmp_path, monkeypatch):
+    import alignkd.model.checkpoint as ck
+
+    monkeypatch.setattr(ck, "SHARD_BYTES", 200_000)
+    d = save_model(tiny_student, tmp_path / "sharded")
+    assert len(list(d.glob("model-*-of-*.safetensors"))) > 1 and (d / "model.safetensors.index.json").is_file()
+    torch.testing.assert_close(_logits(load_model(d), pixels), _logits(tiny_student, pixels), rtol=0, atol=0)
+
+
+def test_real_vision_tower_id_resolves_offline(tmp_path):
+    from alignkd.model.checkpoint import resolve_vision_config
+    from alignkd.model.config import get_preset
+
+    v = resolve_vision_config("openai/clip-vit-large-patch14-336", tmp_path)
+    assert v == get_preset("mobilevlm-v2-1.7b").vision and v.grid == 24
