@@ -77,7 +77,7 @@ def train(config_path, method, teacher, student, data, image_folder, output_dir,
     """Distil a teacher into a student (Align-KD), or train the logit-KD / baseline student.
 
     \b
-    With no --config/--method/--teacher/--student/--data: the embedded easy-vqa demo (offline, CPU,
+    With no --config/--method/--teacher/--student/--data (and only demo keys): the embedded easy-vqa demo (offline, CPU,
     minutes): a tiny teacher, then the baseline and the Align-KD student with identical data, steps and
     seed; prints held-out accuracy and final loss terms, writes OUTPUT_DIR/summary.json
     (default runs/easyvqa). Demo overrides: teacher_steps=, student_steps=, batch_size=, lr=, eval_limit=, seed=.
@@ -91,10 +91,14 @@ def train(config_path, method, teacher, student, data, image_folder, output_dir,
     """
     from .train.config import TrainConfig, load_config
 
-    flags = {"method": method, "teacher": teacher, "student": student, "data": data, "image_folder": image_folder}
-    if config_path is None and not any(flags.values()):
-        from .train.easyvqa_demo import DemoConfig, run_demo
+    import dataclasses
 
+    from .train.easyvqa_demo import DemoConfig, run_demo
+
+    flags = {"method": method, "teacher": teacher, "student": student, "data": data, "image_folder": image_folder}
+    keys = {o.split("=", 1)[0] for o in overrides}
+    demo_keys = {f.name for f in dataclasses.fields(DemoConfig)}
+    if config_path is None and not any(flags.values()) and keys <= demo_keys:
         extra = {"output_dir": output_dir} if output_dir else {}
         run_demo(load_config(None, list(overrides), cls=DemoConfig, **extra))
         return
@@ -106,6 +110,32 @@ def train(config_path, method, teacher, student, data, image_folder, output_dir,
     cfg = load_config(config_path, list(overrides), cls=TrainConfig, **given)
     summary = run_training(cfg)
     click.echo(json.dumps(summary, indent=2))
+
+
+@main.command("eval")
+@click.argument("checkpoints", nargs=-1, required=True)
+@click.option("--bench", "benches", default="easyvqa", show_default=True,
+              help="Comma-separated: easyvqa, gqa, sqa, textvqa, pope, mme, mmbench.")
+@click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the benchmarks' files.")
+@click.option("--output-dir", default="runs/eval", show_default=True, help="Answers (JSONL) and the report.")
+@click.option("--limit", type=int, help="Score only the first N items of each benchmark (smoke runs).")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--max-new-tokens", type=int, default=16, show_default=True)
+@click.option("--distilled", help="Checkpoint (directory name) to compare against --baseline.")
+@click.option("--baseline", help="Undistilled checkpoint (directory name).")
+@_clean_errors
+def eval_cmd(checkpoints, benches, data_root, output_dir, limit, batch_size, max_new_tokens, distilled, baseline) -> None:
+    """Score CHECKPOINTS (mtgv directories) on MobileVLM's benchmarks; report + radar plot.
+
+    Greedy decoding, batched, with a KV cache. Answers are appended to OUTPUT_DIR/answers/<ckpt>/<bench>.jsonl
+    as they come: rerunning the same command resumes a killed eval. The report (report.md, report.json,
+    report_radar.png) has one row per checkpoint, the paper's average (MME divided by 20) and the
+    distilled − baseline difference.
+    """
+    from .eval.evaluate import evaluate
+
+    evaluate(list(checkpoints), [b.strip() for b in benches.split(",") if b.strip()], data_root, output_dir, limit,
+             batch_size, max_new_tokens, distilled, baseline, log=click.echo)
 
 
 @main.command("train-keys")

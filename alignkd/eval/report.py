@@ -23,6 +23,8 @@ from typing import Any
 
 from alignkd.errors import ConfigError
 
+from alignkd.fileio import atomic_write
+
 PAPER_BENCHMARKS = ("gqa", "sqa", "textvqa", "pope", "mme", "mmbench")
 BENCHMARK_ORDER = PAPER_BENCHMARKS + ("easyvqa",)
 DISPLAY_NAMES = {
@@ -207,26 +209,6 @@ def render_radar_png(report: dict, title: str | None = None) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
     return buf.getvalue()
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write `data` to `path` via a temp file in the same folder and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def write_report(

@@ -58,6 +58,7 @@ class VLMOutput:
     labels: torch.Tensor | None = None  # (B, T) IGNORE_INDEX on prompt, image and padding
     image_features: torch.Tensor | None = None  # (B_img, N, H) projector output, batch order
     loss: torch.Tensor | None = None  # mean CE over answer tokens, when labels were given
+    vision_features: torch.Tensor | None = None  # (B_img, 576, Dv) CLIP features, when pixels were given
 
 
 @dataclass
@@ -148,8 +149,10 @@ class MobileVLM(nn.Module):
 
         With labels, `loss` is the mean CE over answer tokens unless compute_loss=False (the trainer
         computes its loss terms itself and only needs the spliced labels)."""
+        vision_features = None
         if image_features is None and pixel_values is not None:
-            image_features = self.encode_images(pixel_values)
+            vision_features = self.vision_tower(pixel_values)  # (B_img, 576, Dv)
+            image_features = self.mm_projector(vision_features.to(self.mm_projector.mlp.mlp[0].weight.dtype))
         mm = self.build_inputs_embeds(input_ids, attention_mask, labels, image_features)
         if mm.inputs_embeds.shape[1] > self.config.text.max_position_embeddings:
             raise DataError(
@@ -163,7 +166,7 @@ class MobileVLM(nn.Module):
             loss = nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), mm.labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
             )
-        return VLMOutput(out.logits, mm.attention_mask, mm.image_mask, mm.labels, image_features, loss)
+        return VLMOutput(out.logits, mm.attention_mask, mm.image_mask, mm.labels, image_features, loss, vision_features)
 
     @torch.no_grad()
     def generate(

@@ -23,7 +23,8 @@ from ..eval.runner import answer_items
 from ..model.checkpoint import load_model
 from ..model.tokenizer import load_tokenizer
 from .config import TrainConfig
-from .recipe import _atomic_write, train
+from ..fileio import atomic_write
+from .recipe import train
 
 
 @dataclass
@@ -112,7 +113,7 @@ def run_demo(d: DemoConfig) -> dict:
         "eval": {"benchmark": "easyvqa (held-out test split)", "questions": len(items), "metric": "exact match %"},
         "config": asdict(d),
     }
-    _atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     click.echo(format_table(summary))
     return summary
 

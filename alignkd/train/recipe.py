@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from ..data.datasets import VQADataset, collate, easyvqa_dataset, image_config, llava_json_dataset
 from ..distill import AlignKDLoss, AlignKDLossConfig, DistillInputs, capture_layer0_attention
+from ..fileio import atomic_write
 from ..errors import AlignKDError, CheckpointError, ConfigError
 from ..model.checkpoint import build_model, load_model, read_mtgv_state_dict, save_model
 from ..model.config import PRESETS
@@ -169,6 +170,10 @@ def _cosine(cfg: TrainConfig):
 def _shard(student: MobileVLM, loss_fn: nn.Module) -> None:
     from torch.distributed.fsdp import fully_shard
 
+    # The step calls the vision tower and the projector directly (one CLIP forward shared with the
+    # teacher), so each is its own unit; then every decoder layer; the root holds embeddings/norm/head.
+    fully_shard(student.vision_tower)
+    fully_shard(student.mm_projector)
     for layer in student.lm.model.layers:
         fully_shard(layer)
     fully_shard(student)
@@ -266,18 +271,22 @@ def _micro_step(run: Run, batch: dict[str, torch.Tensor], scale: float) -> dict[
         # layer-0 capture stays open through backward: gradient checkpointing recomputes layer 0 there
         s_cap = stack.enter_context(capture_layer0_attention(student.lm)) if need_attn and cfg.att_weight > 0 else None
         with amp:
-            feats = student.vision_tower(px) if px is not None else None  # (B_img, 576, Dv), frozen
-            s_img = student.mm_projector(feats.to(student.mm_projector.mlp.mlp[0].weight.dtype)) if px is not None else None
-            s_out = student(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
-                            image_features=s_img, compute_loss=False)
+            # every student call goes through its root forward (FSDP unshards there); the CLIP features it
+            # returns feed the teacher's projector when both share the frozen tower
+            s_out = student(batch["input_ids"], batch["attention_mask"], pixel_values=px, labels=batch["labels"],
+                            compute_loss=False)
+            s_img = s_out.image_features
             t_in = None
             if teacher is not None:
                 with torch.no_grad():
-                    t_feats = feats if run.shared_vision or px is None else teacher.vision_tower(px)
-                    t_img = teacher.mm_projector(t_feats.to(teacher.mm_projector.mlp.mlp[0].weight.dtype)) if px is not None else None
+                    t_kw = {"pixel_values": px}
+                    if run.shared_vision and px is not None:
+                        feats = s_out.vision_features.to(teacher.mm_projector.mlp.mlp[0].weight.dtype)
+                        t_kw = {"image_features": teacher.mm_projector(feats)}
                     with (capture_layer0_attention(teacher.lm) if need_attn else contextlib.nullcontext()) as t_cap:
-                        t_out = teacher(batch["input_ids"], batch["attention_mask"], image_features=t_img, compute_loss=False)
-                t_in = DistillInputs(t_out.logits, image_features=t_img, attn_probs=t_cap.probs if need_attn else None)
+                        t_out = teacher(batch["input_ids"], batch["attention_mask"], compute_loss=False, **t_kw)
+                t_in = DistillInputs(t_out.logits, image_features=t_out.image_features,
+                                     attn_probs=t_cap.probs if need_attn else None)
             s_in = DistillInputs(s_out.logits, s_out.labels, s_out.attention_mask, s_out.image_mask, s_img,
                                  s_cap.probs if s_cap else None)
             terms = run.loss_fn(s_in, t_in)
@@ -430,15 +439,8 @@ def _truncate_metrics(run: Run) -> None:
             continue
         if row.get("step", 0) <= run.step:
             keep.append(line)
-    _atomic_write(path, ("\n".join(keep) + "\n") if keep else "")
+    atomic_write(path, ("\n".join(keep) + "\n") if keep else "")
     run.history = [json.loads(x) for x in keep]
-
-
-def _atomic_write(path: Path, text: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(text.encode() if isinstance(text, str) else text)
-    os.replace(tmp, path)
 
 
 def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
@@ -450,7 +452,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     t0 = time.perf_counter()
     if run.is_main:
         (run.out / "train").mkdir(parents=True, exist_ok=True)
-        _atomic_write(run.out / "train" / "config.yaml", dump_config(cfg))
+        atomic_write(run.out / "train" / "config.yaml", dump_config(cfg))
         _truncate_metrics(run)
     bar = tqdm(total=cfg.steps, initial=run.step, desc=cfg.method, disable=not (cfg.progress and run.is_main),
                dynamic_ncols=True)
@@ -487,9 +489,9 @@ def save_final(run: Run, wall_s: float) -> dict:
         save_model(_plain(run.student), run.out, tokenizer=run.tokenizer, state=student_state, merge=True)
         ad = _adapter_bytes(adapter_state)
         if ad:  # beside the student, not inside it: the adapters belong to the loss
-            _atomic_write(run.out / "train" / "adapters.safetensors", ad)
+            atomic_write(run.out / "train" / "adapters.safetensors", ad)
         plot_losses(run.history, run.out / "train" / "loss_curve.png", title=f"{run.cfg.method}")
-        _atomic_write(run.out / "train" / "summary.json", json.dumps(summary, indent=2))
+        atomic_write(run.out / "train" / "summary.json", json.dumps(summary, indent=2))
     if run.world > 1:
         dist.barrier()
     return summary
@@ -517,4 +519,4 @@ def plot_losses(history: list[dict], path: Path, title: str = "") -> None:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())

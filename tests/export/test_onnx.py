@@ -1,0 +1,220 @@
+"""The ONNX target: genai-style graphs that match the eager student, per quantization, and a gate that bites."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+
+from alignkd.data.datasets import image_config
+from alignkd.errors import ConfigError, DataError
+from alignkd.export.base import EagerRuntime, ExportOptions
+from alignkd.export.onnx_export import (
+    CONFIG_FILE, GRAPH_FILES, RUNTIME_THRESHOLDS, THRESHOLDS, OnnxRuntime, OnnxTarget, dequantized_reference,
+)
+from alignkd.export.parity import check_parity
+
+PROMPT = [1, 17, -200, 23, 9, 40]
+TARGET = OnnxTarget()
+
+
+@pytest.fixture(scope="module")
+def export(tiny_student, tmp_path_factory):
+    """quant (+ extra) → export directory, each exported once per module."""
+    done: dict[tuple, Path] = {}
+
+    def get(quant: str, **extra) -> Path:
+        key = (quant, tuple(sorted(extra.items())))
+        if key not in done:
+            out = tmp_path_factory.mktemp(f"onnx_{quant}")
+            TARGET.export(tiny_student, None, out, ExportOptions(quant=quant, extra=extra))
+            done[key] = out
+        return done[key]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def px():
+    return torch.randn(1, 3, 48, 48, generator=torch.Generator().manual_seed(0)).numpy()
+
+
+def _gate(rt, ref, px, thresholds):
+    return check_parity(rt, ref, PROMPT, px, thresholds)
+
+
+def test_fp32_matches_eager_tightly(tiny_student, export, px):
+    out = export("fp32")
+    rep = _gate(TARGET.load(out, ExportOptions()), TARGET.reference(tiny_student, ExportOptions()), px, THRESHOLDS["fp32"])
+    assert rep["passed"], rep["failures"]
+    assert rep["logits_rel"] < 1e-5 and rep["image_cos"] > 0.999999 and rep["embed_max_abs"] == 0.0
+    assert rep["greedy_identical"] and rep["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("quant", ["fp16", "int8", "int4"])
+def test_quantized_export_passes_its_gate(tiny_student, export, px, quant):
+    rep = _gate(TARGET.load(export(quant), ExportOptions(quant=quant)), EagerRuntime(tiny_student), px, THRESHOLDS[quant])
+    assert rep["passed"], rep["failures"]
+
+
+def _runtime_error(tiny_student, out: Path, px, quant: str, thresholds) -> dict:
+    """The artifact against an eager model holding its own de-quantized weights: the runtime's error alone."""
+    rt = TARGET.load(out, ExportOptions(quant=quant))
+    return _gate(rt, EagerRuntime(dequantized_reference(tiny_student, out)), px, thresholds)
+
+
+def test_int4_runtime_error_is_small_once_weight_quantization_is_taken_out(tiny_student, export, px):
+    own = _runtime_error(tiny_student, export("int4"), px, "int4", RUNTIME_THRESHOLDS["int4"])
+    assert own["passed"], own["failures"]  # accuracy_level 4: int8 activations are the only error left
+    exact = _runtime_error(tiny_student, export("int4", accuracy_level=0), px, "int4", THRESHOLDS["fp32"])
+    assert exact["passed"] and exact["logits_rel"] < 1e-5, exact  # fp32 compute: nothing left
+    vs_fp32 = _gate(TARGET.load(export("int4", accuracy_level=0), ExportOptions(quant="int4")), EagerRuntime(tiny_student),
+                    px, THRESHOLDS["int4"])
+    assert vs_fp32["passed"] and vs_fp32["logits_rel"] > 1e-2  # the weights really are 4-bit
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["fp16", "int8"])
+def test_fp16_int8_runtime_error_alone(tiny_student, export, px, quant):
+    own = _runtime_error(tiny_student, export(quant), px, quant, RUNTIME_THRESHOLDS[quant])
+    assert own["passed"], own["failures"]
+
+
+def _ops(path: Path) -> list[str]:
+    return [n.op_type for n in onnx.load(path, load_external_data=False).graph.node]
+
+
+def test_decoder_is_built_like_onnxruntime_genai(tiny_student, export):
+    n = tiny_student.config.text.num_layers
+    ops = _ops(export("fp32") / GRAPH_FILES["decoder"])
+    assert ops.count("GroupQueryAttention") == n and ops.count("SkipSimplifiedLayerNormalization") == 2 * n
+    assert ops.count("SimplifiedLayerNormalization") == 1 and ops.count("MatMul") == 5 * n + 1
+    assert "Softmax" not in ops and "Gather" in ops  # Gather: total_sequence_length from the mask's shape
+    int4 = onnx.load(export("int4") / GRAPH_FILES["decoder"])
+    nbits = [n for n in int4.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 5 * n + 1 and "MatMul" not in [x.op_type for x in int4.graph.node]
+    attrs = {a.name: a.i for a in nbits[0].attribute}
+    assert attrs["block_size"] == 32 and attrs["accuracy_level"] == 4 and attrs["bits"] == 4
+    assert "MatMulNBits" in _ops(export("int4") / GRAPH_FILES["vision"])
+    assert "MatMulInteger" in _ops(export("int8") / GRAPH_FILES["decoder"])
+
+
+def _decoder(out: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(out / GRAPH_FILES["decoder"]), providers=["CPUExecutionProvider"])
+
+
+def _step(sess: ort.InferenceSession, x: np.ndarray, positions: list[int], past: dict) -> tuple[np.ndarray, dict]:
+    """One decoder call with explicit inputs → (last logits, past for the next call)."""
+    feeds = {"inputs_embeds": x, "attention_mask": np.ones((1, len(positions) + _past_len(past)), np.int64),
+             "position_ids": np.asarray([positions]), **past}
+    res = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    return res["logits"][0, -1], {k: res[k.replace("past_key_values", "present")] for k in past}
+
+
+def _past_len(past: dict) -> int:
+    return next(iter(past.values())).shape[2]
+
+
+def _empty_past(t) -> dict:
+    return {f"past_key_values.{i}.{kv}": np.zeros((1, t.num_kv_heads, 0, t.head_dim), np.float32)
+            for i in range(t.num_layers) for kv in ("key", "value")}
+
+
+def test_decoder_contract_with_explicit_past(tiny_student, export):
+    """The documented interface, driven by hand: present grows to P+T; both runtime modes agree with eager."""
+    out, t = export("fp32"), tiny_student.config.text
+    sess = _decoder(out)
+    x = np.random.default_rng(0).standard_normal((1, 13, t.hidden_size)).astype(np.float32)
+    first, past = _step(sess, x[:, :12], list(range(12)), _empty_past(t))
+    assert past["past_key_values.0.key"].shape == (1, t.num_kv_heads, 12, t.head_dim)
+    second, past = _step(sess, x[:, 12:], [12], past)
+    assert past["past_key_values.1.value"].shape == (1, t.num_kv_heads, 13, t.head_dim)
+    eager = EagerRuntime(tiny_student)
+    want = [eager.decode(x[0, :12], 0), eager.decode(x[0, 12:], 12)]
+    np.testing.assert_allclose([first, second], want, atol=1e-5)
+    for share in (True, False):
+        rt = OnnxRuntime(out, threads=1, share_buffer=share)
+        np.testing.assert_allclose([rt.decode(x[0, :12], 0), rt.decode(x[0, 12:], 12)], want, atol=1e-5)
+
+
+def test_position_ids_reach_the_rotary_embedding(tiny_student, export):
+    """A one-token step at position 20 after 12 tokens equals eager with positions 0..11, 20."""
+    t = tiny_student.config.text
+    sess = _decoder(export("fp32"))
+    x = np.random.default_rng(1).standard_normal((1, 13, t.hidden_size)).astype(np.float32)
+    _, past = _step(sess, x[:, :12], list(range(12)), _empty_past(t))
+    got, _ = _step(sess, x[:, 12:], [20], past)
+    with torch.no_grad():
+        want = tiny_student.lm(inputs_embeds=torch.from_numpy(x), position_ids=torch.tensor([list(range(12)) + [20]])).logits
+    np.testing.assert_allclose(got, want[0, -1].numpy(), atol=1e-5)
+
+
+def test_onnx_model_json_describes_the_graphs(tiny_student, export):
+    cfg = json.loads((export("int4") / CONFIG_FILE).read_text())
+    m, t = cfg["model"], tiny_student.config.text
+    assert [m[p]["filename"] for p in GRAPH_FILES] == list(GRAPH_FILES.values())
+    assert m["vision"]["inputs"]["pixel_values"] == {"dtype": "float32", "shape": [1, 3, 48, 48]}
+    assert m["vision"]["outputs"]["image_features"]["shape"] == [1, 144, t.hidden_size]
+    assert m["embedding"]["inputs"]["input_ids"] == {"dtype": "int64", "shape": ["batch_size", "sequence_length"]}
+    d = m["decoder"]
+    assert set(d["inputs"]) == {"inputs_embeds", "attention_mask", "position_ids"} | {
+        f"past_key_values.{i}.{kv}" for i in range(t.num_layers) for kv in ("key", "value")}
+    assert d["inputs"]["past_key_values.1.value"]["shape"] == ["batch_size", 4, "past_sequence_length", 16]
+    assert d["outputs"]["logits"]["shape"] == ["batch_size", "sequence_length", t.vocab_size]
+    assert (d["num_hidden_layers"], d["num_attention_heads"], d["num_key_value_heads"], d["head_size"]) == (2, 4, 4, 16)
+    ids = (m["bos_token_id"], m["eos_token_id"], m["pad_token_id"], m["vocab_size"], m["context_length"])
+    assert ids == (1, 2, 0, 512, 512)
+    assert cfg["quantization"] == {"quant": "int4", "block_size": 32, "accuracy_level": 4, "symmetric": True,
+                                   "vision_quantized": True}
+    assert cfg["preprocessing"] == image_config(tiny_student.config).to_dict()
+    assert json.loads((export("fp16") / CONFIG_FILE).read_text())["model"]["decoder"]["kv_cache_dtype"] == "float16"
+
+
+def test_bad_options_are_config_errors(tiny_student, tmp_path):
+    for opts, msg in [(ExportOptions(quant="q4_0"), "supported: fp32, fp16, int8, int4"),
+                      (ExportOptions(quant="int4", group_size=24), "power of 2"),
+                      (ExportOptions(extra={"acc_level": 4}), "unknown extra option"),
+                      (ExportOptions(quant="int4", extra={"accuracy_level": 7}), "accuracy_level"),
+                      (ExportOptions(max_seq_len=4096), "context of 512")]:
+        with pytest.raises(ConfigError, match=msg):
+            TARGET.export(tiny_student, None, tmp_path, opts)
+    assert not list(tmp_path.iterdir())  # refused before writing anything
+
+
+def test_runtime_refuses_overflow_and_gaps(export):
+    rt = TARGET.load(export("fp32"), ExportOptions())
+    with pytest.raises(DataError, match="exceed the exported context length 512"):
+        rt.decode(np.zeros((513, 64), np.float32), 0)
+    rt.decode(np.zeros((3, 64), np.float32), 0)
+    with pytest.raises(ValueError, match="cache holds 3"):
+        rt.decode(np.zeros((1, 64), np.float32), 5)
+    with pytest.raises(DataError, match="vision graph takes"):
+        rt.encode_image(np.zeros((1, 3, 32, 32), np.float32))
+
+
+def _perturb(src: Path, dst: Path, name: str, factor: float) -> None:
+    shutil.copytree(src, dst)
+    model = onnx.load(dst / GRAPH_FILES["decoder"])
+    init = next(i for i in model.graph.initializer if i.name == name)
+    value = numpy_helper.to_array(init)
+    init.CopyFrom(numpy_helper.from_array(value * np.asarray(factor, value.dtype), name))
+    onnx.save(model, dst / GRAPH_FILES["decoder"])
+
+
+# fp32: one MLP scaled by 1.5 (the gate is as tight as fp32 arithmetic). int4: one layer's output
+# projection with its sign flipped, as a zero-point / sign bug would; int4's own noise (rel 0.08 here)
+# hides subtler damage such as a 1.5× MLP, which moves the tiny student's logits by about as much.
+@pytest.mark.parametrize("quant, weight, factor", [("fp32", "model.layers.0.mlp.down_proj.MatMul.weight", 1.5),
+                                                   ("int4", "model.layers.1.attn.o_proj.MatMul.weight_scales", -1.0)])
+def test_a_broken_artifact_fails_the_gate(tiny_student, export, px, tmp_path, quant, weight, factor):
+    _perturb(export(quant), tmp_path / "broken", weight, factor)
+    broken = TARGET.load(tmp_path / "broken", ExportOptions(quant=quant))
+    rep = _gate(broken, EagerRuntime(tiny_student), px, THRESHOLDS[quant])
+    assert not rep["passed"] and any("relative error" in f for f in rep["failures"]), rep

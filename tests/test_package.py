@@ -1,0 +1,42 @@
+"""The tests import the installed package (the README's install), and `export/` lives inside our namespace."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import alignkd
+import alignkd.export
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_export_is_installed_as_alignkd_export_not_top_level():
+    assert Path(alignkd.export.__file__).resolve() == REPO / "export" / "__init__.py"
+    assert Path(alignkd.__file__).resolve() == REPO / "alignkd" / "__init__.py"
+    # from a neutral directory, a top-level `export` must not resolve to our folder
+    code = "import importlib.util,sys; s=importlib.util.find_spec('export'); print(s.origin if s else 'none')"
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True).stdout.strip()
+    assert not out.startswith(str(REPO)), out
+
+
+def test_distribution_metadata_and_console_script():
+    dist = importlib.metadata.distribution("alignkd-mobile")
+    assert any(ep.name == "alignkd-mobile" and ep.value == "alignkd.cli:main" for ep in dist.entry_points)
+    reqs = " ".join(dist.requires or [])
+    assert "torch==2.13.0" in reqs and "executorch==1.5.1" in reqs  # the stack is pinned (DESIGN.md §4)
+    r = subprocess.run([str(Path(sys.executable).with_name("alignkd-mobile")), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "train" in r.stdout and "info" in r.stdout
+
+
+def test_info_command_counts_parameters():
+    r = subprocess.run([str(Path(sys.executable).with_name("alignkd-mobile")), "info", "mobilevlm-v2-1.7b"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "1,674,121,216" in r.stdout and "LDPv2" in r.stdout and r.stderr.strip() == ""
+    bad = subprocess.run([str(Path(sys.executable).with_name("alignkd-mobile")), "info", "/nonexistent/ckpt"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: checkpoint directory /nonexistent/ckpt does not exist"
