@@ -37,6 +37,10 @@ def main() -> None:
 
     \b
     train   distil a teacher into a student (or train the baseline); no arguments = easy-vqa demo
+    eval    score checkpoints on MobileVLM's benchmarks; distilled-vs-baseline report
+    export  quantize + lower to ExecuTorch / ONNX / GGUF with a parity gate; bundle for the app
+    run     answer a question about an image with a bundle (desktop emulator)
+    bench   latency + accuracy of bundles side by side (host or adb)
     info    architecture summary and parameter counts of a preset or checkpoint
     """
 
@@ -136,6 +140,92 @@ def eval_cmd(checkpoints, benches, data_root, output_dir, limit, batch_size, max
 
     evaluate(list(checkpoints), [b.strip() for b in benches.split(",") if b.strip()], data_root, output_dir, limit,
              batch_size, max_new_tokens, distilled, baseline, log=click.echo)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--target", type=click.Choice(["android", "desktop"]), default="android", show_default=True,
+              help="android: a bundle for the demo app (needs pte); desktop: any formats.")
+@click.option("--format", "formats", default=None, help="Comma-separated: pte, onnx, gguf (default: pte for "
+              "android, all three for desktop).")
+@click.option("--quant", "quants", default=None, help="Comma-separated quantizations; each applies to the formats "
+              "that support it (pte: fp32, 8da4w, int8; onnx: fp32, fp16, int8, int4; gguf: fp32, fp16, q8_0, q4_0, "
+              "q4_k_m). Default per format: 8da4w, int4, q4_0.")
+@click.option("--output-dir", required=True, type=click.Path(), help="The bundle directory to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--max-seq-len", type=int, default=512, show_default=True, help="Static KV cache / context length.")
+@click.option("--group-size", type=int, default=32, show_default=True, help="Group size of 4-bit weights.")
+@click.option("--push", is_flag=True, help="adb push the bundle to /data/local/tmp/alignkd/ (android).")
+@click.option("--serial", help="adb device serial for --push.")
+@_clean_errors
+def export(checkpoint, target, formats, quants, output_dir, overwrite, max_seq_len, group_size, push, serial) -> None:
+    """Quantize and lower a student CHECKPOINT (mtgv directory) to ExecuTorch / ONNX / GGUF, check every
+    artifact against the eager model (parity gate), and write a verified bundle with manifest.json.
+
+    A failed parity check exits non-zero and leaves OUTPUT_DIR.failed without a manifest.
+    """
+    from pathlib import Path
+
+    from .export.exporter import export_bundle, push_bundle
+
+    fmts = [f.strip() for f in (formats or ("pte" if target == "android" else "pte,onnx,gguf")).split(",") if f.strip()]
+    qs = [q.strip() for q in quants.split(",")] if quants else None
+    manifest = export_bundle(checkpoint, output_dir, fmts, qs, target, overwrite, max_seq_len, group_size, log=click.echo)
+    total = sum(f["size"] for f in manifest["files"])
+    click.echo(f"bundle {output_dir}: {len(manifest['files'])} files, {total / 2**20:.1f} MiB, parity passed for "
+               + ", ".join(manifest["parity"]))
+    if push:
+        click.echo(f"pushed to {push_bundle(Path(output_dir), serial)}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--image", required=True, type=click.Path(), help="Image file.")
+@click.option("--prompt", required=True, help="The question.")
+@click.option("--format", "fmt", help="Artifact format in the bundle (default: the first).")
+@click.option("--quant", help="Artifact quantization in the bundle.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--threads", type=int, default=2, show_default=True)
+@_clean_errors
+def run(bundle, image, prompt, fmt, quant, max_new_tokens, temperature, top_p, threads) -> None:
+    """Answer PROMPT about IMAGE with an exported BUNDLE, through the desktop emulator (as the app does)."""
+    from .export.emulator import BundleRunner
+
+    runner = BundleRunner(bundle, fmt, quant, threads)
+    ans = runner.answer(image, prompt, max_new_tokens, temperature, top_p)
+    g = ans.generation
+    click.echo(ans.text)
+    click.echo(f"[{runner.name}] load {runner.load_s:.2f}s, image {g.timings['image_s']:.3f}s, prefill "
+               f"{g.prompt_len} positions {g.timings['prefill_s']:.3f}s, {len(ans.tokens)} tokens", err=True)
+
+
+@main.command()
+@click.argument("bundles", nargs=-1, required=True, type=click.Path())
+@click.option("--device", default="host", show_default=True, help="host, or adb[:SERIAL] for a phone.")
+@click.option("--n-runs", type=int, default=3, show_default=True)
+@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--accuracy-limit", type=int, default=100, show_default=True,
+              help="easy-vqa held-out questions scored per artifact through the emulator (0 = skip).")
+@click.option("--output-dir", default="runs/bench", show_default=True)
+@_clean_errors
+def bench(bundles, device, n_runs, threads, max_new_tokens, accuracy_limit, output_dir) -> None:
+    """Latency and accuracy of BUNDLES side by side (e.g. the distilled and the baseline student):
+    load time, image encode, time to first token, prefill and decode tokens/s, peak RSS, easy-vqa accuracy.
+    Writes bench.json, bench.md and a bar-chart bench.png."""
+    from .export.bench import bench_adb, bench_host, render_table, write_outputs
+
+    if device == "host":
+        rows = bench_host(list(bundles), n_runs, threads, max_new_tokens, accuracy_limit, log=click.echo)
+    elif device == "adb" or device.startswith("adb:"):
+        rows = bench_adb(list(bundles), device.partition(":")[2] or None, n_runs, log=click.echo)
+    else:
+        raise click.BadParameter("--device must be host or adb[:SERIAL]")
+    click.echo(render_table(rows))
+    paths = write_outputs(rows, output_dir)
+    click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
 @main.command("train-keys")

@@ -58,6 +58,14 @@ def prompt_positions(prompt_ids: list[int], num_image_tokens: int) -> int:
     return len(prompt_ids) + (num_image_tokens - 1) * prompt_ids.count(IMAGE_TOKEN_INDEX)
 
 
+def check_fits(prompt_ids: list[int], max_new_tokens: int, max_seq_len: int | None, num_image_tokens: int = 144) -> int:
+    """Refuse, before any compute, a prompt that would overflow a static KV cache; return its positions."""
+    n = prompt_positions(prompt_ids, num_image_tokens)
+    if max_seq_len is not None and n + max_new_tokens > max_seq_len:
+        raise DataError(f"prompt of {n} positions + {max_new_tokens} new tokens exceeds max_seq_len {max_seq_len}")
+    return n
+
+
 def generate(
     runtime: Runtime,
     prompt_ids: list[int],
@@ -72,10 +80,7 @@ def generate(
     keep_step_logits: bool = False,
 ) -> Generation:
     """Greedy (temperature 0) or sampled decoding of one prompt through `runtime`."""
-    n_prompt = prompt_positions(prompt_ids, num_image_tokens)
-    if max_seq_len is not None and n_prompt + max_new_tokens > max_seq_len:
-        # refuse before any compute: a static KV cache would overflow
-        raise DataError(f"prompt of {n_prompt} positions + {max_new_tokens} new tokens exceeds max_seq_len {max_seq_len}")
+    n_prompt = check_fits(prompt_ids, max_new_tokens, max_seq_len, num_image_tokens)
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     embeds, image = splice_prompt(runtime, prompt_ids, pixels)

@@ -18,6 +18,8 @@ present, its pipeline is put back first.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
 
 import sentencepiece as spm
@@ -35,6 +37,18 @@ PROBES = (
     "Hello world", " leading space", "  two leading", "a  b   c ", "\n", "\nWhat is it? ASSISTANT:",
     "USER: ", "12345 67.8", "héllo wörld 你好 🙂", "\ttab\t", "▁x ▁", "",
 )
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def tiny_tokenizer_dir() -> Path:
@@ -56,7 +70,11 @@ def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerBase:
             f"no tokenizer in {d}: expected tokenizer.model (SentencePiece) or tokenizer.json"
         )
     try:
-        tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+        # AutoTokenizer also reads config.json: model_type "mobilevlm" and `rope_scaling: null` make
+        # transformers warn about things that do not concern the tokenizer
+        with warnings.catch_warnings(), _quiet_transformers():
+            warnings.simplefilter("ignore", FutureWarning)
+            tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
     except Exception as e:  # transformers/sentencepiece/tokenizers raise many unrelated types here
         raise CheckpointError(f"cannot load the tokenizer in {d} (corrupt or unsupported files?): {e}") from e
     if tok is None or len(tok) == 0:
