@@ -116,6 +116,8 @@ def bench_adb(bundles: list[str], serial: str | None = None, n_runs: int = 3, ti
             time.sleep(2)
         data = json.loads(r.stdout)
         for row in data if isinstance(data, list) else [data]:
+            if "error" in row:
+                raise DataError(f"the app's benchmark of {remote_bundle} failed: {row['error']}")
             missing = [f for f in FIELDS if f not in row]
             if missing:
                 raise DataError(f"the app's {out_name} lacks field(s) {missing}")

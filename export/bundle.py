@@ -81,13 +81,21 @@ def read_manifest(root: str | Path, verify: bool = True) -> dict:
         m = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(m, dict):
+        raise DataError(f"{path}: not an alignkd bundle (the manifest is not a JSON object)")
     if m.get("format") != FORMAT:
         raise DataError(f"{path}: not an alignkd bundle (format {m.get('format')!r})")
     if m.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{path}: unknown format_version {m.get('format_version')!r} (this reader knows {FORMAT_VERSION})")
-    for key in ("files", "artifacts", "model"):
+    for key, typ in (("files", list), ("artifacts", list), ("model", dict)):
         if key not in m:
             raise DataError(f"{path}: missing field {key!r}")
+        if not isinstance(m[key], typ):
+            raise DataError(f"{path}: invalid field {key!r}: expected a {typ.__name__}")
+    for entry in m["files"]:
+        if not (isinstance(entry, dict) and isinstance(entry.get("path"), str) and isinstance(entry.get("size"), int)
+                and isinstance(entry.get("sha256"), str)):
+            raise DataError(f"{path}: invalid field 'files': malformed entry {entry!r}")
     if verify:
         for entry in m["files"]:
             f = safe_relpath(root, entry["path"])

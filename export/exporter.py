@@ -127,7 +127,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, formats: list[str
             sub.mkdir(parents=True)
             log(f"export {fmt} {quant} ...")
             files = t.export(model, tokenizer, sub, opts)
-            rep = check_parity(t.load(sub, opts), t.reference(model, opts), prompt_ids, pixels, _thresholds(fmt, quant))
+            rep = check_parity(t.load(sub, opts), t.reference(model, opts), prompt_ids, pixels, thresholds(fmt, quant))
             if fmt == "gguf":
                 from .gguf_export import faithful_divergence
 
@@ -141,7 +141,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, formats: list[str
             artifacts.append({"format": fmt, "quant": quant, "dir": f"{fmt}/{quant}",
                               "files": sorted(p.relative_to(stage).as_posix() for p in files),
                               "parity_passed": rep["passed"]})
-        _write_common(stage, model, tokenizer, checkpoint, template)
+        write_bundle_metadata(stage, model, tokenizer, checkpoint, template)
         (stage / "parity_report.json").write_text(json.dumps(report, indent=2))
         if failed:
             # kept for inspection, but with no manifest: every reader refuses an incomplete bundle
@@ -170,13 +170,13 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, formats: list[str
     return manifest
 
 
-def _thresholds(fmt: str, quant: str):
+def thresholds(fmt: str, quant: str):
     module, _ = TARGETS[fmt]
     table = importlib.import_module(module).THRESHOLDS
     return table[quant]
 
 
-def _write_common(stage: Path, model, tokenizer, checkpoint: Path, template: str) -> None:
+def write_bundle_metadata(stage: Path, model, tokenizer, checkpoint: Path, template: str) -> None:
     (stage / "preprocessing.json").write_text(json.dumps(image_config(model.config).to_dict(), indent=2))
     t = get_template(template)
     (stage / "template.json").write_text(json.dumps({

@@ -1,0 +1,101 @@
+"""The shared test vectors of the Android app's JVM module (android_demo/core) are current and right.
+
+The Kotlin tests (android_demo/core/test.sh) check the app's logic against these files; here the files
+are regenerated and must equal the committed copy byte for byte, so a change on the Python side
+(preprocessing, tokenizer, bundle reader, decode loop) that is not mirrored fails until the vectors are
+regenerated — and then the Kotlin tests show whether the app still agrees.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from alignkd.data.image import load_image, preprocess
+from alignkd.export.bundle import read_manifest
+from alignkd.export.vectors import CONFIGS, FakeRuntime, apply_ops, verdict, write_vectors
+
+COMMITTED = Path(__file__).resolve().parents[2] / "android_demo" / "core" / "src" / "test" / "resources" / "vectors"
+REGENERATE = "python -m alignkd.export.vectors android_demo/core/src/test/resources/vectors (after removing it)"
+
+
+def _files(root: Path) -> dict[str, Path]:
+    return {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory) -> Path:
+    return write_vectors(tmp_path_factory.mktemp("vectors") / "v")
+
+
+def test_committed_vectors_equal_a_fresh_generation(fresh):
+    want, got = _files(fresh), _files(COMMITTED)
+    assert sorted(got) == sorted(want), f"file lists differ; regenerate: {REGENERATE}"
+    stale = [name for name in want if want[name].read_bytes() != got[name].read_bytes()]
+    assert not stale, f"stale vectors {stale}; regenerate: {REGENERATE}"
+
+
+def test_vectors_stay_small():
+    total = sum(p.stat().st_size for p in _files(COMMITTED).values())
+    assert total < 1024 * 1024, f"vectors are {total} bytes; keep them under 1 MiB"
+
+
+def test_bundle_verdicts_are_the_python_readers(tmp_path):
+    spec = json.loads((COMMITTED / "bundles.json").read_text())
+    base = COMMITTED / spec["base"]
+    assert read_manifest(base)["format"] == "alignkd-bundle"
+    seen = set()
+    for v in spec["variants"]:
+        root = tmp_path / v["name"]
+        shutil.copytree(base, root)
+        apply_ops(root, v["ops"])
+        assert verdict(root) == v["verdict"], v["name"]
+        seen.add(v["verdict"])
+    # every refusal the reader has is covered, and some accepted variants too
+    assert seen == {"ok", "missing_manifest", "bad_json", "wrong_format", "unknown_version", "missing_field",
+                    "path_outside", "missing_file", "size_mismatch", "checksum_mismatch", "artifact_not_listed"}
+
+
+def test_image_vectors_are_the_preprocessing_output():
+    spec = json.loads((COMMITTED / "images.json").read_text())
+    assert {k: c.to_dict() for k, c in CONFIGS.items()} == spec["configs"]
+    for e in spec["images"]:
+        img = load_image(COMMITTED / "images" / e["file"])
+        x = preprocess(img, CONFIGS["tiny48"]).numpy()
+        r = e["results"]["tiny48"]
+        np.testing.assert_allclose(x.reshape(3, -1).astype(np.float64).mean(1), r["mean"], rtol=0, atol=1e-12)
+        if "pixels_chw" in r:
+            assert np.array_equal(np.asarray(r["pixels_chw"], np.float32), x.reshape(-1))
+    # the JPEG's lossless twin is PIL's decode of it
+    jpg, png = (np.asarray(load_image(COMMITTED / "images" / f)) for f in ("photo.jpg", "photo.decoded.png"))
+    assert np.array_equal(jpg, png)
+
+
+def test_tokenizer_vectors_match_the_transformers_path():
+    from alignkd.data.tokenize import encode_text
+    from alignkd.model.tokenizer import load_tokenizer, tiny_tokenizer_dir
+
+    tok = load_tokenizer(tiny_tokenizer_dir())
+    spec = json.loads((COMMITTED / "tokenizer.json").read_text())
+    for t in spec["texts"]:
+        assert encode_text(t["text"], tok) == t["ids"], t["text"]
+    assert any(-200 in p["ids"] for p in spec["prompts"]) and any(-200 not in p["ids"] for p in spec["prompts"])
+
+
+def test_fake_runtime_refuses_a_wrong_start_position():
+    rt = FakeRuntime(16, 2, 2, None)
+    rt.decode(np.zeros((3, 4), np.float32), 0)
+    with pytest.raises(ValueError, match="cache holds 3"):
+        rt.decode(np.zeros((1, 4), np.float32), 5)
+
+
+def test_ops_round_trip(tmp_path):
+    (tmp_path / "a").write_text("x")
+    apply_ops(tmp_path, [{"op": "delete", "path": "a"},
+                         {"op": "write", "path": "d/b", "base64": base64.b64encode(b"yz").decode()}])
+    assert not (tmp_path / "a").exists() and (tmp_path / "d" / "b").read_bytes() == b"yz"
