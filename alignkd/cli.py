@@ -149,16 +149,18 @@ def eval_cmd(checkpoints, benches, data_root, output_dir, limit, batch_size, max
 @click.option("--format", "formats", default=None, help="Comma-separated: pte, onnx, gguf (default: pte for "
               "android, all three for desktop).")
 @click.option("--quant", "quants", default=None, help="Comma-separated quantizations; each applies to the formats "
-              "that support it (pte: fp32, 8da4w, int8; onnx: fp32, fp16, int8, int4; gguf: fp32, fp16, q8_0, q4_0, "
+              "that support it (pte: fp32, 8da4w, 8da8w, int8; onnx: fp32, fp16, int8, int4; gguf: fp32, fp16, q8_0, q4_0, "
               "q4_k_m). Default per format: 8da4w, int4, q4_0.")
 @click.option("--output-dir", required=True, type=click.Path(), help="The bundle directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--max-seq-len", type=int, default=512, show_default=True, help="Static KV cache / context length.")
 @click.option("--group-size", type=int, default=32, show_default=True, help="Group size of 4-bit weights.")
+@click.option("--embedding-quant", type=click.Choice(["8", "4"]), help="ExecuTorch: 8- or 4-bit embedding table.")
 @click.option("--push", is_flag=True, help="adb push the bundle to /data/local/tmp/alignkd/ (android).")
 @click.option("--serial", help="adb device serial for --push.")
 @_clean_errors
-def export(checkpoint, target, formats, quants, output_dir, overwrite, max_seq_len, group_size, push, serial) -> None:
+def export(checkpoint, target, formats, quants, output_dir, overwrite, max_seq_len, group_size, embedding_quant, push,
+           serial) -> None:
     """Quantize and lower a student CHECKPOINT (mtgv directory) to ExecuTorch / ONNX / GGUF, check every
     artifact against the eager model (parity gate), and write a verified bundle with manifest.json.
 
@@ -170,7 +172,8 @@ def export(checkpoint, target, formats, quants, output_dir, overwrite, max_seq_l
 
     fmts = [f.strip() for f in (formats or ("pte" if target == "android" else "pte,onnx,gguf")).split(",") if f.strip()]
     qs = [q.strip() for q in quants.split(",")] if quants else None
-    manifest = export_bundle(checkpoint, output_dir, fmts, qs, target, overwrite, max_seq_len, group_size, log=click.echo)
+    manifest = export_bundle(checkpoint, output_dir, fmts, qs, target, overwrite, max_seq_len, group_size,
+                             embedding_quant=embedding_quant, log=click.echo)
     total = sum(f["size"] for f in manifest["files"])
     click.echo(f"bundle {output_dir}: {len(manifest['files'])} files, {total / 2**20:.1f} MiB, parity passed for "
                + ", ".join(manifest["parity"]))

@@ -71,6 +71,10 @@ class ExportTarget(Protocol):
     def reference(self, model: MobileVLM, options: ExportOptions) -> Runtime:
         """The eager runtime the artifact must match (usually `EagerRuntime(model)`)."""
 
+    # Optional: `thresholds(options) -> Thresholds` when the gate depends on more than the quant, and
+    # `quantized_reference(model, options, out_dir) -> Runtime`, the eager model with the artifact's own
+    # (de-)quantized weights, reported beside the gate to separate runtime error from quantization error.
+
 
 class EagerRuntime:
     """`Runtime` over the PyTorch model: the reference every artifact is checked against."""

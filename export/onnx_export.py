@@ -617,3 +617,7 @@ class OnnxTarget:
 
     def reference(self, model: MobileVLM, options: ExportOptions) -> EagerRuntime:
         return EagerRuntime(model)
+
+    def quantized_reference(self, model: MobileVLM, options: ExportOptions, out_dir: Path) -> EagerRuntime:
+        """The eager model on the graphs' de-quantized weights: isolates runtime error from weight quantization."""
+        return EagerRuntime(dequantized_reference(model, Path(out_dir)))

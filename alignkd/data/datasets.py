@@ -128,10 +128,25 @@ def llava_json_dataset(json_path: str | Path, image_folder: str | Path | None, t
     return VQADataset(samples, image_cfg, stats)
 
 
+_EASYVQA_CACHE: dict[tuple, VQADataset] = {}
+
+
 def easyvqa_dataset(split: str, tokenizer, image_cfg: ImageProcessingConfig, max_length: int,
                     num_image_tokens: int = 144, template: str = "v1", limit: int | None = None,
                     seed: int = 0) -> VQADataset:
-    """easy-vqa (MIT; shipped in the `easy-vqa` package): 64×64 shape images, 13 one-word answers."""
+    """easy-vqa (MIT; shipped in the `easy-vqa` package): 64×64 shape images, 13 one-word answers.
+
+    Kept in memory per process: the demo trains three models on the same tokenized split and images."""
+    key = (split, getattr(tokenizer, "alignkd_source_dir", id(tokenizer)), len(tokenizer), str(image_cfg), max_length,
+           num_image_tokens, template, limit, seed)
+    if key not in _EASYVQA_CACHE:
+        _EASYVQA_CACHE.clear()
+        _EASYVQA_CACHE[key] = _easyvqa_dataset(split, tokenizer, image_cfg, max_length, num_image_tokens, template,
+                                               limit, seed)
+    return _EASYVQA_CACHE[key]
+
+
+def _easyvqa_dataset(split, tokenizer, image_cfg, max_length, num_image_tokens, template, limit, seed) -> VQADataset:
     import easy_vqa
 
     if split == "train":

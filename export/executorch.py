@@ -1,0 +1,504 @@
+"""ExecuTorch target ("pte"): one multi-method `model.pte` in the contract of ExecuTorch's LLaVA example.
+
+Methods (batch 1):
+- `vision_encoder`: (1, 3, S, S) float normalised pixels → (1, 144, H) image tokens. Normalisation stays
+  outside, in our preprocessing (`alignkd.data.image.preprocess`), as for every other target.
+- `token_embedding`: (1, T) int64 ids → (1, T, H), T dynamic in 1..max_seq_len.
+- `text_decoder`: (1, T, H) embeddings + (1,) int64 start position → (1, V) logits of the LAST position
+  only (what decoding needs; all-position logits would cost T×V of memory per prefill). The KV cache is a
+  static (1, max_seq_len, heads, head_dim) buffer per layer inside the program's mutable state; T is
+  dynamic, so the prompt prefills in one call. Start position 0 starts a new sequence: the causal SDPA op
+  attends only to positions < start + T, so stale cache rows are never read.
+- constant methods: `get_max_seq_len`, `get_max_context_len`, `get_bos_id`, `get_eos_ids`,
+  `get_vocab_size`, `use_kv_cache`, `enable_dynamic_shape`, `use_sdpa_with_kv_cache` (the keys
+  ExecuTorch's C++ multimodal runner reads).
+
+The text decoder is ExecuTorch's own LLaMA `Transformer` (`executorch.examples.models.llama`) with the
+source transforms of its LLM exporter: `CustomKVCache` (`llama::update_cache`) and `SDPACustom`
+(`llama::custom_sdpa`, causal from the start position), HF-layout RoPE, weights copied from `model.lm`
+through `NAME_TABLE`. DESIGN.md §3: this path decodes at ~1× llama.cpp where a transformers static-cache
+export reached 0.43×.
+
+Quantization (ExportOptions.quant; `QUANTS`):
+- `fp32`: no quantization.
+- `8da4w`: torchao `Int8DynamicActivationIntxWeightConfig` — int8 per-token dynamic activations, int4
+  weights in groups of `group_size` (HQQ scales, as ExecuTorch's exporter); lowered to XNNPACK's
+  qd8-f32-qb4w kernels. Linears whose input width is not a multiple of `group_size` stay fp32 (same
+  rule as ExecuTorch's exporter).
+- `8da8w`: the same with int8 per-channel weights (fully XNNPACK-delegated int8).
+- `int8`: int8 per-channel weight-only, ExecuTorch's `WeightOnlyInt8QuantHandler` (its `-qmode int8`).
+  Not torchao here: in executorch 1.5.1 the XNNPACK partitioner classifies a torchao weight-only
+  dequantize→linear as *static* activation quantization and the delegate returns garbage (~1000× off),
+  so the weights are stored int8 and the matmul runs in ExecuTorch's portable kernels (small, slower).
+- `embedding_quant` "8"/"4": ExecuTorch's `EmbeddingQuantHandler` (torchao's `IntxWeightOnlyConfig`
+  grouped by `group_size`, HQQ; 4-bit packed two per byte), run by the `quantized_decomposed` kernels.
+- The vision encoder stays fp32 unless `options.extra["vision_quant"]` names a linear quant
+  (`8da4w`/`8da8w`): its ~300M parameters are 1.2 GB fp32 for ViT-L, at some image-token accuracy.
+
+`ExportOptions.extra` knobs: `vision_quant` (above).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import LlamaForCausalLM
+
+from alignkd.errors import ConfigError, DataError
+from alignkd.model.mobilevlm import MobileVLM
+
+from .base import EagerRuntime, ExportOptions
+from .parity import Thresholds
+
+log = logging.getLogger(__name__)
+
+PTE_NAME = "model.pte"
+EMBEDDING_QUANTS = ("8", "4")
+VISION_QUANTS = ("fp32", "8da4w", "8da8w")
+
+# transformers LlamaForCausalLM names → ExecuTorch llama `Transformer` names. The token embedding is not
+# here: it is its own method (`token_embedding`), not part of the decoder.
+NAME_TABLE: tuple[tuple[str, str], ...] = (
+    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", r"layers.\1.attention.wq.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", r"layers.\1.attention.wk.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", r"layers.\1.attention.wv.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"layers.\1.attention.wo.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", r"layers.\1.feed_forward.w1.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", r"layers.\1.feed_forward.w2.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", r"layers.\1.feed_forward.w3.weight"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attention_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.ffn_norm.weight"),
+    (r"model\.norm\.weight", "norm.weight"),
+    (r"lm_head\.weight", "output.weight"),
+)
+_NOT_IN_DECODER = ("model.embed_tokens.weight",)
+
+# Parity gate per quant, against the fp32 eager model (`reference`). "measured" = the tiny student (random
+# weights, image + 5-token prompt = 149 positions, 16 greedy steps; tests/export/test_executorch.py). Its
+# logits span only ~1, so quantization noise reads large and rivals real faults: one MLP weight ×1.5 gives
+# rel 2.5e-2, inside the 8da4w gate, which therefore catches gross lowering faults (wrong layout or scales:
+# rel ≫ 1) only. Finer checks of a quantized artifact compare it with `quantized_reference`.
+THRESHOLDS: dict[str, Thresholds] = {
+    # The same math in fp32; XNNPACK's GEMMs and the custom SDPA only reorder sums: measured rel 1.4e-7.
+    "fp32": Thresholds(image_cos=0.9999, logits_rel=1e-4, top1=1.0, exact_tokens=True),
+    # int4 weights in groups of 32 over a 64-wide model + int8 activations: measured rel 8.2e-2 (cos 0.989),
+    # top-1 1.0; quantized argmaxes may flip on near-ties, so tokens need not be identical.
+    "8da4w": Thresholds(image_cos=0.9999, logits_rel=1.5e-1, top1=0.75, exact_tokens=False),
+    # int8 activations + int8 per-channel weights: measured rel 6.2e-3, top-1 1.0.
+    "8da8w": Thresholds(image_cos=0.9999, logits_rel=2e-2, top1=0.9, exact_tokens=False),
+    # int8 per-channel weights, fp32 activations: measured rel 5.3e-3, top-1 1.0.
+    "int8": Thresholds(image_cos=0.9999, logits_rel=2e-2, top1=0.9, exact_tokens=False),
+}
+QUANTS: tuple[str, ...] = tuple(THRESHOLDS)
+
+# What a quantized embedding table or vision encoder adds (see `thresholds_for`).
+EMBEDDING_THRESHOLDS: dict[str, Thresholds] = {
+    # 8-bit grouped table, fp32 linears: measured rel 1.1e-3, top-1 1.0.
+    "8": Thresholds(image_cos=1.0, logits_rel=1e-2, top1=0.9, exact_tokens=False),
+    # 4-bit grouped table: measured rel 1.8e-2, top-1 1.0.
+    "4": Thresholds(image_cos=1.0, logits_rel=5e-2, top1=0.75, exact_tokens=False),
+}
+VISION_THRESHOLDS: dict[str, Thresholds] = {
+    # measured image cosine 0.99998, logits rel 1.7e-3
+    "8da8w": Thresholds(image_cos=0.999, logits_rel=1e-2, top1=0.9, exact_tokens=False),
+    # measured image cosine 0.998, logits rel 2.1e-2
+    "8da4w": Thresholds(image_cos=0.99, logits_rel=6e-2, top1=0.75, exact_tokens=False),
+}
+
+
+def thresholds_for(options: ExportOptions) -> Thresholds:
+    """The gate of an export: THRESHOLDS[quant] plus what a quantized embedding / vision encoder adds.
+
+    Logit errors of independent quantizations add up (measured: 8da4w + 4-bit table gave 8.2e-2), so the
+    relative tolerances are summed; the cosine and top-1 floors take the loosest part.
+    """
+    _check_options(options)
+    parts = [THRESHOLDS[options.quant]]
+    if options.embedding_quant is not None:
+        parts.append(EMBEDDING_THRESHOLDS[str(options.embedding_quant)])
+    vq = options.extra.get("vision_quant", "fp32")
+    if vq != "fp32":
+        parts.append(VISION_THRESHOLDS[vq])
+    return Thresholds(
+        image_cos=min(p.image_cos for p in parts),
+        logits_rel=sum(p.logits_rel for p in parts),
+        top1=min(p.top1 for p in parts),
+        exact_tokens=all(p.exact_tokens for p in parts),
+    )
+
+
+def _check_options(options: ExportOptions) -> None:
+    if options.quant not in QUANTS:
+        raise ConfigError(f"ExecuTorch quant {options.quant!r} is not supported (supported: {', '.join(QUANTS)})")
+    if options.embedding_quant is not None and str(options.embedding_quant) not in EMBEDDING_QUANTS:
+        raise ConfigError(f"ExecuTorch embedding_quant {options.embedding_quant!r} is not supported "
+                          f"(supported: {', '.join(EMBEDDING_QUANTS)}, or none)")
+    vq = options.extra.get("vision_quant", "fp32")
+    if vq not in VISION_QUANTS:
+        raise ConfigError(f"ExecuTorch vision_quant {vq!r} is not supported (supported: {', '.join(VISION_QUANTS)})")
+    if options.group_size <= 0:
+        raise ConfigError(f"group_size must be positive, got {options.group_size}")
+
+
+# ---- quantization ----------------------------------------------------------------------------------
+def _quiet(fn: Callable[[], nn.Module]) -> nn.Module:
+    """ExecuTorch's quant handlers print one line per layer; keep the CLI's output ours."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn()
+
+
+def _torchao_8da(module: nn.Module, weight_dtype: torch.dtype, group_size: int | None) -> nn.Module:
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    kept_fp32: list[str] = []
+
+    def eligible(m: nn.Module, fqn: str) -> bool:
+        # a group must not straddle rows: other widths stay fp32, as in ExecuTorch's exporter
+        if not isinstance(m, nn.Linear):
+            return False
+        if group_size is not None and m.in_features % group_size:
+            kept_fp32.append(fqn)
+            return False
+        return True
+
+    granularity = PerAxis(0) if group_size is None else PerGroup(group_size)
+    config = Int8DynamicActivationIntxWeightConfig(
+        weight_dtype=weight_dtype, weight_granularity=granularity, intx_choose_qparams_algorithm="hqq_scale_only")
+    with torch.no_grad():
+        quantize_(module, config, filter_fn=eligible)
+    if kept_fp32:
+        log.info("%d linear(s) kept fp32, input width not a multiple of group size %s: %s",
+                 len(kept_fp32), group_size, ", ".join(kept_fp32))
+    return module
+
+
+def _weight_only_int8(module: nn.Module, group_size: int) -> nn.Module:
+    from executorch.examples.models.llama.source_transformation.quantize import WeightOnlyInt8QuantHandler
+
+    return _quiet(lambda: WeightOnlyInt8QuantHandler(module).quantized_model())
+
+
+# quant → how the linears of a module are rewritten (in place); group_size is ExportOptions.group_size
+LINEAR_QUANT: dict[str, Callable[[nn.Module, int], nn.Module]] = {
+    "fp32": lambda m, gs: m,
+    "8da4w": lambda m, gs: _torchao_8da(m, torch.int4, gs),
+    "8da8w": lambda m, gs: _torchao_8da(m, torch.int8, None),
+    "int8": _weight_only_int8,
+}
+
+
+def _quantize_embedding(embedding: nn.Embedding, bits: str | None, group_size: int) -> nn.Module:
+    holder = nn.ModuleDict({"table": embedding})  # the handler swaps children, so give it a parent
+    if bits is not None:
+        from executorch.examples.models.llama.source_transformation.quantize import EmbeddingQuantHandler
+
+        b = int(bits)
+        _quiet(lambda: EmbeddingQuantHandler(holder, bitwidth=b, group_size=group_size, packed=b == 4).quantized_model())
+    return holder["table"]
+
+
+# ---- the three exported modules --------------------------------------------------------------------
+class VisionEncoder(nn.Module):
+    """(1, 3, S, S) normalised pixels → (1, 144, H): the vision tower and LDPv2 projector."""
+
+    def __init__(self, model: MobileVLM):
+        super().__init__()
+        self.tower = model.vision_tower
+        self.projector = model.mm_projector
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.tower(pixels))  # (1, 144, H)
+
+
+class TokenEmbedding(nn.Module):
+    """(1, T) ids → (1, T, H)."""
+
+    def __init__(self, table: nn.Module):
+        super().__init__()
+        self.table = table
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table(ids)  # (1, T, H)
+
+
+class TextDecoder(nn.Module):
+    """(1, T, H) embeddings at positions start.. → (1, V) logits of the last one; KV cache inside."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, embeds: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        return self.transformer(None, {"input_pos": input_pos}, embeds)  # (1, V)
+
+
+def _rope_theta(config) -> float:
+    rope = getattr(config, "rope_parameters", None) or {"rope_type": "default", "rope_theta": config.rope_theta}
+    if rope.get("rope_type", "default") != "default":
+        raise ConfigError(f"ExecuTorch export supports plain RoPE only, the LM has rope_type {rope['rope_type']!r}")
+    return float(rope["rope_theta"])
+
+
+def decoder_weights(lm: LlamaForCausalLM) -> dict[str, torch.Tensor]:
+    """The LM's weights under ExecuTorch llama names (fp32 copies); fails on any weight it cannot place."""
+    src = dict(lm.state_dict())
+    src.setdefault("lm_head.weight", lm.get_output_embeddings().weight)  # tied heads may be absent
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in src.items():
+        if name in _NOT_IN_DECODER:
+            continue
+        for pattern, target in NAME_TABLE:
+            if re.fullmatch(pattern, name):
+                out[re.sub(pattern, target, name)] = tensor.detach().float().clone()
+                break
+        else:
+            raise ConfigError(f"the LM weight {name!r} has no place in ExecuTorch's llama decoder "
+                              "(biases and other extras are not supported)")
+    return out
+
+
+def build_text_decoder(lm: LlamaForCausalLM, max_seq_len: int) -> TextDecoder:
+    """ExecuTorch's llama Transformer with its custom KV cache and SDPA ops, holding `lm`'s weights (fp32)."""
+    from executorch.examples.models.llama.llama_transformer import construct_transformer
+    from executorch.examples.models.llama.model_args import ModelArgs
+    from executorch.examples.models.llama.source_transformation.custom_kv_cache import (
+        replace_kv_cache_with_custom_kv_cache,
+    )
+    from executorch.examples.models.llama.source_transformation.sdpa import replace_sdpa_with_custom_op
+
+    c = lm.config
+    if c.hidden_act != "silu" or getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False):
+        raise ConfigError("ExecuTorch export supports LLaMA with SiLU and no biases only")
+    if not 0 < max_seq_len <= c.max_position_embeddings:
+        raise ConfigError(f"max_seq_len {max_seq_len} must be in 1..{c.max_position_embeddings} (the LM's context)")
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    args = ModelArgs(
+        dim=c.hidden_size, n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads,
+        n_kv_heads=c.num_key_value_heads, head_dim=head_dim, vocab_size=c.vocab_size,
+        hidden_dim=c.intermediate_size, norm_eps=c.rms_norm_eps, rope_theta=_rope_theta(c),
+        use_hf_rope=True,  # HF's rotate-half layout: q/k weights go in unpermuted
+        max_batch_size=1, max_seq_len=max_seq_len, max_context_len=max_seq_len,
+        use_kv_cache=True, use_sdpa_with_kv_cache_op=True, enable_dynamic_shape=True,
+        apply_embedding=False, generate_full_logits=False,
+    )
+    transformer = construct_transformer(args)
+    transformer = replace_sdpa_with_custom_op(transformer)  # this order is the exporter's
+    transformer = replace_kv_cache_with_custom_kv_cache(transformer)
+    for layer in transformer.layers:
+        # The custom SDPA masks causally from the start position; the module still slices its S×S bool
+        # mask (unused), which the program would store: keep one column of it.
+        layer.attention.register_buffer("mask", layer.attention.mask[:, :1].clone(), persistent=False)
+    missing, unexpected = transformer.load_state_dict(decoder_weights(lm), strict=False)
+    if unexpected or any("kv_cache" not in k for k in missing):
+        raise ConfigError(f"weights do not fit ExecuTorch's llama decoder: missing {missing}, unexpected {unexpected}")
+    return TextDecoder(transformer).eval()
+
+
+def build_modules(model: MobileVLM, options: ExportOptions) -> dict[str, nn.Module]:
+    """The three modules exactly as they are exported (quantized per `options`), runnable in eager."""
+    _check_options(options)
+    vision = copy.deepcopy(VisionEncoder(model)).float().eval()  # copies: quantize_ rewrites in place
+    LINEAR_QUANT[options.extra.get("vision_quant", "fp32")](vision, options.group_size)
+    table = copy.deepcopy(model.lm.get_input_embeddings()).float()
+    embedding = TokenEmbedding(_quantize_embedding(table, options.embedding_quant, options.group_size)).eval()
+    decoder = build_text_decoder(model.lm, options.max_seq_len)
+    LINEAR_QUANT[options.quant](decoder, options.group_size)
+    return {"vision_encoder": vision, "token_embedding": embedding, "text_decoder": decoder}
+
+
+# ---- lowering ------------------------------------------------------------------------------------
+def _metadata(model: MobileVLM, tokenizer, options: ExportOptions) -> dict:
+    t = model.config.text
+    bos = getattr(tokenizer, "bos_token_id", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return {
+        "get_max_seq_len": options.max_seq_len,
+        "get_max_context_len": options.max_seq_len,
+        "get_bos_id": t.bos_token_id if bos is None else int(bos),
+        "get_eos_ids": [t.eos_token_id if eos is None else int(eos)],
+        "get_vocab_size": t.vocab_size,
+        "use_kv_cache": True,
+        "enable_dynamic_shape": True,
+        "use_sdpa_with_kv_cache": True,
+    }
+
+
+def _export_programs(modules: dict[str, nn.Module], model: MobileVLM, max_seq_len: int) -> dict:
+    from torch.export import Dim
+
+    side = model.config.vision.image_size
+    hidden = model.config.text.hidden_size
+    seq = Dim("seq", min=1, max=max_seq_len)
+    with torch.no_grad():
+        return {
+            # transformers' CLIP does not trace under strict (dynamo) export
+            "vision_encoder": torch.export.export(modules["vision_encoder"], (torch.zeros(1, 3, side, side),), strict=False),
+            "token_embedding": torch.export.export(
+                modules["token_embedding"], (torch.zeros(1, 4, dtype=torch.long),), dynamic_shapes=({1: seq},), strict=True),
+            "text_decoder": torch.export.export(
+                modules["text_decoder"], (torch.zeros(1, 4, hidden), torch.tensor([0])),
+                dynamic_shapes=({1: seq}, None), strict=True),
+        }
+
+
+def _lower(programs: dict, metadata: dict):
+    from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.quant_fusion_pass import QuantFusionPass
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+
+    def partitioners() -> list:
+        # Dynamically quantized linears first, one per partition (the LLaVA exporter's recipe: no two
+        # unpacked weight buffers alive at once), then everything else XNNPACK takes.
+        return [XnnpackPartitioner(config_precisions=ConfigPrecisionType.DYNAMIC_QUANT, per_op_mode=True),
+                XnnpackPartitioner()]
+
+    edge = to_edge_transform_and_lower(
+        programs,
+        partitioner={name: partitioners() for name in programs},
+        constant_methods=metadata,
+        # the llama custom ops are not core ATen
+        compile_config=EdgeCompileConfig(_check_ir_validity=False),
+    )
+    return edge.to_executorch(ExecutorchBackendConfig(
+        extract_delegate_segments=True,
+        passes=[QuantFusionPass()],
+        memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+        # plan the activations for the largest T (max_seq_len), not the example's
+        sym_shape_eval_pass={name: ConstraintBasedSymShapeEvalPass() for name in programs},
+    ))
+
+
+# ---- runtimes ------------------------------------------------------------------------------------
+class _StepRuntime:
+    """`Runtime` over three callables with the .pte methods' signatures (tensors in, a tensor out)."""
+
+    def __init__(self, call: Callable[[str, list], torch.Tensor], max_seq_len: int):
+        self._call = call
+        self.max_seq_len = max_seq_len
+        self.pos = 0
+
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        out = self._call("vision_encoder", [torch.from_numpy(np.ascontiguousarray(pixels, np.float32))])
+        return out[0].numpy().copy()  # (N, H)
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        out = self._call("token_embedding", [torch.from_numpy(np.asarray(ids, np.int64))[None]])
+        return out[0].numpy().copy()  # (T, H)
+
+    def decode(self, embeds: np.ndarray, start_pos: int) -> np.ndarray:
+        t = embeds.shape[0]
+        if start_pos != 0 and start_pos != self.pos:
+            raise ValueError(f"decode at position {start_pos}, but the cache holds {self.pos} positions")
+        if start_pos + t > self.max_seq_len:
+            # the program would abort on its own bounds check; say it in words first
+            raise DataError(f"positions {start_pos}..{start_pos + t - 1} exceed max_seq_len {self.max_seq_len}")
+        x = torch.from_numpy(np.ascontiguousarray(embeds, np.float32))[None]  # (1, T, H)
+        out = self._call("text_decoder", [x, torch.tensor([start_pos], dtype=torch.long)])
+        self.pos = start_pos + t
+        return out[0].numpy().copy()  # (V,); copied: the method reuses its output memory
+
+
+class PteRuntime(_StepRuntime):
+    """A `model.pte` in ExecuTorch's Python runtime; one loaded `text_decoder` holds the KV cache."""
+
+    def __init__(self, path: Path, threads: int = 2):
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+        from executorch.runtime import Runtime
+
+        if not Path(path).is_file():
+            raise DataError(f"no ExecuTorch program at {path}")
+        _register_kernels()
+        _unsafe_reset_threadpool(threads)  # before any method runs: the pool is process-wide
+        self.program = Runtime.get().load_program(Path(path))
+        self.methods = {m: self.program.load_method(m) for m in ("vision_encoder", "token_embedding", "text_decoder")}
+        self.metadata = _read_constants(self.program)
+        super().__init__(lambda name, inputs: self.methods[name].execute(inputs)[0], self.metadata["max_seq_len"])
+
+
+class ModuleRuntime(_StepRuntime):
+    """The exported modules run eagerly in PyTorch: the artifact before lowering (same quantization)."""
+
+    def __init__(self, modules: dict[str, nn.Module], max_seq_len: int):
+        self.modules = modules
+
+        @torch.no_grad()
+        def call(name: str, inputs: list) -> torch.Tensor:
+            return self.modules[name](*inputs)
+
+        super().__init__(call, max_seq_len)
+
+
+def _register_kernels() -> None:
+    """The pybindings runtime links only portable/optimized kernels and XNNPACK; the llama custom ops
+    (update_cache, custom_sdpa) and the quantized_decomposed embedding kernels come from these libraries."""
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
+    import executorch.kernels.quantized  # noqa: F401
+
+
+def _read_constants(program) -> dict:
+    out = {}
+    for method in ("get_max_seq_len", "get_bos_id", "get_eos_ids", "get_vocab_size", "use_kv_cache", "enable_dynamic_shape"):
+        value = list(program.load_method(method).execute([]))
+        key = method.removeprefix("get_")
+        out[key] = [int(v) for v in value] if method == "get_eos_ids" else (
+            bool(value[0]) if isinstance(value[0], bool) else int(value[0]))
+    return out
+
+
+def read_metadata(pte_path: str | Path) -> dict:
+    """The constant methods of a .pte: {max_seq_len, bos_id, eos_ids, vocab_size, use_kv_cache, enable_dynamic_shape}."""
+    from executorch.runtime import Runtime
+
+    if not Path(pte_path).is_file():
+        raise DataError(f"no ExecuTorch program at {pte_path}")
+    return _read_constants(Runtime.get().load_program(Path(pte_path)))
+
+
+# ---- the target ----------------------------------------------------------------------------------
+class ExecuTorchTarget:
+    name = "pte"
+    quants = QUANTS
+
+    def export(self, model: MobileVLM, tokenizer, out_dir: Path, options: ExportOptions) -> list[Path]:
+        t0 = time.perf_counter()
+        modules = build_modules(model.eval(), options)
+        program = _lower(_export_programs(modules, model, options.max_seq_len), _metadata(model, tokenizer, options))
+        path = Path(out_dir) / PTE_NAME
+        with open(path, "wb") as f:
+            program.write_to_file(f)
+        log.info("wrote %s (%.1f MiB) in %.1f s", path, path.stat().st_size / 2**20, time.perf_counter() - t0)
+        return [path]
+
+    def load(self, out_dir: Path, options: ExportOptions) -> PteRuntime:
+        return PteRuntime(Path(out_dir) / PTE_NAME, options.threads)
+
+    def reference(self, model: MobileVLM, options: ExportOptions) -> EagerRuntime:
+        return EagerRuntime(model)
+
+    def quantized_reference(self, model: MobileVLM, options: ExportOptions, out_dir: Path | None = None) -> ModuleRuntime:
+        """The same modules, same quantization, in eager PyTorch: isolates lowering error from quant error."""
+        return ModuleRuntime(build_modules(model.eval(), options), options.max_seq_len)
+
+    def thresholds(self, options: ExportOptions) -> Thresholds:
+        return thresholds_for(options)
+
+
+__all__ = [
+    "ExecuTorchTarget", "PteRuntime", "ModuleRuntime", "THRESHOLDS", "EMBEDDING_THRESHOLDS", "VISION_THRESHOLDS",
+    "QUANTS", "NAME_TABLE", "PTE_NAME", "build_modules", "build_text_decoder", "decoder_weights", "read_metadata",
+    "thresholds_for",
+]
