@@ -33,23 +33,22 @@ def main() -> None:
         teacher_home = out / "teacher"
         _share_teacher(cfg, teacher_home)
         s = run_demo(cfg)
-        rows.append({"seed": seed, "baseline": s["methods"]["baseline"]["accuracy"],
-                     "alignkd": s["methods"]["alignkd"]["accuracy"], "teacher": s["teacher"]["accuracy"]})
+        rows.append({"seed": seed, "teacher": s["teacher"]["accuracy"],
+                     **{m: r["accuracy"] for m, r in s["methods"].items()}})
+    cols = [k for k in rows[0] if k != "seed"]
     summary = {}
-    for k in ("teacher", "baseline", "alignkd"):
+    for k in cols:
         xs = [r[k] for r in rows]
         summary[k] = {"mean": round(statistics.mean(xs), 2), "std": round(statistics.stdev(xs), 2) if len(xs) > 1 else 0.0}
     deltas = [r["alignkd"] - r["baseline"] for r in rows]
     summary["delta"] = {"mean": round(statistics.mean(deltas), 2),
                         "std": round(statistics.stdev(deltas), 2) if len(deltas) > 1 else 0.0,
                         "wins": sum(d > 0 for d in deltas), "of": len(deltas)}
-    print(f"{'seed':>5}{'teacher':>10}{'baseline':>10}{'alignkd':>10}{'delta':>8}")
+    print(f"{'seed':>5}" + "".join(f"{c:>10}" for c in cols) + f"{'Δ alkd-base':>13}")
     for r in rows:
-        print(f"{r['seed']:>5}{r['teacher']:>10.2f}{r['baseline']:>10.2f}{r['alignkd']:>10.2f}{r['alignkd'] - r['baseline']:>+8.2f}")
-    print(f"{'mean':>5}{summary['teacher']['mean']:>10.2f}{summary['baseline']['mean']:>10.2f}"
-          f"{summary['alignkd']['mean']:>10.2f}{summary['delta']['mean']:>+8.2f}")
-    print(f"{'std':>5}{summary['teacher']['std']:>10.2f}{summary['baseline']['std']:>10.2f}"
-          f"{summary['alignkd']['std']:>10.2f}{summary['delta']['std']:>8.2f}")
+        print(f"{r['seed']:>5}" + "".join(f"{r[c]:>10.2f}" for c in cols) + f"{r['alignkd'] - r['baseline']:>+13.2f}")
+    for stat in ("mean", "std"):
+        print(f"{stat:>5}" + "".join(f"{summary[c][stat]:>10.2f}" for c in cols) + f"{summary['delta'][stat]:>+13.2f}")
     print(f"Align-KD better in {summary['delta']['wins']} of {len(rows)} seeds")
     Path(a.json).write_text(json.dumps({"rows": rows, "summary": summary, "overrides": a.overrides}, indent=2))
     print(f"wrote {a.json}")
