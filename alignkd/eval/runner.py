@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Iterable
 
@@ -56,7 +57,8 @@ def answer_items(model: MobileVLM, tokenizer, items: list[EvalItem], batch_size:
         answers_file.parent.mkdir(parents=True, exist_ok=True)
         sink = open(answers_file, "a")
     try:
-        bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, disable=not progress, leave=False)
+        bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, disable=not progress, leave=False,
+                   mininterval=0.1 if sys.stderr.isatty() else 30.0)
         for batch in _batches(todo, batch_size):
             prompts = [tokenize_prompt(build_prompt(template, it.question), tokenizer) for it in batch]
             t = max(len(p) for p in prompts)

@@ -22,6 +22,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -454,8 +455,10 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
         (run.out / "train").mkdir(parents=True, exist_ok=True)
         atomic_write(run.out / "train" / "config.yaml", dump_config(cfg))
         _truncate_metrics(run)
-    bar = tqdm(total=cfg.steps, initial=run.step, desc=cfg.method, disable=not (cfg.progress and run.is_main),
-               dynamic_ncols=True)
+    # on a terminal the bar redraws freely; in a log file (CI, nohup) it writes a line every 30 s
+    bar = tqdm(total=cfg.steps, initial=run.step, desc=f"{run.out.name} [{cfg.method}]",
+               disable=not (cfg.progress and run.is_main), dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 30.0)
     sink = open(_metrics_path(run), "a") if run.is_main else None
     done_here = 0
     try:

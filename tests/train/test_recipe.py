@@ -115,3 +115,15 @@ def test_vocabulary_mismatch_is_refused(tmp_path, tiny_teacher):
     save_model(MobileVLM(bad), tmp_path / "t600")
     with pytest.raises(ConfigError, match="vocabulary|tokenizer"):
         setup(_cfg(tmp_path, teacher=str(tmp_path / "t600")))
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path):
+    """The layer-0 capture stays open through backward, where checkpointing recomputes layer 0."""
+    rows = []
+    for gc in (False, True):
+        run = setup(_cfg(tmp_path, output_dir=str(tmp_path / f"gc{gc}"), gradient_checkpointing=gc))
+        rows.append((train_step(run), [p.detach().clone() for p in run.student.lm.parameters()]))
+    (a, pa), (b, pb) = rows
+    for k in ("ce", "kd", "att", "v_all", "v_focus", "total", "grad_norm"):
+        assert a[k] == pytest.approx(b[k], rel=1e-5), k
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(pa, pb))
