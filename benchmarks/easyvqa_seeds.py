@@ -1,7 +1,7 @@
 """Align-KD vs the baseline on easy-vqa over several seeds: mean ± std of held-out accuracy.
 
     python benchmarks/easyvqa_seeds.py --seeds 0 1 2            # the embedded recipe, 3 seeds
-    python benchmarks/easyvqa_seeds.py --seeds 0 1 2 student_steps=100
+    python benchmarks/easyvqa_seeds.py student_steps=100 methods=baseline,logit-kd,alignkd --seeds 0 1 2
 
 One teacher (seed 0, trained once and reused), then for each seed the baseline and the Align-KD student
 with identical data order, steps and init. Prints a table and writes JSON.

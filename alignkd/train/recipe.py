@@ -470,7 +470,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
                 sink.flush()
                 run.history.append(row)
             bar.update(1)
-            bar.set_postfix({k: f"{row[k]:.3f}" for k in LOSS_TERMS if row[k] or k in ("ce", "total")})
+            bar.set_postfix({k: f"{row[k]:.3f}" for k in LOSS_TERMS if row[k] or k in ("ce", "total")}, refresh=False)
             if cfg.save_every and run.step % cfg.save_every == 0 and run.step < cfg.steps:
                 save_checkpoint(run)
             if stop_after is not None and done_here >= stop_after:
