@@ -150,9 +150,13 @@ def main() -> None:
         ref = {"path": "llama.cpp q4_0 (token ids)", "size_mib": round(lm_file.stat().st_size / 2**20, 1),
                "export_s": None, "prefill_tok_s": round(pre, 1), "decode_tok_s": round(dec, 2)}
         rows.append(ref)
+        # The reference is llama.cpp's faster path: llama-cpp-python's high-level eval copies logits into
+        # Python every step (measured 25 vs 34.5 tokens/s at the 1.7B shape); our GGUF runtime drives
+        # llama.cpp's C API directly. Both rows are printed.
+        best = max((r for r in rows if r["path"].startswith(("gguf", "llama.cpp"))), key=lambda r: r["decode_tok_s"])
         for r in rows:
-            r["decode_x_llamacpp"] = round(r["decode_tok_s"] / ref["decode_tok_s"], 2)
-            r["prefill_x_llamacpp"] = round(r["prefill_tok_s"] / ref["prefill_tok_s"], 2)
+            r["decode_x_llamacpp"] = round(r["decode_tok_s"] / best["decode_tok_s"], 2)
+            r["prefill_x_llamacpp"] = round(r["prefill_tok_s"] / best["prefill_tok_s"], 2)
     bw = read_bandwidth_gbs()
     q4_bytes = n_lm_params * (4.5 / 8)  # Q4_0: 18 bytes per 32 weights
     bound = bw * 1e9 / q4_bytes
