@@ -170,6 +170,8 @@ def render_radar_png(report: dict, title: str | None = None) -> bytes:
     ckpts = report["checkpoints"]
     if not benches:
         raise ConfigError("report: no benchmarks to plot")
+    if len(benches) < 3:  # a radar needs three axes; fewer read better as bars
+        return _bars_png(report, title)
     n = len(benches)
     angles = [2 * math.pi * i / n for i in range(n)]  # clockwise from the top (see offset below)
 
@@ -208,6 +210,32 @@ def render_radar_png(report: dict, title: str | None = None) -> bytes:
     fig.text(0.01, 0.01, "each axis scaled on its own (MME-P /20); labels are the measured scores", fontsize=7)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _bars_png(report: dict, title: str | None) -> bytes:
+    """Grouped bars (one group per benchmark, one bar per checkpoint) for one or two benchmarks."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    benches, ckpts = report["benchmarks"], report["checkpoints"]
+    fig = Figure(figsize=(5.5, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(111)
+    width = 0.8 / len(ckpts)
+    for i, c in enumerate(ckpts):
+        xs = [j + i * width for j in range(len(benches))]
+        vals = [_scaled(b, report["scores"][c][b] or 0.0) for b in benches]
+        ax.bar(xs, vals, width, label=c)
+        for x, v in zip(xs, vals):
+            ax.text(x, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks([j + width * (len(ckpts) - 1) / 2 for j in range(len(benches))], [_display(b) for b in benches])
+    ax.set_ylabel("score (MME-P / 20)")
+    ax.set_title(title or "distilled vs baseline")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     return buf.getvalue()
 
 
