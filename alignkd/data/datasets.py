@@ -20,10 +20,10 @@ from ..errors import ConfigError, DataError
 from ..model.config import MobileVLMConfig
 from ..model.mobilevlm import IGNORE_INDEX
 from .image import ImageProcessingConfig, load_image, preprocess
-from .templates import IMAGE_TOKEN
+from .templates import IMAGE_TOKEN, SHORT_ANSWER_PROMPT
 from .tokenize import SampleTooLongError, build_training_example
 
-EASYVQA_SUFFIX = "Answer the question using a single word or phrase."
+EASYVQA_SUFFIX = SHORT_ANSWER_PROMPT  # trained with the prompt the evaluation asks with
 
 
 def image_config(config: MobileVLMConfig) -> ImageProcessingConfig:

@@ -69,3 +69,7 @@ def build_prompt(template: str | Template, question: str, with_image: bool = Tru
         return (IMAGE_TOKEN if with_image else "") + question
     user = f"{IMAGE_TOKEN}\n{question}" if with_image else question
     return f"{t.system}{t.sep}{t.roles[0]}: {user}{t.sep}{t.roles[1]}:"
+
+
+# LLaVA-1.5 / MobileVLM's instruction for one-word answers (easy-vqa, GQA, POPE, MME, TextVQA evaluation)
+SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."

@@ -53,7 +53,7 @@ from typing import Any, Protocol, runtime_checkable
 from alignkd.errors import ConfigError, DataError
 from alignkd.eval import scoring
 
-SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
+from alignkd.data.templates import SHORT_ANSWER_PROMPT  # noqa: E402  the one the training data uses too
 LETTER_PROMPT = "Answer with the option's letter from the given choices directly."
 
 

@@ -383,16 +383,12 @@ def save_checkpoint(run: Run) -> Path | None:
     if ad:
         extra["adapters.safetensors"] = ad
     root = _ckpt_root(run)
-    path = save_model(_plain(run.student), root / f"step-{run.step:06d}", tokenizer=run.tokenizer,
+    path = save_model(run.student, root / f"step-{run.step:06d}", tokenizer=run.tokenizer,
                       extra_files=extra, state=student_state)
     ckpts = sorted(root.glob("step-*"))
     for old in ckpts[:-max(1, run.cfg.keep_last)]:
         shutil.rmtree(old, ignore_errors=True)
     return path
-
-
-def _plain(module: nn.Module) -> MobileVLM:
-    return module  # fully_shard keeps the class (a subclass of it) and its .config
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -412,7 +408,7 @@ def _maybe_resume(run: Run) -> None:
     except Exception as e:  # noqa: BLE001 - any unreadable state is one clear error
         raise CheckpointError(f"cannot resume from {ckpt}: trainer_state.pt unreadable ({e})") from None
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = read_mtgv_state_dict(ckpt, _plain(run.student))
+    weights = read_mtgv_state_dict(ckpt, run.student)
     set_model_state_dict(run.student, weights, options=opts)
     if (ckpt / "adapters.safetensors").is_file():
         set_model_state_dict(run.loss_fn, load_file(str(ckpt / "adapters.safetensors")), options=opts)
@@ -489,7 +485,7 @@ def save_final(run: Run, wall_s: float) -> dict:
                "final": run.history[-1] if run.history else {}, "output_dir": str(run.out),
                "dropped_too_long": run.dataset.stats.n_too_long, "skipped_malformed": run.dataset.stats.n_malformed}
     if run.is_main:
-        save_model(_plain(run.student), run.out, tokenizer=run.tokenizer, state=student_state, merge=True)
+        save_model(run.student, run.out, tokenizer=run.tokenizer, state=student_state, merge=True)
         ad = _adapter_bytes(adapter_state)
         if ad:  # beside the student, not inside it: the adapters belong to the loss
             atomic_write(run.out / "train" / "adapters.safetensors", ad)
