@@ -87,6 +87,14 @@ class TrainConfig:
     """auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32."""
     gradient_checkpointing: bool = False
     """Recompute LM activations in backward to save memory."""
+    deterministic: bool = False
+    """Deterministic GPU kernels (torch.use_deterministic_algorithms, cuBLAS workspace config): a resumed
+    run then repeats the uninterrupted one bit for bit on any GPU (on CPU it always does; on one H200 eager
+    runs already did). Can be slower."""
+    compile: bool = False
+    """torch.compile each transformer block (LM layers except layer 0, whose attention Align-KD reads, and
+    the CLIP layers) of the student and the teacher. On GPU this fuses the norms, rotary and activation
+    ops and cuts kernel launches (benchmarks/train_step.py measures it); the first steps pay the compile."""
     save_every: int = 0
     """Checkpoint every N steps (0 = only at the end)."""
     keep_last: int = 2

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from ..data.datasets import VQADataset, collate, easyvqa_dataset, image_config, llava_json_dataset
@@ -142,6 +143,22 @@ def _dataset(cfg: TrainConfig, tokenizer, student_cfg) -> VQADataset:
     return ds
 
 
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile every transformer block in place (module names, hence checkpoints, unchanged), except
+    LM layer 0: the layer-0 capture hooks its q/k projections and must see them run eagerly."""
+    for i, layer in enumerate(model.lm.model.layers):
+        if i:
+            layer.compile()
+    for layer in model.vision_tower.vision_tower.encoder.layers:
+        layer.compile()
+
+
+def make_optimizer(student: nn.Module, loss_fn: nn.Module, cfg: TrainConfig, device: torch.device):
+    """AdamW over `_param_groups`; the fused kernel on CUDA (one launch for every tensor, not one per op)."""
+    return torch.optim.AdamW(_param_groups(student, loss_fn, cfg), betas=(0.9, 0.999), eps=1e-8,
+                             fused=device.type == "cuda")
+
+
 def _param_groups(student: nn.Module, loss_fn: nn.Module, cfg: TrainConfig) -> list[dict]:
     """AdamW groups: LM, projector (its own lr), adapters; no weight decay on biases and norms."""
     groups: dict[tuple[str, bool], list] = {}
@@ -184,6 +201,10 @@ def _shard(student: MobileVLM, loss_fn: nn.Module) -> None:
 
 def setup(cfg: TrainConfig) -> Run:
     rank, world, device = _dist_init()
+    if cfg.deterministic:
+        # atomics in GPU backward kernels (embedding, attention) sum in a different order on each run
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
     tokenizer = _tokenizer_for(cfg)
@@ -215,11 +236,15 @@ def setup(cfg: TrainConfig) -> Run:
     loss_fn.to(device)
     if teacher is not None:
         teacher.to(device=device, dtype=_dtype(cfg.teacher_dtype, device))
+    if cfg.compile:
+        compile_blocks(student)
+        if teacher is not None:
+            compile_blocks(teacher)
     if cfg.gradient_checkpointing:
         student.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if world > 1:
         _shard(student, loss_fn)
-    optimizer = torch.optim.AdamW(_param_groups(student, loss_fn, cfg), betas=(0.9, 0.999), eps=1e-8)
+    optimizer = make_optimizer(student, loss_fn, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(cfg))
     autocast = None
     if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
@@ -274,12 +299,13 @@ def _micro_step(run: Run, batch: dict[str, torch.Tensor], scale: float) -> dict[
         with amp:
             # every student call goes through its root forward (FSDP unshards there); the CLIP features it
             # returns feed the teacher's projector when both share the frozen tower
-            s_out = student(batch["input_ids"], batch["attention_mask"], pixel_values=px, labels=batch["labels"],
-                            compute_loss=False)
+            with record_function("student_forward"):
+                s_out = student(batch["input_ids"], batch["attention_mask"], pixel_values=px,
+                                labels=batch["labels"], compute_loss=False)
             s_img = s_out.image_features
             t_in = None
             if teacher is not None:
-                with torch.no_grad():
+                with torch.no_grad(), record_function("teacher_forward"):
                     t_kw = {"pixel_values": px}
                     if run.shared_vision and px is not None:
                         feats = s_out.vision_features.to(teacher.mm_projector.mlp.mlp[0].weight.dtype)
@@ -290,8 +316,10 @@ def _micro_step(run: Run, batch: dict[str, torch.Tensor], scale: float) -> dict[
                                      attn_probs=t_cap.probs if need_attn else None)
             s_in = DistillInputs(s_out.logits, s_out.labels, s_out.attention_mask, s_out.image_mask, s_img,
                                  s_cap.probs if s_cap else None)
-            terms = run.loss_fn(s_in, t_in)
-        (terms["total"] * scale).backward()
+            with record_function("losses"):
+                terms = run.loss_fn(s_in, t_in)
+        with record_function("backward"):
+            (terms["total"] * scale).backward()
     return {k: float(v.detach()) for k, v in terms.items()}
 
 

@@ -127,3 +127,28 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path):
     for k in ("ce", "kd", "att", "v_all", "v_focus", "total", "grad_norm"):
         assert a[k] == pytest.approx(b[k], rel=1e-5), k
     assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(pa, pb))
+
+
+@pytest.mark.slow  # inductor compiles the tiny blocks: ~1 min on 2 cores
+def test_compile_gives_the_same_step_and_keeps_layer0_eager(tmp_path):
+    rows = []
+    for compiled in (False, True):
+        run = setup(_cfg(tmp_path, output_dir=str(tmp_path / f"c{compiled}"), compile=compiled))
+        rows.append((train_step(run), train_step(run), run))
+    (a1, a2, _), (b1, b2, run) = rows
+    layers = run.student.lm.model.layers
+    assert layers[0]._compiled_call_impl is None and all(l._compiled_call_impl is not None for l in layers[1:])
+    assert run.teacher.lm.model.layers[1]._compiled_call_impl is not None
+    assert "lm.model.layers.1.self_attn.q_proj.weight" in run.student.state_dict()  # names unchanged
+    for a, b in ((a1, b1), (a2, b2)):
+        for k in ("ce", "kd", "att", "v_all", "v_focus", "total", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4), k
+
+
+def test_deterministic_switches_torch_to_deterministic_kernels(tmp_path):
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        setup(_cfg(tmp_path, deterministic=True, method="baseline", teacher=None))
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before)
