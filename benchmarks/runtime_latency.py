@@ -6,7 +6,8 @@
 
 Measured in one run, same thread count for every runtime: ExecuTorch 8da4w (group 32, 4-bit embeddings),
 ONNX int4 (MatMulNBits, block 32, accuracy_level 4), GGUF Q4_0 through our runtime (embeddings fed to
-llama.cpp) and llama.cpp itself (token ids, llama-cpp-python), the reference of the ratios. Also the
+llama.cpp's C API) and llama.cpp itself (token ids, llama-cpp-python). All are loaded at once and timed in
+interleaved rounds; the reference of each round is the faster llama.cpp path in it. Also the
 memory-bandwidth bound: bytes of weights read per decoded token over a measured one-thread read bandwidth.
 Text-only prompt (the LM is what differs between paths; the vision encoder is measured by `bench`).
 Prints a table and writes JSON. Weights are random: speed only, parity is the exporter's job.
@@ -15,8 +16,11 @@ Prints a table and writes JSON. Weights are random: speed only, parity is the ex
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
+import multiprocessing as mp
+import shutil
 import statistics
 import tempfile
 import time
@@ -63,42 +67,57 @@ def read_bandwidth_gbs(n_bytes: int = 1 << 30) -> float:
     return n_bytes / best / 1e9
 
 
-def time_runtime(rt, prompt: np.ndarray, n_decode: int, repeats: int) -> tuple[float, float]:
-    """(prefill tokens/s, decode tokens/s) through the Runtime interface, medians over repeats."""
-    pre, dec = [], []
-    for _ in range(repeats):
-        emb = rt.embed(prompt)
+def round_runtime(rt, prompt: np.ndarray, n_decode: int) -> tuple[float, float]:
+    """One round through the Runtime interface: (prefill tokens/s, decode tokens/s)."""
+    emb = rt.embed(prompt)
+    t0 = time.perf_counter()
+    logits = rt.decode(emb, 0)
+    pre = len(prompt) / (time.perf_counter() - t0)
+    pos = len(prompt)
+    t0 = time.perf_counter()
+    for _ in range(n_decode):
+        tok = int(np.argmax(logits))
+        logits = rt.decode(rt.embed(np.asarray([tok], dtype=np.int64)), pos)
+        pos += 1
+    return pre, n_decode / (time.perf_counter() - t0)
+
+
+class LlamaCppTokens:
+    """llama.cpp on token ids through llama-cpp-python's Llama.eval: the plain llama.cpp path."""
+
+    def __init__(self, gguf_path: Path, threads: int, n_ctx: int):
+        from llama_cpp import Llama
+
+        self.llm = Llama(str(gguf_path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=n_ctx,
+                         verbose=False)
+
+    def round(self, prompt: np.ndarray, n_decode: int) -> tuple[float, float]:
+        self.llm.reset()
         t0 = time.perf_counter()
-        logits = rt.decode(emb, 0)
-        pre.append(len(prompt) / (time.perf_counter() - t0))
-        pos = len(prompt)
+        self.llm.eval(prompt.tolist())
+        pre = len(prompt) / (time.perf_counter() - t0)
         t0 = time.perf_counter()
         for _ in range(n_decode):
-            tok = int(np.argmax(logits))
-            logits = rt.decode(rt.embed(np.asarray([tok], dtype=np.int64)), pos)
-            pos += 1
-        dec.append(n_decode / (time.perf_counter() - t0))
-    return statistics.median(pre), statistics.median(dec)
+            tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            self.llm.eval([tok])
+        return pre, n_decode / (time.perf_counter() - t0)
 
 
-def time_llama_cpp(gguf_path: Path, prompt: np.ndarray, n_decode: int, repeats: int, threads: int, n_ctx: int):
-    """llama.cpp on token ids (llama-cpp-python's Llama.eval): the reference."""
-    from llama_cpp import Llama
-
-    llm = Llama(str(gguf_path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=n_ctx, verbose=False)
-    pre, dec = [], []
-    for _ in range(repeats):
-        llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(prompt.tolist())
-        pre.append(len(prompt) / (time.perf_counter() - t0))
-        t0 = time.perf_counter()
-        for _ in range(n_decode):
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            llm.eval([tok])
-        dec.append(n_decode / (time.perf_counter() - t0))
-    del llm
-    return statistics.median(pre), statistics.median(dec)
+def _worker(kind: str, where: Path, opts: ExportOptions, prompt: np.ndarray, n_decode: int, n_ctx: int, conn) -> None:
+    """One path in its own process: load, say "ready", then time a round per "round" message."""
+    try:
+        if kind == "llama-tokens":
+            ll = LlamaCppTokens(where, opts.threads, n_ctx)
+            run = lambda: ll.round(prompt, n_decode)  # noqa: E731
+        else:
+            rt = get_target(kind).load(where, opts)
+            run = lambda: round_runtime(rt, prompt, n_decode)  # noqa: E731
+    except Exception as e:  # the parent reports it
+        conn.send(f"error: {e}")
+        return
+    conn.send("ready")
+    while conn.recv() == "round":
+        conn.send(run())
 
 
 def main() -> None:
@@ -108,7 +127,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=128, help="prefill tokens")
     ap.add_argument("--decode", type=int, default=64, help="decoded tokens")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=7, help="interleaved rounds")
+    ap.add_argument("--group-size", type=int, default=32,
+                    help="weight group of ExecuTorch 8da4w and ONNX int4 (GGUF Q4_0 is always 32)")
+    ap.add_argument("--layers", type=int, default=None, help="cut the LM to this many layers (quick experiments)")
     ap.add_argument("--full-vision", action="store_true", help="export the preset's real vision tower too")
     ap.add_argument("--json", default="benchmarks/runtime_latency.json")
     a = ap.parse_args()
@@ -116,6 +138,8 @@ def main() -> None:
     n_ctx = max(a.prompt + a.decode + 8, 256)  # exporters want room for the 144 image tokens
     work = Path(tempfile.mkdtemp(prefix="rtlat-"))
     cfg = get_preset(a.preset)
+    if a.layers:  # every width kept, fewer layers: quick experiments (per-layer cost scales linearly)
+        cfg = cfg.replace(text=dataclasses.replace(cfg.text, num_layers=a.layers))
     if not a.full_vision:  # the LM is what is timed: a tiny tower (same 24×24 grid) saves minutes of export
         cfg = cfg.replace(vision=get_preset("tiny-student").vision, vision_tower="vision_tower")
     torch.manual_seed(0)
@@ -123,9 +147,9 @@ def main() -> None:
     tok = synthetic_tokenizer(model.config.text.vocab_size, work / "tok")
     prompt = np.random.default_rng(0).integers(3, model.config.text.vocab_size, a.prompt).astype(np.int64)
     n_lm_params = sum(p.numel() for p in model.lm.model.layers.parameters()) + model.lm.lm_head.weight.numel()
-    rows, artifacts = [], {}
+    artifacts = {}
     for fmt in formats:  # export everything first, then free the eager model before timing
-        opts = ExportOptions(quant=QUANT[fmt], max_seq_len=n_ctx, group_size=32, threads=a.threads,
+        opts = ExportOptions(quant=QUANT[fmt], max_seq_len=n_ctx, group_size=a.group_size, threads=a.threads,
                              embedding_quant="4" if fmt == "pte" else None)
         d = work / fmt
         d.mkdir()
@@ -135,41 +159,68 @@ def main() -> None:
         print(f"exported {fmt} {QUANT[fmt]} in {artifacts[fmt][3]:.0f} s", flush=True)
     del model
     gc.collect()
+    # Each path runs in its own process (runtimes' thread pools must not share the 2 cores while idle: in
+    # one process llama.cpp measured ~20 % slower beside onnxruntime and ExecuTorch), and the rounds
+    # interleave the processes: this machine's speed drifts by 10-20 % over minutes, so timing one path
+    # after another would fold the drift into the ratios. Each ratio is the median over rounds of
+    # (path / llama.cpp in the same round).
+    jobs: dict[str, tuple] = {}
+    rows = []
     for fmt in formats:
         d, opts, files, export_s = artifacts[fmt]
-        rt = get_target(fmt).load(d, opts)
-        pre, dec = time_runtime(rt, prompt, a.decode, a.repeats)
-        del rt
-        gc.collect()
-        rows.append({"path": f"{fmt} {QUANT[fmt]}", "size_mib": round(sum(f.stat().st_size for f in files) / 2**20, 1),
-                     "export_s": round(export_s, 1), "prefill_tok_s": round(pre, 1), "decode_tok_s": round(dec, 2)})
+        name = f"{fmt} {QUANT[fmt]}" + (" (llama.cpp C API, embeddings in)" if fmt == "gguf" else "")
+        jobs[name] = (fmt, d, opts)
+        rows.append({"path": name, "size_mib": round(sum(f.stat().st_size for f in files) / 2**20, 1),
+                     "export_s": round(export_s, 1)})
     if "gguf" in artifacts:
         d, opts, files, _ = artifacts["gguf"]
         lm_file = next(f for f in files if f.name.startswith("model-"))
-        pre, dec = time_llama_cpp(lm_file, prompt, a.decode, a.repeats, a.threads, n_ctx)
-        ref = {"path": "llama.cpp q4_0 (token ids)", "size_mib": round(lm_file.stat().st_size / 2**20, 1),
-               "export_s": None, "prefill_tok_s": round(pre, 1), "decode_tok_s": round(dec, 2)}
-        rows.append(ref)
-        # The reference is llama.cpp's faster path: llama-cpp-python's high-level eval copies logits into
-        # Python every step (measured 25 vs 34.5 tokens/s at the 1.7B shape); our GGUF runtime drives
-        # llama.cpp's C API directly. Both rows are printed.
-        best = max((r for r in rows if r["path"].startswith(("gguf", "llama.cpp"))), key=lambda r: r["decode_tok_s"])
-        for r in rows:
-            r["decode_x_llamacpp"] = round(r["decode_tok_s"] / best["decode_tok_s"], 2)
-            r["prefill_x_llamacpp"] = round(r["prefill_tok_s"] / best["prefill_tok_s"], 2)
+        jobs["llama.cpp q4_0 (llama-cpp-python, token ids)"] = ("llama-tokens", lm_file, opts)
+        rows.append({"path": "llama.cpp q4_0 (llama-cpp-python, token ids)",
+                     "size_mib": round(lm_file.stat().st_size / 2**20, 1), "export_s": None})
+    ctx = mp.get_context("spawn")
+    runners = {}
+    for name, (kind, where, opts) in jobs.items():
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker, args=(kind, where, opts, prompt, a.decode, n_ctx, child), daemon=True)
+        proc.start()
+        if parent.recv() != "ready":
+            raise RuntimeError(f"{name}: the worker failed to load its runtime")
+        runners[name] = (proc, parent)
+    rounds: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
+    for r in range(a.repeats):
+        for name, (_, conn) in runners.items():
+            conn.send("round")
+            rounds[name].append(conn.recv())
+        print(f"round {r + 1}/{a.repeats}: " + ", ".join(f"{n.split(' (')[0]} {rounds[n][-1][1]:.1f}" for n in runners),
+              flush=True)
+    for proc, conn in runners.values():
+        conn.send("stop")
+        proc.join(timeout=30)
+    llama = [n for n in runners if n.startswith(("gguf", "llama.cpp"))]
+    for row in rows:
+        got = rounds[row["path"]]
+        row["prefill_tok_s"] = round(statistics.median(g[0] for g in got), 1)
+        row["decode_tok_s"] = round(statistics.median(g[1] for g in got), 2)
+        row["decode_tok_s_best"] = round(max(g[1] for g in got), 2)
+        if llama:  # the reference of each round: llama.cpp's faster path in that round
+            for i, key in ((1, "decode_x_llamacpp"), (0, "prefill_x_llamacpp")):
+                ref = [max(rounds[n][k][i] for n in llama) for k in range(a.repeats)]
+                row[key] = round(statistics.median(g[i] / f for g, f in zip(got, ref)), 2)
     bw = read_bandwidth_gbs()
     q4_bytes = n_lm_params * (4.5 / 8)  # Q4_0: 18 bytes per 32 weights
     bound = bw * 1e9 / q4_bytes
-    print(f"\npreset {a.preset}, {a.threads} threads, prompt {a.prompt}, decode {a.decode}; "
+    print(f"\npreset {a.preset}{f' cut to {a.layers} layers' if a.layers else ''}, {a.threads} threads, prompt {a.prompt}, decode {a.decode}; "
           f"read bandwidth {bw:.1f} GB/s → 4.5-bit weights bound {bound:.1f} tokens/s")
-    print(f"{'path':<28}{'MiB':>8}{'export s':>10}{'prefill/s':>11}{'decode/s':>10}{'x llama.cpp':>13}")
+    print(f"{'path':<48}{'MiB':>8}{'export s':>10}{'prefill/s':>11}{'decode/s':>11}{'best':>11}{'decode x llama.cpp':>20}")
     for r in rows:
-        print(f"{r['path']:<28}{r['size_mib']:>8}{(r['export_s'] or 0):>10.0f}{r['prefill_tok_s']:>11.1f}"
-              f"{r['decode_tok_s']:>10.2f}{r.get('decode_x_llamacpp', 0):>13.2f}")
-    Path(a.json).write_text(json.dumps({"preset": a.preset, "threads": a.threads, "prompt": a.prompt, "decode": a.decode,
+        print(f"{r['path']:<48}{r['size_mib']:>8}{(r['export_s'] or 0):>10.0f}{r['prefill_tok_s']:>11.1f}"
+              f"{r['decode_tok_s']:>11.2f}{r['decode_tok_s_best']:>11.2f}{r.get('decode_x_llamacpp', 0):>20.2f}")
+    Path(a.json).write_text(json.dumps({"preset": a.preset, "layers": a.layers, "group_size": a.group_size, "threads": a.threads, "prompt": a.prompt, "decode": a.decode,
                                         "read_bandwidth_gbs": round(bw, 2), "bound_tok_s": round(bound, 1),
                                         "rows": rows}, indent=2))
     print(f"wrote {a.json}")
+    shutil.rmtree(work, ignore_errors=True)  # the exports: gigabytes at the full shape
 
 
 if __name__ == "__main__":

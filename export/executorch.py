@@ -353,7 +353,6 @@ def _export_programs(modules: dict[str, nn.Module], model: MobileVLM, max_seq_le
 
 
 def _lower(programs: dict, metadata: dict):
-    from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
@@ -361,10 +360,12 @@ def _lower(programs: dict, metadata: dict):
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
     def partitioners() -> list:
-        # Dynamically quantized linears first, one per partition (the LLaVA exporter's recipe: no two
-        # unpacked weight buffers alive at once), then everything else XNNPACK takes.
-        return [XnnpackPartitioner(config_precisions=ConfigPrecisionType.DYNAMIC_QUANT, per_op_mode=True),
-                XnnpackPartitioner()]
+        # One partitioner over every precision: each run of ops XNNPACK takes (quantized linears with the
+        # norms, activations and residual adds between them) becomes one delegate call. ExecuTorch's LLM
+        # exporter instead puts each dynamically quantized linear in its own partition (lower peak memory
+        # while XNNPACK packs weights at load); measured here at the 1.7B widths, 4 layers, 2 threads, that
+        # costs 1.0 ms per decoded token every 4 layers (8.0 vs 7.0 ms; 27 delegate calls instead of 64).
+        return [XnnpackPartitioner()]
 
     edge = to_edge_transform_and_lower(
         programs,

@@ -521,19 +521,20 @@ class OnnxRuntime:
         if self.share_buffer:
             # GroupQueryAttention reads positions < P from the buffer and writes P..P+T-1 into it in place.
             self.buffers = {n: ort.OrtValue.ortvalue_from_numpy(zeros(self.context_length)) for n in self.kv_names}
+            # bound once per sequence: 2 × layers bindings per token would cost more than the small inputs
+            self.binding = self.sessions["decoder"].io_binding()
+            for n, buf in self.buffers.items():
+                self.binding.bind_ortvalue_input("past_key_values." + n, buf)
+                self.binding.bind_ortvalue_output("present." + n, buf)
         else:
             self.past = {n: zeros(0) for n in self.kv_names}
 
     def _run_shared(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        binding = self.sessions["decoder"].io_binding()
         for name, value in feeds.items():
-            binding.bind_cpu_input(name, value)
-        binding.bind_output("logits")  # unallocated: its length T changes per call
-        for n, buf in self.buffers.items():
-            binding.bind_ortvalue_input("past_key_values." + n, buf)
-            binding.bind_ortvalue_output("present." + n, buf)
-        self.sessions["decoder"].run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()  # (1, T, V)
+            self.binding.bind_cpu_input(name, value)
+        self.binding.bind_output("logits")  # unallocated, every call: its length T changes
+        self.sessions["decoder"].run_with_iobinding(self.binding)
+        return self.binding.get_outputs()[-1].numpy()  # (1, T, V): the latest-bound output
 
     def decode(self, embeds: np.ndarray, start_pos: int) -> np.ndarray:
         if start_pos == 0:
