@@ -334,6 +334,36 @@ def _metadata(model: MobileVLM, tokenizer, options: ExportOptions) -> dict:
     }
 
 
+def cancel_transpose_pairs(program) -> int:
+    """Drop `transpose(transpose(x, a, b), a, b)` from an exported program, in place; returns how many pairs.
+
+    ExecuTorch's llama attention hands its KV caches around as (B, H, S, D) views: `CustomKVCache.update`
+    returns `cache.transpose(1, 2)` and `SDPACustom` transposes them back. Views in eager, but after
+    export each transpose is a copy, and XNNPACK copies both whole (max_seq_len-long) caches twice per layer
+    and per token: 22 % of the decode time measured at the 1.7B widths. Only the pair goes; the ops keep
+    their order in the graph (the cache update still precedes the attention that reads the buffer).
+    """
+    transpose = torch.ops.aten.transpose.int
+    graph = program.graph_module.graph
+
+    def dims(node) -> tuple[int, int]:
+        rank = node.args[0].meta["val"].dim()
+        return tuple(sorted(d % rank for d in node.args[1:3]))
+
+    pairs = 0
+    for node in list(graph.nodes):
+        inner = node.args[0] if node.op == "call_function" and node.target == transpose else None
+        if isinstance(inner, torch.fx.Node) and inner.op == "call_function" and inner.target == transpose \
+                and dims(inner) == dims(node):
+            node.replace_all_uses_with(inner.args[0])
+            graph.erase_node(node)
+            if not inner.users:
+                graph.erase_node(inner)
+            pairs += 1
+    program.graph_module.recompile()
+    return pairs
+
+
 def _export_programs(modules: dict[str, nn.Module], model: MobileVLM, max_seq_len: int) -> dict:
     from torch.export import Dim
 
@@ -341,7 +371,7 @@ def _export_programs(modules: dict[str, nn.Module], model: MobileVLM, max_seq_le
     hidden = model.config.text.hidden_size
     seq = Dim("seq", min=1, max=max_seq_len)
     with torch.no_grad():
-        return {
+        programs = {
             # transformers' CLIP does not trace under strict (dynamo) export
             "vision_encoder": torch.export.export(modules["vision_encoder"], (torch.zeros(1, 3, side, side),), strict=False),
             "token_embedding": torch.export.export(
@@ -350,6 +380,8 @@ def _export_programs(modules: dict[str, nn.Module], model: MobileVLM, max_seq_le
                 modules["text_decoder"], (torch.zeros(1, 4, hidden), torch.tensor([0])),
                 dynamic_shapes=({1: seq}, None), strict=True),
         }
+    cancel_transpose_pairs(programs["text_decoder"])
+    return programs
 
 
 def _lower(programs: dict, metadata: dict):

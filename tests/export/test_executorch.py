@@ -18,7 +18,7 @@ from alignkd.errors import ConfigError, DataError
 from alignkd.export.base import EagerRuntime, ExportOptions
 from alignkd.export.executorch import (
     PTE_NAME, QUANTS, THRESHOLDS, ExecuTorchTarget, ModuleRuntime, build_modules, build_text_decoder,
-    read_metadata, thresholds_for,
+    cancel_transpose_pairs, read_metadata, thresholds_for,
 )
 from alignkd.export.parity import Thresholds, check_parity
 from alignkd.export.runtime import generate
@@ -201,3 +201,22 @@ def test_quantized_vision_encoder(tiny_student, px, tmp_path):
     vs_fp32, vs_same = _export_and_check(tiny_student, _opts(extra={"vision_quant": "8da8w"}), tmp_path, px, lowering)
     assert vs_fp32["passed"], vs_fp32["failures"]
     assert vs_same["passed"], vs_same["failures"]
+
+
+def test_cancel_transpose_pairs_leaves_no_double_transpose_and_the_same_outputs(tiny_student):
+    """5 cancelling pairs per layer (q, k and v on the way into the cache, both caches on the way out); the
+    pass keeps the program's outputs (the fp32 parity tests check the lowered program end to end)."""
+    decoder = build_text_decoder(tiny_student.lm, 32)
+    hidden = tiny_student.config.text.hidden_size
+    seq = torch.export.Dim("seq", min=1, max=32)
+    x = torch.randn(1, 5, hidden, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        program = torch.export.export(decoder, (torch.zeros(1, 4, hidden), torch.tensor([0])),
+                                      dynamic_shapes=({1: seq}, None), strict=True)
+        want = program.module()(x, torch.tensor([0]))
+        assert cancel_transpose_pairs(program) == 5 * tiny_student.config.text.num_layers
+        got = program.module()(x, torch.tensor([0]))
+    transpose = torch.ops.aten.transpose.int
+    assert not [n for n in program.graph_module.graph.nodes
+                if n.target == transpose and getattr(n.args[0], "target", None) == transpose]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
