@@ -6,8 +6,8 @@
 
 Measured in one run, same thread count for every runtime: ExecuTorch 8da4w (group 32, 4-bit embeddings),
 ONNX int4 (MatMulNBits, block 32, accuracy_level 4), GGUF Q4_0 through our runtime (embeddings fed to
-llama.cpp's C API) and llama.cpp itself (token ids, llama-cpp-python). All are loaded at once and timed in
-interleaved rounds; the reference of each round is the faster llama.cpp path in it. Also the
+llama.cpp's C API) and llama.cpp itself (token ids, llama-cpp-python). Each path runs in its own process,
+timed in interleaved rounds; the reference of each round is the faster llama.cpp path in it. Also the
 memory-bandwidth bound: bytes of weights read per decoded token over a measured one-thread read bandwidth.
 Text-only prompt (the LM is what differs between paths; the vision encoder is measured by `bench`).
 Prints a table and writes JSON. Weights are random: speed only, parity is the exporter's job.

@@ -28,12 +28,12 @@ import time
 
 import torch
 
-from alignkd.distill import AlignKDLoss, AlignKDLossConfig, DistillInputs
+from alignkd.distill import DistillInputs
 from alignkd.distill.attention import capture_layer0_attention
 from torch.profiler import ProfilerActivity, profile, record_function
 from alignkd.model import IMAGE_TOKEN_INDEX, MobileVLM, get_preset
 from alignkd.train.config import TrainConfig
-from alignkd.train.recipe import Run, _micro_step, compile_blocks, make_optimizer
+from alignkd.train.recipe import Run, _micro_step, compile_blocks, make_loss, make_optimizer
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -84,9 +84,6 @@ def _release_micro_step(student, teacher, loss_fn, batch, amp):
     terms["total"].backward()
 
 
-WEIGHTS = {"plain": (0.0, 0.0, 0.0), "logit-kd": (1.0, 0.0, 0.0), "alignkd": (1.0, 1.0, 1.0), "release": (1.0, 1.0, 1.0)}
-
-
 def _profile(kind: str, one_step, device: torch.device, rows: int = 18) -> None:
     """One step under torch.profiler: device time per phase (the recipe's record_function ranges) and the
     top kernels, so a slow step says where its time goes."""
@@ -110,16 +107,12 @@ def measure(kind: str, tiny: bool, device: torch.device, b: int, text: int, step
     attn = "eager" if kind == "release" else "sdpa"
     student, teacher = _models(tiny, device, attn, with_teacher=kind != "plain", layers=layers)
     if compiled:  # as the recipe does with compile=true
-        compile_blocks(student)
-        if teacher is not None:
-            compile_blocks(teacher)
+        compile_blocks(student, teacher)
     ref = teacher or student
     method = {"plain": "baseline", "logit-kd": "logit-kd"}.get(kind, "alignkd")
     cfg = TrainConfig(method=method, teacher="bench" if method != "baseline" else None, steps=steps,
                       variant="release" if kind == "release" else "paper", progress=False)
-    loss_cfg = AlignKDLossConfig(*WEIGHTS[kind], variant=cfg.variant)
-    loss_fn = AlignKDLoss(loss_cfg, ref.config.text.num_heads, student.config.text.num_heads,
-                          ref.config.text.hidden_size, student.config.text.hidden_size).to(device)
+    loss_fn = make_loss(cfg, student, teacher).to(device)
     opt = make_optimizer(student, loss_fn, cfg, device)
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     run = Run(cfg, None, device, 0, 1, None, student, teacher, loss_fn, None, opt, None, True, amp_dtype)

@@ -143,14 +143,27 @@ def _dataset(cfg: TrainConfig, tokenizer, student_cfg) -> VQADataset:
     return ds
 
 
-def compile_blocks(model: nn.Module) -> None:
+def make_loss(cfg: TrainConfig, student: MobileVLM, teacher: MobileVLM | None) -> AlignKDLoss:
+    """The method's loss terms and weights; its adapters are sized from the two models."""
+    weights = {"baseline": (0.0, 0.0, 0.0), "logit-kd": (cfg.kd_weight, 0.0, 0.0),
+               "alignkd": (cfg.kd_weight, cfg.att_weight, cfg.v_weight)}[cfg.method]
+    loss_cfg = AlignKDLossConfig(*weights, temperature=cfg.temperature, kd_positions=cfg.kd_positions,
+                                 top_k=cfg.top_k, variant=cfg.variant)
+    ref = teacher or student
+    # The head adapter maps any head count (also fewer teacher heads than student heads).
+    return AlignKDLoss(loss_cfg, ref.config.text.num_heads, student.config.text.num_heads,
+                       ref.config.text.hidden_size, student.config.text.hidden_size)
+
+
+def compile_blocks(*models: nn.Module | None) -> None:
     """torch.compile every transformer block in place (module names, hence checkpoints, unchanged), except
-    LM layer 0: the layer-0 capture hooks its q/k projections and must see them run eagerly."""
-    for i, layer in enumerate(model.lm.model.layers):
-        if i:
+    LM layer 0: the layer-0 capture hooks its q/k projections and must see them run eagerly. None is skipped."""
+    for model in filter(None, models):
+        for i, layer in enumerate(model.lm.model.layers):
+            if i:
+                layer.compile()
+        for layer in model.vision_tower.vision_tower.encoder.layers:
             layer.compile()
-    for layer in model.vision_tower.vision_tower.encoder.layers:
-        layer.compile()
 
 
 def make_optimizer(student: nn.Module, loss_fn: nn.Module, cfg: TrainConfig, device: torch.device):
@@ -222,14 +235,7 @@ def setup(cfg: TrainConfig) -> Run:
         teacher.requires_grad_(False).eval()
     shared = teacher is not None and _same_vision_tower(student, teacher)
 
-    weights = {"baseline": (0.0, 0.0, 0.0), "logit-kd": (cfg.kd_weight, 0.0, 0.0),
-               "alignkd": (cfg.kd_weight, cfg.att_weight, cfg.v_weight)}[cfg.method]
-    loss_cfg = AlignKDLossConfig(*weights, temperature=cfg.temperature, kd_positions=cfg.kd_positions,
-                                 top_k=cfg.top_k, variant=cfg.variant)
-    ref = teacher or student
-    # The head adapter maps any head count (also fewer teacher heads than student heads).
-    loss_fn = AlignKDLoss(loss_cfg, ref.config.text.num_heads, student.config.text.num_heads,
-                          ref.config.text.hidden_size, student.config.text.hidden_size)
+    loss_fn = make_loss(cfg, student, teacher)
 
     dataset = _dataset(cfg, tokenizer, student.config)
     student.to(device)
@@ -237,9 +243,7 @@ def setup(cfg: TrainConfig) -> Run:
     if teacher is not None:
         teacher.to(device=device, dtype=_dtype(cfg.teacher_dtype, device))
     if cfg.compile:
-        compile_blocks(student)
-        if teacher is not None:
-            compile_blocks(teacher)
+        compile_blocks(student, teacher)
     if cfg.gradient_checkpointing:
         student.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if world > 1:
