@@ -3,10 +3,12 @@
     python benchmarks/runtime_latency.py                          # mobilevlm-v2-1.7b shape, random weights
     python benchmarks/runtime_latency.py --preset tiny-student    # smoke run
     python benchmarks/runtime_latency.py --formats gguf,onnx      # skip the 8-minute ExecuTorch export
+    python benchmarks/runtime_latency.py --formats gguf,onnx:32,onnx:64,onnx:128   # ONNX int4 block sizes
 
-Measured in one run, same thread count for every runtime: ExecuTorch 8da4w (group 32, 4-bit embeddings),
-ONNX int4 (MatMulNBits, block 32, accuracy_level 4), GGUF Q4_0 through our runtime (embeddings fed to
-llama.cpp's C API) and llama.cpp itself (token ids, llama-cpp-python). Each path runs in its own process,
+Measured in one run, same thread count for every runtime: ExecuTorch 8da4w (4-bit embeddings), ONNX int4
+(MatMulNBits, accuracy_level 4), each at its target's default group size unless `FORMAT:GROUP` names one,
+GGUF Q4_0 through our runtime (embeddings fed to llama.cpp's C API) and llama.cpp itself (token ids,
+llama-cpp-python). Each path runs in its own process,
 timed in interleaved rounds; the reference of each round is the faster llama.cpp path in it. Also the
 memory-bandwidth bound: bytes of weights read per decoded token over a measured one-thread read bandwidth.
 Text-only prompt (the LM is what differs between paths; the vision encoder is measured by `bench`).
@@ -123,18 +125,20 @@ def _worker(kind: str, where: Path, opts: ExportOptions, prompt: np.ndarray, n_d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="mobilevlm-v2-1.7b")
-    ap.add_argument("--formats", default="gguf,onnx,pte")
+    ap.add_argument("--formats", default="gguf,onnx,pte",
+                    help="comma-separated FORMAT or FORMAT:GROUP (4-bit group size; GGUF Q4_0 is always 32)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=128, help="prefill tokens")
     ap.add_argument("--decode", type=int, default=64, help="decoded tokens")
     ap.add_argument("--repeats", type=int, default=7, help="interleaved rounds")
-    ap.add_argument("--group-size", type=int, default=32,
-                    help="weight group of ExecuTorch 8da4w and ONNX int4 (GGUF Q4_0 is always 32)")
     ap.add_argument("--layers", type=int, default=None, help="cut the LM to this many layers (quick experiments)")
     ap.add_argument("--full-vision", action="store_true", help="export the preset's real vision tower too")
     ap.add_argument("--json", default="benchmarks/runtime_latency.json")
     a = ap.parse_args()
-    formats = a.formats.split(",")
+    formats = [(f.partition(":")[0], int(f.partition(":")[2]) if f.partition(":")[2] else None)
+               for f in a.formats.split(",")]  # (format, group size or None = the target's default)
+    if any(f not in QUANT for f, _ in formats) or len(set(formats)) != len(formats):
+        ap.error(f"--formats: distinct FORMAT[:GROUP] entries, FORMAT one of {', '.join(QUANT)}")
     n_ctx = max(a.prompt + a.decode + 8, 256)  # exporters want room for the 144 image tokens
     work = Path(tempfile.mkdtemp(prefix="rtlat-"))
     cfg = get_preset(a.preset)
@@ -148,15 +152,19 @@ def main() -> None:
     prompt = np.random.default_rng(0).integers(3, model.config.text.vocab_size, a.prompt).astype(np.int64)
     n_lm_params = sum(p.numel() for p in model.lm.model.layers.parameters()) + model.lm.lm_head.weight.numel()
     artifacts = {}
-    for fmt in formats:  # export everything first, then free the eager model before timing
-        opts = ExportOptions(quant=QUANT[fmt], max_seq_len=n_ctx, group_size=a.group_size, threads=a.threads,
+    for fmt, group in formats:  # export everything first, then free the eager model before timing
+        target = get_target(fmt)
+        opts = ExportOptions(quant=QUANT[fmt], max_seq_len=n_ctx, group_size=group, threads=a.threads,
                              embedding_quant="4" if fmt == "pte" else None)
-        d = work / fmt
+        label = f"{fmt} {QUANT[fmt]}" + ("" if fmt == "gguf" else f" g{opts.group(target.default_group_size)}")
+        if label in artifacts:
+            ap.error(f"--formats names {label} twice")
+        d = work / label.replace(" ", "_")
         d.mkdir()
         t0 = time.perf_counter()
-        files = get_target(fmt).export(model, tok, d, opts)
-        artifacts[fmt] = (d, opts, files, time.perf_counter() - t0)
-        print(f"exported {fmt} {QUANT[fmt]} in {artifacts[fmt][3]:.0f} s", flush=True)
+        files = target.export(model, tok, d, opts)
+        artifacts[label] = (fmt, d, opts, files, time.perf_counter() - t0)
+        print(f"exported {label} in {artifacts[label][4]:.0f} s", flush=True)
     del model
     gc.collect()
     # Each path runs in its own process (runtimes' thread pools must not share the 2 cores while idle: in
@@ -166,14 +174,13 @@ def main() -> None:
     # (path / llama.cpp in the same round).
     jobs: dict[str, tuple] = {}
     rows = []
-    for fmt in formats:
-        d, opts, files, export_s = artifacts[fmt]
-        name = f"{fmt} {QUANT[fmt]}" + (" (llama.cpp C API, embeddings in)" if fmt == "gguf" else "")
+    for label, (fmt, d, opts, files, export_s) in artifacts.items():
+        name = label + (" (llama.cpp C API, embeddings in)" if fmt == "gguf" else "")
         jobs[name] = (fmt, d, opts)
         rows.append({"path": name, "size_mib": round(sum(f.stat().st_size for f in files) / 2**20, 1),
                      "export_s": round(export_s, 1)})
-    if "gguf" in artifacts:
-        d, opts, files, _ = artifacts["gguf"]
+    if "gguf q4_0" in artifacts:
+        _, d, opts, files, _ = artifacts["gguf q4_0"]
         lm_file = next(f for f in files if f.name.startswith("model-"))
         jobs["llama.cpp q4_0 (llama-cpp-python, token ids)"] = ("llama-tokens", lm_file, opts)
         rows.append({"path": "llama.cpp q4_0 (llama-cpp-python, token ids)",
@@ -216,7 +223,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['path']:<48}{r['size_mib']:>8}{(r['export_s'] or 0):>10.0f}{r['prefill_tok_s']:>11.1f}"
               f"{r['decode_tok_s']:>11.2f}{r['decode_tok_s_best']:>11.2f}{r.get('decode_x_llamacpp', 0):>20.2f}")
-    Path(a.json).write_text(json.dumps({"preset": a.preset, "layers": a.layers, "group_size": a.group_size, "threads": a.threads, "prompt": a.prompt, "decode": a.decode,
+    Path(a.json).write_text(json.dumps({"preset": a.preset, "layers": a.layers, "threads": a.threads, "prompt": a.prompt, "decode": a.decode,
                                         "read_bandwidth_gbs": round(bw, 2), "bound_tok_s": round(bound, 1),
                                         "rows": rows}, indent=2))
     print(f"wrote {a.json}")

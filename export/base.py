@@ -29,14 +29,18 @@ class ExportOptions:
     """Weight quantization; each target lists what it supports in `quants`."""
     max_seq_len: int = 512
     """Static KV-cache length (ExecuTorch), context length (GGUF), max positions (ONNX metadata)."""
-    group_size: int = 32
-    """Group / block size of 4-bit weight quantization."""
+    group_size: int | None = None
+    """Group / block size of 4-bit weights; None: the target's `default_group_size` (see `group`)."""
     embedding_quant: str | None = None
     """ExecuTorch only: "8" or "4" bit embedding table (None keeps it in the weight dtype)."""
     threads: int = 2
     """CPU threads of the runtime when an artifact is loaded for parity or benchmarks."""
     extra: dict = field(default_factory=dict)
     """Target-specific knobs, documented by the target."""
+
+    def group(self, default: int) -> int:
+        """The group size in effect: `group_size`, or the reading target's default when it is None."""
+        return default if self.group_size is None else self.group_size
 
 
 class Runtime(Protocol):
@@ -61,6 +65,9 @@ class ExportTarget(Protocol):
     """Format name used on the command line: "pte", "onnx" or "gguf"."""
     quants: tuple[str, ...]
     """Supported values of ExportOptions.quant."""
+    default_group_size: int
+    """4-bit group size when ExportOptions.group_size is None: the fastest of the runtime's kernels at
+    the accuracy we gate (README, "Runtime speed")."""
 
     def export(self, model: MobileVLM, tokenizer, out_dir: Path, options: ExportOptions) -> list[Path]:
         """Write the artifacts into out_dir (which exists) and return their paths."""

@@ -72,9 +72,11 @@ class BundleRunner:
         return preprocess(img, self.preprocessing)[None].numpy()  # (1, 3, S, S)
 
     def answer(self, image, question: str, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int = 0) -> Answer:
+               seed: int = 0, stop_at_eos: bool = True) -> Answer:
+        """stop_at_eos False decodes exactly max_new_tokens tokens (what `bench` times)."""
         ids = self.prompt_ids(question)
         check_fits(ids, max_new_tokens, self.max_seq_len, self.num_image_tokens)  # before any compute
-        gen = generate(self.runtime, ids, self.pixels(image), max_new_tokens, self.eos_ids[0], self.max_seq_len,
+        eos = self.eos_ids[0] if stop_at_eos else None
+        gen = generate(self.runtime, ids, self.pixels(image), max_new_tokens, eos, self.max_seq_len,
                        self.num_image_tokens, temperature, top_p, seed)
         return Answer(self.tokenizer.decode(gen.tokens, skip_special_tokens=True).strip(), gen.tokens, gen)

@@ -107,7 +107,7 @@ def _parse_jobs(formats: list[str], quants: list[str] | None) -> list[tuple[str,
 
 
 def export_bundle(checkpoint: str | Path, out_dir: str | Path, formats: list[str], quants: list[str] | None = None,
-                  target: str = "android", overwrite: bool = False, max_seq_len: int = 512, group_size: int = 32,
+                  target: str = "android", overwrite: bool = False, max_seq_len: int = 512, group_size: int | None = None,
                   threads: int = 2, template: str = "v1", embedding_quant: str | None = None, log=print) -> dict:
     """Export, gate, and write the bundle. Returns the manifest."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)

@@ -804,6 +804,8 @@ class GgufTarget:
     name: str = "gguf"
     quants: tuple[str, ...] = tuple(QUANTS)
     """Also accepted: llama.cpp's spellings "f32" / "f16" (ALIASES)."""
+    default_group_size: int = 32
+    """Fixed by the format (Q4_0 / Q8_0 blocks of 32); ExportOptions.group_size is not read."""
 
     def export(self, model: MobileVLM, tokenizer, out_dir: Path, options: ExportOptions) -> list[Path]:
         quant = resolve_quant(options.quant)

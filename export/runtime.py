@@ -71,7 +71,7 @@ def generate(
     prompt_ids: list[int],
     pixels: np.ndarray | None,
     max_new_tokens: int,
-    eos_id: int,
+    eos_id: int | None,
     max_seq_len: int | None = None,
     num_image_tokens: int = 144,
     temperature: float = 0.0,
@@ -79,7 +79,11 @@ def generate(
     seed: int = 0,
     keep_step_logits: bool = False,
 ) -> Generation:
-    """Greedy (temperature 0) or sampled decoding of one prompt through `runtime`."""
+    """Greedy (temperature 0) or sampled decoding of one prompt through `runtime`.
+
+    eos_id None decodes exactly max_new_tokens tokens (speed runs, as llama-bench: a short answer would
+    leave no decode steps to time).
+    """
     n_prompt = check_fits(prompt_ids, max_new_tokens, max_seq_len, num_image_tokens)
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()

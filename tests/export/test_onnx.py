@@ -30,11 +30,11 @@ def export(tiny_student, tmp_path_factory):
     """quant (+ extra) → export directory, each exported once per module."""
     done: dict[tuple, Path] = {}
 
-    def get(quant: str, **extra) -> Path:
-        key = (quant, tuple(sorted(extra.items())))
+    def get(quant: str, group_size: int | None = None, **extra) -> Path:
+        key = (quant, group_size, tuple(sorted(extra.items())))
         if key not in done:
             out = tmp_path_factory.mktemp(f"onnx_{quant}")
-            TARGET.export(tiny_student, None, out, ExportOptions(quant=quant, extra=extra))
+            TARGET.export(tiny_student, None, out, ExportOptions(quant=quant, group_size=group_size, extra=extra))
             done[key] = out
         return done[key]
 
@@ -61,6 +61,15 @@ def test_fp32_matches_eager_tightly(tiny_student, export, px):
 @pytest.mark.parametrize("quant", ["fp16", "int8", "int4"])
 def test_quantized_export_passes_its_gate(tiny_student, export, px, quant):
     rep = _gate(TARGET.load(export(quant), ExportOptions(quant=quant)), EagerRuntime(tiny_student), px, THRESHOLDS[quant])
+    assert rep["passed"], rep["failures"]
+
+
+def test_int4_block_32_is_honoured_and_passes_the_gate(tiny_student, export, px):
+    out = export("int4", group_size=32)
+    blocks = {a.i for n in onnx.load(out / GRAPH_FILES["decoder"]).graph.node if n.op_type == "MatMulNBits"
+              for a in n.attribute if a.name == "block_size"}
+    assert blocks == {32} and json.loads((out / CONFIG_FILE).read_text())["quantization"]["block_size"] == 32
+    rep = _gate(TARGET.load(out, ExportOptions(quant="int4")), EagerRuntime(tiny_student), px, THRESHOLDS["int4"])
     assert rep["passed"], rep["failures"]
 
 
@@ -101,7 +110,7 @@ def test_decoder_is_built_like_onnxruntime_genai(tiny_student, export):
     nbits = [n for n in int4.graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == 5 * n + 1 and "MatMul" not in [x.op_type for x in int4.graph.node]
     attrs = {a.name: a.i for a in nbits[0].attribute}
-    assert attrs["block_size"] == 32 and attrs["accuracy_level"] == 4 and attrs["bits"] == 4
+    assert attrs["block_size"] == 64 and attrs["accuracy_level"] == 4 and attrs["bits"] == 4  # the default
     assert "MatMulNBits" in _ops(export("int4") / GRAPH_FILES["vision"])
     assert "MatMulInteger" in _ops(export("int8") / GRAPH_FILES["decoder"])
 
@@ -171,7 +180,7 @@ def test_onnx_model_json_describes_the_graphs(tiny_student, export):
     assert (d["num_hidden_layers"], d["num_attention_heads"], d["num_key_value_heads"], d["head_size"]) == (2, 4, 4, 16)
     ids = (m["bos_token_id"], m["eos_token_id"], m["pad_token_id"], m["vocab_size"], m["context_length"])
     assert ids == (1, 2, 0, 512, 512)
-    assert cfg["quantization"] == {"quant": "int4", "block_size": 32, "accuracy_level": 4, "symmetric": True,
+    assert cfg["quantization"] == {"quant": "int4", "block_size": 64, "accuracy_level": 4, "symmetric": True,
                                    "vision_quantized": True}
     assert cfg["preprocessing"] == image_config(tiny_student.config).to_dict()
     assert json.loads((export("fp16") / CONFIG_FILE).read_text())["model"]["decoder"]["kv_cache_dtype"] == "float16"

@@ -45,3 +45,15 @@ def test_parity_gate_passes_on_itself_and_fails_on_a_perturbed_model(tiny_studen
         other.lm.model.layers[0].mlp.down_proj.weight.mul_(1.5)
     diff = check_parity(EagerRuntime(other), EagerRuntime(tiny_student), PROMPT, px, Thresholds())
     assert not diff["passed"] and any("relative error" in f for f in diff["failures"])
+
+
+def test_no_eos_id_decodes_every_requested_token():
+    """Speed runs (bench) must time decode steps even when the model answers EOS at once."""
+    from alignkd.export.vectors import FakeRuntime
+
+    stops = generate(FakeRuntime(512, 8, eos_id=2, eos_after=1), [1, 5, 6], None, 12, eos_id=2)
+    assert stops.tokens == [] and stops.timings["decode_steps"] == 0
+    rt = FakeRuntime(512, 8, eos_id=2, eos_after=1)
+    full = generate(rt, [1, 5, 6], None, 12, eos_id=None)
+    assert full.tokens == [2] * 12 and full.timings["decode_steps"] == 11
+    assert [c for c in rt.calls if c[0] == "decode"][-1] == ["decode", 13, 1]  # steps at positions 3..13

@@ -7,7 +7,8 @@ import java.io.File
  * produced on the phone by the headless benchmark (BenchmarkActivity) into the app's files directory, for
  * `bench --device adb` to pull. Same fields, same definitions: medians over n_runs after one warm-up run;
  * ttft_s = image_encode_s + median prefill time; prefill_tok_s = prompt positions / median prefill time;
- * decode_tok_s = median over runs of decode steps / decode time (null when no run had a decode step);
+ * decode_tok_s = median over runs of decode steps / decode time, every run decoding max_new_tokens tokens
+ * with EOS ignored (null when no run had a decode step: max_new_tokens 1);
  * times rounded to 4 decimals, rates and MiB to 1; peak_rss_mb is the process's peak resident set (VmHWM).
  */
 class BenchmarkResult(
@@ -112,7 +113,8 @@ object Benchmark {
         val session = VlmSession(bundle, runtime)
         val runs = ArrayList<Generation>()
         for (i in 0..nRuns) {
-            val g = session.ask(image, question, maxNewTokens).generation
+            // EOS ignored, as the host bench and llama-bench: a one-word answer leaves no decode step to time
+            val g = session.ask(image, question, maxNewTokens, stopAtEos = false).generation
             if (i > 0) runs.add(g)
         }
         return BenchmarkResult.fromRuns(bundle.name, "pte", quant, loadS, runs, MemoryStats.peakRssMb())

@@ -68,7 +68,8 @@ class VlmSession(val bundle: LoadedBundle, val runtime: VlmRuntime) {
         question: String,
         maxNewTokens: Int,
         sampling: SamplingConfig = SamplingConfig(),
-        listener: AnswerListener? = null
+        listener: AnswerListener? = null,
+        stopAtEos: Boolean = true
     ): Answer {
         val t0 = System.nanoTime()
         val px = if (image != null) pixels(image) else null
@@ -81,8 +82,8 @@ class VlmSession(val bundle: LoadedBundle, val runtime: VlmRuntime) {
                 return listener.onText(bundle.tokenizer.decode(out.toIntArray(), complete = false), out.size)
             }
         }
-        val eos = LinkedHashSet(bundle.model.eosIds)
-        eos.addAll(bundle.template.stopIds)
+        val eos = LinkedHashSet<Int>()
+        if (stopAtEos) { eos.addAll(bundle.model.eosIds); eos.addAll(bundle.template.stopIds) } // false: the benchmark's fixed length
         val g = generator.generate(ids, px, bundle.preprocessing.imageSize, maxNewTokens, eos, sampling, tl)
         return Answer(bundle.tokenizer.decode(g.tokens), g, preS)
     }

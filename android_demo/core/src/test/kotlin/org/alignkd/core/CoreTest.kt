@@ -111,8 +111,11 @@ class BenchmarkTest {
     fun headlessRunOverTheTestBundle() {
         val bundle = LoadedBundle.open(File(Vectors.dir, "bundles/base"))
         val image = Vectors.loadRgb(File(Vectors.dir, "images/easyvqa_0.png"))
-        val r = Benchmark.run(bundle, { DecodeVectorsTest.FakeRuntime(512, bundle.model.numImageTokens, 2, null) },
+        // a model that answers EOS at once: the benchmark still times its max_new_tokens - 1 decode steps
+        var fake: DecodeVectorsTest.FakeRuntime? = null
+        val r = Benchmark.run(bundle, { DecodeVectorsTest.FakeRuntime(512, bundle.model.numImageTokens, 2, 1).also { fake = it } },
             image, "What shape is in the image?", 2, 8, "fp32")
+        assertEquals(3 * 8, fake!!.calls.count { it[0] == -3 }) // warm-up + 2 runs: prefill + 7 steps each
         assertEquals(2, r.nRuns)
         assertEquals("base", r.bundle)
         assertTrue(r.decodeTokS!! > 0 && r.ttftS > 0 && r.loadS >= 0)
