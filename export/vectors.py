@@ -301,6 +301,12 @@ def _variants(m: dict) -> list[tuple[str, list[dict]]]:
         ("missing_files_field", [manifest(files=None)]),
         ("missing_artifacts_field", [manifest(artifacts=None)]),
         ("missing_model_field", [manifest(model=None)]),
+        ("files_not_a_list", [manifest(files={"path": "pte/fp32/model.pte"})]),
+        ("model_not_an_object", [manifest(model=[1, 2])]),
+        ("file_entry_without_sha256", [manifest(files=[{k: v for k, v in e.items() if k != "sha256"} if i == 0 else e
+                                                       for i, e in enumerate(m["files"])])]),
+        ("file_size_as_string", [manifest(files=[dict(e, size=str(e["size"])) if i == 0 else e
+                                                 for i, e in enumerate(m["files"])])]),
         ("absolute_path", [with_path(0, "/etc/passwd")]),
         ("dotdot_path", [with_path(0, "tokenizer/../../outside.json")]),
         ("backslash_path", [with_path(0, "tokenizer\\vocab.json")]),

@@ -98,8 +98,18 @@ object BundleReader {
             throw BundleException(BundleRefusal.UNKNOWN_VERSION,
                 "$path: unknown format_version ${manifest["format_version"]} (this reader knows $FORMAT_VERSION)")
         }
-        for (key in listOf("files", "artifacts", "model")) {
+        for ((key, isList) in listOf("files" to true, "artifacts" to true, "model" to false)) {
             if (!manifest.containsKey(key)) throw BundleException(BundleRefusal.MISSING_FIELD, "$path: missing field '$key'")
+            val v = manifest[key]
+            if (if (isList) v !is List<*> else v !is Map<*, *>) throw BundleException(BundleRefusal.INVALID_FIELD,
+                "$path: invalid field '$key': expected a ${if (isList) "list" else "object"}")
+        }
+        for (item in manifest["files"] as List<*>) {
+            // JSON integers parse as Long: a size of 12.0 or "12" is malformed, as Python's isinstance(size, int)
+            val e = item as? Map<*, *>
+            if (e == null || e["path"] !is String || e["size"] !is Long || e["sha256"] !is String) {
+                throw BundleException(BundleRefusal.INVALID_FIELD, "$path: invalid field 'files': malformed entry $item")
+            }
         }
         if (verify) verifyFiles(root, manifest)
         return Manifest(root, manifest)
@@ -115,21 +125,14 @@ object BundleReader {
     private fun invalid(what: String): Nothing = throw BundleException(BundleRefusal.INVALID_FIELD, "manifest: $what")
 
     private fun verifyFiles(root: File, m: Map<String, Any?>) {
-        val files = m["files"] as? List<*> ?: invalid("'files' must be a list")
         val listed = HashSet<String>()
-        for (item in files) {
-            val e = item as? Map<*, *> ?: invalid("each 'files' entry must be an object")
-            val rel = e["path"] as? String ?: throw BundleException(BundleRefusal.PATH_OUTSIDE,
-                "bundle $root: manifest names a path outside the bundle: ${e["path"]}")
+        for (item in m["files"] as List<*>) { // entries type-checked by read()
+            val e = item as Map<*, *>
+            val rel = e["path"] as String
             val f = safeRelpath(root, rel)
             if (!f.isFile) throw BundleException(BundleRefusal.MISSING_FILE, "bundle $root: file $rel listed in the manifest is missing")
-            val size = e["size"]
-            val sizeMatches = when (size) {
-                is Long -> size == f.length()
-                is Double -> size == f.length().toDouble()
-                else -> false
-            }
-            if (!sizeMatches) throw BundleException(BundleRefusal.SIZE_MISMATCH,
+            val size = e["size"] as Long
+            if (size != f.length()) throw BundleException(BundleRefusal.SIZE_MISMATCH,
                 "bundle $root: $rel has size ${f.length()}, the manifest says $size")
             if (sha256(f) != e["sha256"]) throw BundleException(BundleRefusal.CHECKSUM_MISMATCH, "bundle $root: checksum mismatch for $rel")
             listed.add(rel)

@@ -1,8 +1,8 @@
 package org.alignkd.core
 
 import org.junit.Assert.assertEquals
+import org.junit.Assert.assertThrows
 import org.junit.Assert.assertTrue
-import org.junit.Assert.fail
 import org.junit.Test
 import java.io.File
 
@@ -78,11 +78,12 @@ class BundleVectorsTest {
             assertEquals("wrong_format", verdict(tmp))
             File(tmp, "manifest.json").writeText("""{"format": "alignkd-bundle", "format_version": 1, "files": 3, "artifacts": [], "model": {}}""")
             assertEquals("invalid_field", verdict(tmp))
-            try {
-                BundleReader.read(tmp, verify = false)
-            } catch (e: BundleException) {
-                fail("verify=false must not check files: $e")
-            }
+            // as Python's read_manifest(verify=False): field types are checked, only the files on disk are not
+            val e = assertThrows(BundleException::class.java) { BundleReader.read(tmp, verify = false) }
+            assertEquals(BundleRefusal.INVALID_FIELD, e.refusal)
+            File(tmp, "manifest.json").writeText("""{"format": "alignkd-bundle", "format_version": 1, "files": [{"path": "gone.bin", "size": 1, "sha256": "x"}], "artifacts": [], "model": {}}""")
+            assertEquals("missing_file", verdict(tmp))
+            BundleReader.read(tmp, verify = false) // the missing file is not looked for
         } finally {
             tmp.deleteRecursively()
         }
