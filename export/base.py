@@ -67,7 +67,7 @@ class ExportTarget(Protocol):
     """Supported values of ExportOptions.quant."""
     default_group_size: int
     """4-bit group size when ExportOptions.group_size is None: the fastest of the runtime's kernels at
-    the accuracy we gate (README, "Runtime speed")."""
+    the accuracy we gate (README, Results)."""
 
     def export(self, model: MobileVLM, tokenizer, out_dir: Path, options: ExportOptions) -> list[Path]:
         """Write the artifacts into out_dir (which exists) and return their paths."""
