@@ -64,6 +64,21 @@ def test_quantized_export_passes_its_gate(tiny_student, export, px, quant):
     assert rep["passed"], rep["failures"]
 
 
+def test_quantized_exports_store_the_embedding_table_in_fp16(tiny_student, export):
+    table = tiny_student.lm.get_input_embeddings().weight.detach().numpy()  # (V, H)
+    for quant in ("int8", "int4"):
+        (init,) = onnx.load(export(quant) / GRAPH_FILES["embedding"]).graph.initializer
+        stored = numpy_helper.to_array(init)
+        assert stored.dtype == np.float16 and stored.shape == table.shape
+        np.testing.assert_array_equal(stored, table.astype(np.float16))
+        rt = TARGET.load(export(quant), ExportOptions(quant=quant))
+        ids = np.array([1, 17, 511, 0])
+        out = rt.embed(ids)  # float32 out, as every public tensor
+        assert out.dtype == np.float32 and np.array_equal(out, table[ids].astype(np.float16).astype(np.float32))
+    (init,) = onnx.load(export("int4", embedding_fp16=False) / GRAPH_FILES["embedding"]).graph.initializer
+    assert numpy_helper.to_array(init).dtype == np.float32
+
+
 def test_int4_block_32_is_honoured_and_passes_the_gate(tiny_student, export, px):
     out = export("int4", group_size=32)
     blocks = {a.i for n in onnx.load(out / GRAPH_FILES["decoder"]).graph.node if n.op_type == "MatMulNBits"
@@ -181,7 +196,7 @@ def test_onnx_model_json_describes_the_graphs(tiny_student, export):
     ids = (m["bos_token_id"], m["eos_token_id"], m["pad_token_id"], m["vocab_size"], m["context_length"])
     assert ids == (1, 2, 0, 512, 512)
     assert cfg["quantization"] == {"quant": "int4", "block_size": 64, "accuracy_level": 4, "symmetric": True,
-                                   "vision_quantized": True}
+                                   "vision_quantized": True, "embedding_dtype": "float16"}
     assert cfg["preprocessing"] == image_config(tiny_student.config).to_dict()
     assert json.loads((export("fp16") / CONFIG_FILE).read_text())["model"]["decoder"]["kv_cache_dtype"] == "float16"
 
