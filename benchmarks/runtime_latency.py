@@ -137,8 +137,8 @@ def main() -> None:
     a = ap.parse_args()
     formats = [(f.partition(":")[0], int(f.partition(":")[2]) if f.partition(":")[2] else None)
                for f in a.formats.split(",")]  # (format, group size or None = the target's default)
-    if any(f not in QUANT for f, _ in formats) or len(set(formats)) != len(formats):
-        ap.error(f"--formats: distinct FORMAT[:GROUP] entries, FORMAT one of {', '.join(QUANT)}")
+    if any(f not in QUANT for f, _ in formats):  # repeats are caught by their labels below
+        ap.error(f"--formats: FORMAT[:GROUP] entries, FORMAT one of {', '.join(QUANT)}")
     n_ctx = max(a.prompt + a.decode + 8, 256)  # exporters want room for the 144 image tokens
     work = Path(tempfile.mkdtemp(prefix="rtlat-"))
     cfg = get_preset(a.preset)

@@ -137,7 +137,7 @@ object BundleReader {
             if (sha256(f) != e["sha256"]) throw BundleException(BundleRefusal.CHECKSUM_MISMATCH, "bundle $root: checksum mismatch for $rel")
             listed.add(rel)
         }
-        val artifacts = m["artifacts"] as? List<*> ?: invalid("'artifacts' must be a list")
+        val artifacts = m["artifacts"] as List<*> // type-checked by read()
         for (item in artifacts) {
             val a = item as? Map<*, *> ?: invalid("each 'artifacts' entry must be an object")
             val afiles = a["files"] as? List<*> ?: invalid("an artifact's 'files' must be a list")
