@@ -107,8 +107,6 @@ class EagerRuntime:
             raise ValueError(f"decode at position {start_pos}, but the cache holds {self.pos} positions")
         x = torch.from_numpy(embeds).float()[None]  # (1, T, H)
         positions = torch.arange(start_pos, start_pos + x.shape[1])[None]
-        from alignkd.model.mobilevlm import _CACHE_KWARG
-
-        out = self.model.lm(inputs_embeds=x, position_ids=positions, use_cache=True, **{_CACHE_KWARG: self.cache})
+        logits = self.model.run_lm(x, position_ids=positions, cache=self.cache)  # (1, T, V)
         self.pos = start_pos + x.shape[1]
-        return out.logits[0, -1].float().numpy()  # (V,)
+        return logits[0, -1].float().numpy()  # (V,)

@@ -213,15 +213,16 @@ def _quantize_embedding(embedding: nn.Embedding, bits: str | None, group_size: i
 
 # ---- the three exported modules --------------------------------------------------------------------
 class VisionEncoder(nn.Module):
-    """(1, 3, S, S) normalised pixels → (1, 144, H): the vision tower and LDPv2 projector."""
+    """(1, 3, S, S) normalised pixels → (1, 144, H): the model's own image path (`MobileVLM.encode_images`,
+    the same code, not a copy of it) over the vision tower and LDPv2 projector it is given."""
+
+    project = MobileVLM.project
+    forward = MobileVLM.encode_images
 
     def __init__(self, model: MobileVLM):
         super().__init__()
-        self.tower = model.vision_tower
-        self.projector = model.mm_projector
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.tower(pixels))  # (1, 144, H)
+        self.vision_tower = model.vision_tower
+        self.mm_projector = model.mm_projector
 
 
 class TokenEmbedding(nn.Module):

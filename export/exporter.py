@@ -16,12 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from alignkd.data.datasets import image_config
-from alignkd.data.image import load_image, preprocess
-from alignkd.data.templates import build_prompt, get_template
+from alignkd.data import easyvqa
+from alignkd.data.image import image_config, load_image, preprocess
+from alignkd.data.templates import IMAGE_TOKEN, build_prompt, get_template
 from alignkd.data.tokenize import tokenize_prompt
 from alignkd.errors import AlignKDError, ConfigError, DataError
 from alignkd.model.checkpoint import load_model
+from alignkd.model.config import IMAGE_TOKEN_INDEX
 from alignkd.model.tokenizer import COPIED_FILES, load_tokenizer
 
 from .base import ExportOptions, ExportTarget
@@ -56,10 +57,7 @@ def get_target(name: str) -> ExportTarget:
 
 def parity_image() -> "Image.Image":
     """A fixed real image: the first easy-vqa test image (ships in the easy-vqa package)."""
-    import easy_vqa
-
-    paths = easy_vqa.get_test_image_paths()
-    return load_image(paths[sorted(paths)[0]])
+    return load_image(easyvqa.first_test_image())
 
 
 def parity_inputs(model, tokenizer, template: str = "v1") -> tuple[list[int], np.ndarray]:
@@ -192,7 +190,7 @@ def write_bundle_metadata(stage: Path, model, tokenizer, checkpoint: Path, templ
     t = get_template(template)
     (stage / "template.json").write_text(json.dumps({
         "name": t.name, "system": t.system, "roles": list(t.roles), "sep": t.sep, "sep2": t.sep2,
-        "prompt_format": build_prompt(template, "{question}"), "image_token": "<image>", "image_token_index": -200,
+        "prompt_format": build_prompt(template, "{question}"), "image_token": IMAGE_TOKEN, "image_token_index": IMAGE_TOKEN_INDEX,
         "bos_id": model.config.text.bos_token_id, "stop_ids": [model.config.text.eos_token_id],
     }, indent=2))
     tok_dir = stage / "tokenizer"

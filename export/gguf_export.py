@@ -25,6 +25,7 @@ written); `faithful_divergence` measures what the fault costs against the faithf
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import tempfile
@@ -519,7 +520,7 @@ class LlamaCppReferenceRuntime(EagerRuntime):
         # llama.cpp sees the uint8 bitmap: the reference sees the same pixels
         px = torch.from_numpy(normalise(to_uint8_image(pixels, v.image_mean, v.image_std), v.image_mean, v.image_std))[None]
         feats = llamacpp_image_features(self.model.vision_tower.vision_tower, px, self.n_layers)  # (1, P, Dv)
-        return self.model.mm_projector(feats)[0].numpy()  # (N, H)
+        return self.model.project(feats)[0].numpy()  # (N, H)
 
 
 # ---- the runtime ----------------------------------------------------------------------------------------
@@ -543,6 +544,30 @@ def normalise(image: np.ndarray, mean, std) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
+@contextlib.contextmanager
+def model_params(**fields):
+    """Set fields of llama.cpp's `llama_model_params` that llama-cpp-python's `Llama()` does not take, for
+    the models loaded inside the block.
+
+    use_extra_bufts=False: llama.cpp's extra CPU buffer types (AMX tiles, repacked Q4_0/Q8_0 weights) make
+    llama_decode segfault on quantized models of the tiny presets' width on AMX-capable Xeons."""
+    import llama_cpp.llama_cpp as lc
+
+    default = lc.llama_model_default_params
+
+    def patched():
+        p = default()
+        for k, v in fields.items():
+            setattr(p, k, v)
+        return p
+
+    lc.llama_model_default_params = patched
+    try:
+        yield
+    finally:
+        lc.llama_model_default_params = default
+
+
 class GgufRuntime:
     """A GGUF pair in llama-cpp-python: LM through llama_decode on embeddings, image through mtmd."""
 
@@ -561,8 +586,10 @@ class GgufRuntime:
         self.token_embd = next(_dequantize(t) for t in lm.tensors if t.name == "token_embd.weight")  # (V, H)
         del lm
         # F32 KV cache: the default F16 cache alone costs ~1e-2 in the logits. One batch holds a whole prompt.
-        self.llm = llama_cpp.Llama(str(model_path), n_ctx=self.n_ctx, n_batch=self.n_ctx, n_ubatch=min(self.n_ctx, 512),
-                                   n_threads=threads, n_threads_batch=threads, type_k=0, type_v=0, verbose=False)
+        with model_params(use_extra_bufts=False):
+            self.llm = llama_cpp.Llama(str(model_path), n_ctx=self.n_ctx, n_batch=self.n_ctx,
+                                       n_ubatch=min(self.n_ctx, 512), n_threads=threads, n_threads_batch=threads,
+                                       type_k=0, type_v=0, verbose=False)
         mtmd.mtmd_log_set(llama_log_callback, ctypes.c_void_p(0))  # quiet unless llama-cpp-python is verbose
         mtmd.mtmd_helper_log_set(llama_log_callback, ctypes.c_void_p(0))
         params = mtmd.mtmd_context_params_default()

@@ -43,7 +43,7 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from alignkd.data.datasets import image_config
+from alignkd.data.image import image_config
 from alignkd.errors import CheckpointError, ConfigError, DataError
 from alignkd.model.mobilevlm import IMAGE_TOKEN_INDEX, MobileVLM
 from alignkd.model.tokenizer import check_tokenizer_matches

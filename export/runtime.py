@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from alignkd.errors import DataError
-from alignkd.model.mobilevlm import IMAGE_TOKEN_INDEX, sample_next_token
+from alignkd.model.config import IMAGE_TOKEN_INDEX
+from alignkd.model.decoding import decode_loop
 
 from .base import Runtime
 
@@ -89,23 +90,21 @@ def generate(
     t0 = time.perf_counter()
     embeds, image = splice_prompt(runtime, prompt_ids, pixels)
     t1 = time.perf_counter()
-    logits = runtime.decode(embeds, 0)
+    prompt_logits = runtime.decode(embeds, 0)
     t2 = time.perf_counter()
-    prompt_logits, steps, tokens = logits, [], []
-    pos = embeds.shape[0]
-    for _ in range(max_new_tokens):
-        if keep_step_logits:
-            steps.append(logits)
-        tok = int(sample_next_token(torch.from_numpy(np.asarray(logits, np.float32))[None], temperature, top_p, gen)[0])
-        if tok == eos_id:
-            break
-        tokens.append(tok)
-        if len(tokens) == max_new_tokens:
-            break
-        logits = runtime.decode(runtime.embed(np.asarray([tok], dtype=np.int64)), pos)
-        pos += 1
+    steps: list[np.ndarray] = []
+    pos = [embeds.shape[0]]
+
+    def step(nxt: torch.Tensor) -> torch.Tensor:  # (1,) id → (1, V) logits, through the app's two calls
+        logits = runtime.decode(runtime.embed(nxt.numpy().astype(np.int64)), pos[0])
+        pos[0] += 1
+        return torch.from_numpy(np.asarray(logits, np.float32))[None]
+
+    keep = (lambda lg: steps.append(lg[0].numpy())) if keep_step_logits else None
+    tokens = decode_loop(torch.from_numpy(np.asarray(prompt_logits, np.float32))[None], step, max_new_tokens, eos_id,
+                         temperature, top_p, gen, on_logits=keep)[0]
     t3 = time.perf_counter()
-    timings = {"image_s": t1 - t0, "prefill_s": t2 - t1, "decode_s": t3 - t2, "decode_steps": max(len(tokens) - 1, 0)}
+    timings = {"image_s": t1 - t0, "prefill_s": t2 - t1, "decode_s": t3 - t2, "decode_steps": pos[0] - embeds.shape[0]}
     return Generation(tokens, prompt_logits, image, n_prompt, timings, steps)
 
 

@@ -35,10 +35,12 @@ from types import SimpleNamespace
 import numpy as np
 from PIL import Image
 
+from alignkd.data import easyvqa
 from alignkd.data.image import ImageProcessingConfig, load_image, preprocess
-from alignkd.data.templates import IMAGE_TOKEN_INDEX, build_prompt
+from alignkd.data.templates import build_prompt
 from alignkd.data.tokenize import tokenize_prompt
 from alignkd.errors import AlignKDError, DataError
+from alignkd.model.config import IMAGE_TOKEN_INDEX
 
 from .bundle import MANIFEST, read_manifest, write_manifest
 
@@ -70,8 +72,6 @@ def _pattern(w: int, h: int, seed: int) -> np.ndarray:
 
 
 def _write_images(d: Path) -> list[str]:
-    import easy_vqa
-
     d.mkdir(parents=True, exist_ok=True)
     Image.fromarray(_pattern(150, 90, 1)).save(d / "wide_rgb.png")  # downscale (antialiased) after padding
     Image.fromarray(_pattern(23, 37, 2)).save(d / "tall_small.png")  # upscale
@@ -82,8 +82,7 @@ def _write_images(d: Path) -> list[str]:
     Image.fromarray(_pattern(40, 30, 5)).quantize(colors=16, method=Image.Quantize.MEDIANCUT).save(d / "palette.png")
     Image.fromarray(_pattern(120, 80, 6)).save(d / "photo.jpg", quality=90)  # 4:2:0, baseline
     Image.fromarray(np.asarray(load_image(d / "photo.jpg"))).save(d / "photo.decoded.png")
-    paths = easy_vqa.get_test_image_paths()
-    shutil.copyfile(paths[sorted(paths)[0]], d / "easyvqa_0.png")
+    shutil.copyfile(easyvqa.first_test_image(), d / "easyvqa_0.png")
     return ["wide_rgb.png", "tall_small.png", "gray.png", "rgba.png", "palette.png", "photo.jpg",
             "photo.decoded.png", "easyvqa_0.png"]
 

@@ -9,7 +9,6 @@ its index unless `on_malformed="skip"`, which skips and counts it.
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,20 +16,13 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, DataError
-from ..model.config import MobileVLMConfig
-from ..model.mobilevlm import IGNORE_INDEX
+from ..model.config import IGNORE_INDEX
+from . import easyvqa
 from .image import ImageProcessingConfig, load_image, preprocess
 from .templates import IMAGE_TOKEN, SHORT_ANSWER_PROMPT
-from .tokenize import SampleTooLongError, build_training_example
+from .tokenize import SampleTooLongError, build_training_example, pad_right
 
 EASYVQA_SUFFIX = SHORT_ANSWER_PROMPT  # trained with the prompt the evaluation asks with
-
-
-def image_config(config: MobileVLMConfig) -> ImageProcessingConfig:
-    """The pixels a model expects, from its vision config (pad to square, then CLIP's processor)."""
-    v = config.vision
-    return ImageProcessingConfig(image_size=v.image_size, image_mean=v.image_mean, image_std=v.image_std,
-                                 pad_to_square=config.image_aspect_ratio == "pad")
 
 
 @dataclass
@@ -147,35 +139,16 @@ def easyvqa_dataset(split: str, tokenizer, image_cfg: ImageProcessingConfig, max
 
 
 def _easyvqa_dataset(split, tokenizer, image_cfg, max_length, num_image_tokens, template, limit, seed) -> VQADataset:
-    import easy_vqa
-
-    if split == "train":
-        questions, answers, image_ids = easy_vqa.get_train_questions()
-        paths = easy_vqa.get_train_image_paths()
-    elif split == "test":
-        questions, answers, image_ids = easy_vqa.get_test_questions()
-        paths = easy_vqa.get_test_image_paths()
-    else:
-        raise ConfigError(f"easy-vqa split must be 'train' or 'test', got {split!r}")
-    order = list(range(len(questions)))
-    if limit is not None and limit < len(order):
-        order = sorted(random.Random(seed).sample(order, limit))
-    entries = (((f"{IMAGE_TOKEN}\n{questions[i]}\n{EASYVQA_SUFFIX}", answers[i]), paths[image_ids[i]], None) for i in order)
+    entries = (((f"{IMAGE_TOKEN}\n{q.question}\n{EASYVQA_SUFFIX}", q.answer), q.image, None)
+               for q in easyvqa.questions(split, limit, seed))
     samples, stats = _tokenize_all(entries, tokenizer, template, max_length, num_image_tokens, "fail", "easy-vqa")
     return VQADataset(samples, image_cfg, stats)
 
 
 def collate(batch: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor | None]:
     """Right-pad ids (pad_id) and labels (IGNORE_INDEX); stack the pixels of samples with an image."""
-    t = max(len(b["input_ids"]) for b in batch)
-    ids = torch.full((len(batch), t), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), t), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(batch), t), dtype=torch.long)
-    for i, b in enumerate(batch):
-        n = len(b["input_ids"])
-        ids[i, :n] = torch.tensor(b["input_ids"])
-        labels[i, :n] = torch.tensor(b["labels"])
-        mask[i, :n] = 1
+    ids, mask = pad_right([b["input_ids"] for b in batch], pad_id)  # (B, T)
+    labels, _ = pad_right([b["labels"] for b in batch], IGNORE_INDEX)  # (B, T)
     pixels = [b["pixel_values"] for b in batch if b["pixel_values"] is not None]
     return {"input_ids": ids, "labels": labels, "attention_mask": mask,
             "pixel_values": torch.stack(pixels) if pixels else None}

@@ -18,9 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from alignkd.errors import ConfigError, DataError
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from alignkd.model.config import CLIP_MEAN, CLIP_STD, MobileVLMConfig
 
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -102,6 +100,13 @@ class ImageProcessingConfig:
             pad_to_square=pad_to_square,
             resample=resample,
         )
+
+
+def image_config(config: MobileVLMConfig) -> ImageProcessingConfig:
+    """The pixels a model expects, from its vision config (pad to square, then CLIP's processor)."""
+    v = config.vision
+    return ImageProcessingConfig(image_size=v.image_size, image_mean=v.image_mean, image_std=v.image_std,
+                                 pad_to_square=config.image_aspect_ratio == "pad")
 
 
 def load_image(source: str | Path | bytes) -> Image.Image:

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from alignkd.errors import ConfigError, DataError
 
 IMAGE_TOKEN = "<image>"
-IMAGE_TOKEN_INDEX = -200  # placeholder id in input_ids where the projected vision tokens go
-IGNORE_INDEX = -100  # label value that the cross-entropy ignores
 
 V1_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -67,8 +65,15 @@ def build_prompt(template: str | Template, question: str, with_image: bool = Tru
         raise DataError(f"question contains {IMAGE_TOKEN!r}; the template inserts the image token itself")
     if t.name == "plain":
         return (IMAGE_TOKEN if with_image else "") + question
-    user = f"{IMAGE_TOKEN}\n{question}" if with_image else question
-    return f"{t.system}{t.sep}{t.roles[0]}: {user}{t.sep}{t.roles[1]}:"
+    return turn_prompt(t, f"{IMAGE_TOKEN}\n{question}" if with_image else question, first=True)
+
+
+def turn_prompt(template: str | Template, user_text: str, first: bool) -> str:
+    """One user turn of a chat template up to where the answer starts, the user text as given:
+    v1 "{system} USER: {text} ASSISTANT:", the system prompt only in front of the first turn."""
+    t = get_template(template)
+    head = f"{t.system}{t.sep}" if first else ""
+    return f"{head}{t.roles[0]}: {user_text}{t.sep}{t.roles[1]}:"
 
 
 # LLaVA-1.5 / MobileVLM's instruction for one-word answers (easy-vqa, GQA, POPE, MME, TextVQA evaluation)

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 from typing import Any, Sequence, Union
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
-from alignkd.data.templates import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX, Template, get_template
+from alignkd.data.templates import IMAGE_TOKEN, Template, get_template, turn_prompt
+from alignkd.model.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from alignkd.errors import ConfigError, DataError
 
 Turn = Union[tuple[str, str], dict[str, str]]
@@ -71,6 +73,17 @@ def tokenize_prompt(prompt: str, tokenizer: PreTrainedTokenizerBase) -> list[int
     if prompt.count(IMAGE_TOKEN) > 1:
         raise DataError(f"prompt has {prompt.count(IMAGE_TOKEN)} {IMAGE_TOKEN!r} tokens; at most one is supported")
     return [_bos(tokenizer)] + _encode_with_image(prompt, tokenizer)
+
+
+def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows → (B, T) int64 ids right-padded with pad_id, and the (B, T) attention mask (1 = real)."""
+    t = max(len(r) for r in rows)
+    ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), t), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids, mask
 
 
 def _where(sample_id: Any) -> str:
@@ -154,12 +167,9 @@ def build_training_example(
         pieces.append(([_bos(tokenizer)] + ([IMAGE_TOKEN_INDEX] if has_image else []), False))
         pieces.append((encode_text(turns[1][1] + t.sep, tokenizer), True))
     else:
-        user, assistant = t.roles
         for k in range(0, len(turns), 2):
             question, answer = turns[k][1], turns[k + 1][1]
-            head = f"{t.system}{t.sep}" if k == 0 else ""
-            prompt = f"{head}{user}: {question}{t.sep}{assistant}:"
-            ids = _encode_with_image(prompt, tokenizer)
+            ids = _encode_with_image(turn_prompt(t, question, first=k == 0), tokenizer)
             pieces.append((([_bos(tokenizer)] + ids) if k == 0 else ids, False))
             pieces.append((encode_text(answer, tokenizer) + [_eos(tokenizer)], True))
 

@@ -44,8 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from alignkd.errors import ConfigError
-
-IGNORE_INDEX = -100
+from alignkd.model.config import IGNORE_INDEX
 KD_POSITIONS = ("text", "tokens", "all")
 VARIANTS = ("paper", "release")
 

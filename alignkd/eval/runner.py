@@ -15,8 +15,7 @@ from typing import Iterable
 import torch
 from tqdm import tqdm
 
-from ..data.datasets import image_config
-from ..data.image import load_image, preprocess
+from ..data.image import image_config, load_image, preprocess
 from ..data.templates import build_prompt
 from ..data.tokenize import tokenize_prompt
 from ..model.mobilevlm import MobileVLM

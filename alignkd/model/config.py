@@ -14,6 +14,10 @@ from ..errors import ConfigError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_TOKEN_INDEX = -200
+"""Placeholder id in input ids where the projected vision tokens are spliced in (MobileVLM's value)."""
+IGNORE_INDEX = -100
+"""Label value that the cross-entropy (and the KD position mask) ignores."""
 CLIP_L14_336 = "openai/clip-vit-large-patch14-336"
 PROJECTOR_TYPES = ("ldpnetv2",)
 

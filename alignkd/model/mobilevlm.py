@@ -1,8 +1,10 @@
 """MobileVLM V2: CLIP vision tower → LDPv2 projector → LLaMA, on transformers' own modules.
 
 The one data path of the project: pixels → vision features → projected image tokens → spliced into the
-token embeddings at the image token (id −200) → LLaMA → logits. Training, eval, export and the emulator
-all go through `encode_images` and `build_inputs_embeds`.
+token embeddings at the image token (IMAGE_TOKEN_INDEX) → LLaMA → logits. Image tokens are made only by
+`encode_images` (tower, then `project`): the forward, generation, the trainer's teacher, and the
+ExecuTorch / ONNX vision graphs call it. `forward` and `generate` splice with `build_inputs_embeds`; the
+exported runtimes splice the same way, one prompt at a time (`alignkd.export.runtime.splice_prompt`).
 """
 
 from __future__ import annotations
@@ -15,12 +17,11 @@ from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from ..errors import DataError
-from .config import MobileVLMConfig, TextConfig
+from .config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, MobileVLMConfig, TextConfig
+from .decoding import decode_loop
 from .projector import LDPv2Projector
 from .vision import VisionTower
 
-IMAGE_TOKEN_INDEX = -200
-IGNORE_INDEX = -100
 # transformers renamed `past_key_values` to `cache` (5.2x); the GPU image has an older 5.x. Use whichever exists.
 _CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
@@ -78,11 +79,16 @@ class MobileVLM(nn.Module):
         self.lm = LlamaForCausalLM(to_llama_config(config.text, attn_implementation))
 
     # ---- the image path ----------------------------------------------------------------------
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B_img, 3, S, S) normalised pixels → (B_img, N, H) image tokens in the LM's space."""
+    def project(self, vision_features: torch.Tensor) -> torch.Tensor:
+        """(B_img, 576, Dv) CLIP features → (B_img, N, H) image tokens, in the projector's dtype."""
+        return self.mm_projector(vision_features.to(self.mm_projector.dtype))  # (B_img, 144, H)
+
+    def encode_images(self, pixel_values: torch.Tensor, return_vision_features: bool = False):
+        """(B_img, 3, S, S) normalised pixels → (B_img, N, H) image tokens in the LM's space; with
+        return_vision_features also the (B_img, 576, Dv) CLIP features they came from."""
         feats = self.vision_tower(pixel_values)  # (B_img, 576, Dv)
-        proj_dtype = self.mm_projector.mlp.mlp[0].weight.dtype
-        return self.mm_projector(feats.to(proj_dtype))  # (B_img, 144, H)
+        tokens = self.project(feats)  # (B_img, 144, H)
+        return (tokens, feats) if return_vision_features else tokens
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.lm.get_input_embeddings()(input_ids)
@@ -136,6 +142,14 @@ class MobileVLM(nn.Module):
         return MultimodalInputs(embeds, mask, image_mask, new_labels)
 
     # ---- forward / generate ----------------------------------------------------------------
+    def run_lm(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None, cache: DynamicCache | None = None) -> torch.Tensor:
+        """LLaMA on (B, T, H) embeddings → (B, T, V) logits. With a cache, the T positions are appended to it
+        (position_ids then say where they sit)."""
+        kw = {} if cache is None else {_CACHE_KWARG: cache}
+        return self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=cache is not None, **kw).logits
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -151,22 +165,21 @@ class MobileVLM(nn.Module):
         computes its loss terms itself and only needs the spliced labels)."""
         vision_features = None
         if image_features is None and pixel_values is not None:
-            vision_features = self.vision_tower(pixel_values)  # (B_img, 576, Dv)
-            image_features = self.mm_projector(vision_features.to(self.mm_projector.mlp.mlp[0].weight.dtype))
+            image_features, vision_features = self.encode_images(pixel_values, return_vision_features=True)
         mm = self.build_inputs_embeds(input_ids, attention_mask, labels, image_features)
         if mm.inputs_embeds.shape[1] > self.config.text.max_position_embeddings:
             raise DataError(
                 f"sequence of {mm.inputs_embeds.shape[1]} positions (image tokens included) exceeds the "
                 f"context of {self.config.text.max_position_embeddings}"
             )
-        out = self.lm(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask, use_cache=False)
+        all_logits = self.run_lm(mm.inputs_embeds, mm.attention_mask)  # (B, T', V)
         loss = None
         if mm.labels is not None and compute_loss:
-            logits = out.logits[:, :-1].float()  # (B, T'-1, V)
+            logits = all_logits[:, :-1].float()  # (B, T'-1, V)
             loss = nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), mm.labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
             )
-        return VLMOutput(out.logits, mm.attention_mask, mm.image_mask, mm.labels, image_features, loss, vision_features)
+        return VLMOutput(all_logits, mm.attention_mask, mm.image_mask, mm.labels, image_features, loss, vision_features)
 
     @torch.no_grad()
     def generate(
@@ -196,26 +209,21 @@ class MobileVLM(nn.Module):
                 f"{self.config.text.max_position_embeddings}"
             )
         cache = DynamicCache() if use_cache else None
-        step_embeds = embeds
-        done = torch.zeros(b, dtype=torch.bool, device=mask.device)
-        out: list[list[int]] = [[] for _ in range(b)]
-        for _ in range(max_new_tokens):
-            positions = (mask.cumsum(1) - 1).clamp(min=0)  # (B, T) left padding → real positions
-            if use_cache:
-                positions = positions[:, -step_embeds.shape[1]:]
-            o = self.lm(inputs_embeds=step_embeds, attention_mask=mask, position_ids=positions,
-                        use_cache=use_cache, **{_CACHE_KWARG: cache})
-            nxt = sample_next_token(o.logits[:, -1].float(), temperature, top_p, generator)  # (B,)
-            for i in range(b):
-                if not done[i] and int(nxt[i]) != eos:
-                    out[i].append(int(nxt[i]))
-            done |= nxt == eos
-            if bool(done.all()):
-                break
-            new = self.embed_tokens(nxt[:, None])  # (B, 1, H)
-            step_embeds = new if use_cache else torch.cat([step_embeds, new], 1)
-            mask = torch.cat([mask, mask.new_ones(b, 1)], 1)
-        return out
+        state = {"embeds": embeds, "mask": mask}
+
+        def forward(step_embeds: torch.Tensor) -> torch.Tensor:
+            m = state["mask"]
+            positions = (m.cumsum(1) - 1).clamp(min=0)[:, -step_embeds.shape[1]:]  # (B, T) left padding → real
+            return self.run_lm(step_embeds, m, positions, cache)[:, -1]  # (B, V)
+
+        def step(nxt: torch.Tensor) -> torch.Tensor:
+            new = self.embed_tokens(nxt.to(embeds.device)[:, None])  # (B, 1, H)
+            state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(b, 1)], 1)
+            if not use_cache:  # without a cache every step recomputes the whole sequence
+                state["embeds"] = new = torch.cat([state["embeds"], new], 1)
+            return forward(new)
+
+        return decode_loop(forward(embeds), step, max_new_tokens, eos, temperature, top_p, generator)
 
 
 def _right_to_left_padding(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,17 +234,3 @@ def _right_to_left_padding(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[to
     embeds = torch.gather(embeds, 1, idx[..., None].expand_as(embeds))
     return embeds, torch.gather(mask, 1, idx)
 
-
-def sample_next_token(
-    logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """(B, V) logits → (B,) ids. Greedy when temperature == 0; otherwise softmax(logits/T) with top-p."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, -1)  # (B, V)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator)[:, 0]

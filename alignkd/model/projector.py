@@ -61,5 +61,10 @@ class LDPv2Projector(nn.Module):
         self.pool = TokenDownLayer(pooled_grid)
         self.peg = PosInjectLayer(lm_dim)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype, which the CLIP features are cast to."""
+        return self.mlp.mlp[0].weight.dtype
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.peg(self.pool(self.mlp(x)))

@@ -36,7 +36,8 @@ from torch import nn
 from torch.profiler import record_function
 from tqdm import tqdm
 
-from ..data.datasets import VQADataset, collate, easyvqa_dataset, image_config, llava_json_dataset
+from ..data.datasets import VQADataset, collate, easyvqa_dataset, llava_json_dataset
+from ..data.image import image_config
 from ..distill import AlignKDLoss, AlignKDLossConfig, DistillInputs, capture_layer0_attention
 from ..fileio import atomic_write
 from ..errors import AlignKDError, CheckpointError, ConfigError
@@ -312,8 +313,7 @@ def _micro_step(run: Run, batch: dict[str, torch.Tensor], scale: float) -> dict[
                 with torch.no_grad(), record_function("teacher_forward"):
                     t_kw = {"pixel_values": px}
                     if run.shared_vision and px is not None:
-                        feats = s_out.vision_features.to(teacher.mm_projector.mlp.mlp[0].weight.dtype)
-                        t_kw = {"image_features": teacher.mm_projector(feats)}
+                        t_kw = {"image_features": teacher.project(s_out.vision_features)}
                     with (capture_layer0_attention(teacher.lm) if need_attn else contextlib.nullcontext()) as t_cap:
                         t_out = teacher(batch["input_ids"], batch["attention_mask"], compute_loss=False, **t_kw)
                 t_in = DistillInputs(t_out.logits, image_features=t_out.image_features,

@@ -7,7 +7,8 @@ import json
 import pytest
 from PIL import Image
 
-from alignkd.data.datasets import collate, image_config, llava_json_dataset
+from alignkd.data.datasets import collate, llava_json_dataset
+from alignkd.data.image import image_config
 from alignkd.errors import DataError
 from alignkd.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, get_preset
 from alignkd.model.tokenizer import load_tokenizer, tiny_tokenizer_dir

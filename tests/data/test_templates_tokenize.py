@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import sentencepiece as spm
 
-from alignkd.data.templates import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX, build_prompt, get_template
+from alignkd.data.templates import IMAGE_TOKEN, build_prompt, get_template
+from alignkd.model.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from alignkd.data.tokenize import SampleTooLongError, build_training_example, tokenize_prompt
 from alignkd.errors import ConfigError, DataError
 from alignkd.model.tokenizer import load_tokenizer, tiny_tokenizer_dir

@@ -13,7 +13,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from alignkd.data.datasets import image_config
+from alignkd.data.image import image_config
 from alignkd.errors import ConfigError, DataError
 from alignkd.export.base import EagerRuntime, ExportOptions
 from alignkd.export.onnx_export import (

@@ -155,7 +155,7 @@ def test_generate_stops_at_eos_and_samples_reproducibly(tiny_student):
 
 
 def test_top_p_keeps_only_the_nucleus():
-    from alignkd.model.mobilevlm import sample_next_token
+    from alignkd.model.decoding import sample_next_token
 
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
