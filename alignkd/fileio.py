@@ -1,18 +1,93 @@
-"""Atomic writes: a temp file in the same folder, then a rename. A kill or a full disk never leaves a
-half-written file under the final name."""
+"""Atomic writes and staged directories: a temp file or folder beside the target, then a rename.
+
+A kill or a full disk never leaves a half-written file or folder under the final name. Temp names carry
+the writer's pid (`.<name>.tmp-<pid>-<random>`), so the next writer in the same place removes the ones a
+killed process left (`remove_stale_temps`). Everything written honours the umask, as `open` does
+(`tempfile.mkdtemp` alone would make folders 0700 that another user of a pushed bundle cannot read).
+A full disk surfaces as `DiskFull`, naming the file, whatever library was writing (`writing`).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
+
+from .errors import AlignKDError
+
+_TMP = ".tmp-"
+_OLD = ".old-"
+
+
+class DiskFull(AlignKDError):
+    """No space left while writing; what was complete before is kept."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    # safetensors (Rust) and other native writers report it in their message only
+    text = str(e)
+    return "No space left on device" in text or "StorageFull" in text or "os error 28" in text
+
+
+@contextlib.contextmanager
+def writing(path: str | Path):
+    """Turn a full disk inside the block into one `DiskFull` naming `path`."""
+    try:
+        yield
+    except AlignKDError:
+        raise
+    except Exception as e:
+        if _is_disk_full(e):
+            raise DiskFull(f"disk full while writing {path}: no space left on device") from None
+        raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(parent: str | Path, name: str) -> list[Path]:
+    """Remove `.<name>.tmp-<pid>-*` / `.<name>.old-<pid>*` entries in parent whose process is gone."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    pattern = re.compile(rf"^\.{re.escape(name)}(?:{re.escape(_TMP)}|{re.escape(_OLD)})(\d+)(?:-.*)?$")
+    removed = []
+    for p in parent.iterdir():
+        m = pattern.match(p.name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{_TMP}{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with writing(path), open(tmp, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
@@ -20,3 +95,65 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def staged_dir(final: str | Path) -> Path:
+    """A new empty temp folder beside `final` (same file system, so publishing is a rename), mode per umask.
+    Stale temp folders of `final` left by killed processes are removed first."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(final.parent, final.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{_TMP}{os.getpid()}-", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
+def publish_dir(tmp: Path, final: Path, merge: bool = False) -> None:
+    """Move a fully written temp folder into place; an existing `final` is replaced only after that.
+
+    merge=True keeps what else `final` holds (e.g. a training run's `train/` folder) and replaces the
+    temp folder's entries one rename at a time, config.json last.
+    """
+    if merge and final.is_dir():
+        for src in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
+            _replace(src, final / src.name)
+        tmp.rmdir()
+        return
+    _replace(tmp, final)
+
+
+def _replace(src: Path, dst: Path) -> None:
+    """Rename src to dst; a folder on either side is swapped through a `.old-` name (rename cannot)."""
+    if dst.exists() and (dst.is_dir() or src.is_dir()):
+        old = dst.with_name(f".{dst.name}{_OLD}{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+    else:
+        os.replace(src, dst)
+
+
+class StagedDir:
+    """`with StagedDir(final) as tmp:` write into tmp, call `publish()`; leaving the block any other way
+    removes tmp and leaves `final` as it was."""
+
+    def __init__(self, final: str | Path, overwrite: bool = False, exists_error: type[AlignKDError] = AlignKDError):
+        self.final = Path(final)
+        self.overwrite = overwrite
+        self.exists_error = exists_error
+
+    def __enter__(self) -> Path:
+        if self.final.exists() and not self.overwrite:
+            raise self.exists_error(f"output directory {self.final} exists; pass --overwrite to replace it")
+        self.tmp = staged_dir(self.final)
+        return self.tmp
+
+    def publish(self, merge: bool = False) -> None:
+        publish_dir(self.tmp, self.final, merge)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp, ignore_errors=True)

@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from alignkd import __version__
 from alignkd.errors import DataError
+from alignkd.fileio import atomic_write
 
 FORMAT = "alignkd-bundle"
 FORMAT_VERSION = 1
@@ -65,9 +62,7 @@ def write_manifest(root: Path, manifest: dict) -> dict:
     """Fill in format, version and the file list, and write manifest.json (temp file + rename)."""
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"alignkd-mobile {__version__}",
                 **manifest, "files": file_entries(root)}
-    tmp = root / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, root / MANIFEST)
+    atomic_write(root / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
 
 
@@ -114,29 +109,3 @@ def read_manifest(root: str | Path, verify: bool = True) -> dict:
     return m
 
 
-@dataclass
-class StagedDir:
-    """A temp dir beside `final`; `publish()` renames it into place, anything else removes it."""
-
-    final: Path
-    overwrite: bool = False
-
-    def __enter__(self) -> Path:
-        if self.final.exists() and not self.overwrite:
-            raise DataError(f"output directory {self.final} exists; pass --overwrite to replace it")
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent))
-        return self.tmp
-
-    def publish(self) -> None:
-        if self.final.exists():
-            old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
-            os.replace(self.final, old)
-            os.replace(self.tmp, self.final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.final)
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp, ignore_errors=True)

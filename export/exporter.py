@@ -26,7 +26,9 @@ from alignkd.model.config import IMAGE_TOKEN_INDEX
 from alignkd.model.tokenizer import COPIED_FILES, load_tokenizer
 
 from .base import ExportOptions, ExportTarget
-from .bundle import StagedDir, write_manifest
+from alignkd.fileio import StagedDir
+
+from .bundle import write_manifest
 from .parity import Thresholds, check_parity
 
 # The comparison with the same-quantization eager model is reported, not gated: its tolerances depend on
@@ -120,7 +122,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, formats: list[str
     report: dict = {"prompt_ids": prompt_ids, "question": PARITY_QUESTION, "artifacts": {}}
     artifacts = []
     failed = []
-    staged = StagedDir(out_dir, overwrite)
+    staged = StagedDir(out_dir, overwrite, exists_error=DataError)
     with staged as stage:
         for fmt, quant in jobs:
             t = get_target(fmt)

@@ -10,10 +10,8 @@ offline to a built-in config). We always write a `vision_tower/` folder so our c
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, ConfigError
+from ..fileio import publish_dir, staged_dir, writing
 from .config import BUILTIN_VISION_TOWERS, MobileVLMConfig, VisionConfig, get_preset, PRESETS
 from .mobilevlm import MobileVLM
 from .vision import from_clip_config, preprocessor_dict, to_clip_config
@@ -188,39 +187,6 @@ def build_model(preset_or_dir: str, seed: int = 0, dtype: torch.dtype | None = N
 
 
 # ---- saving ------------------------------------------------------------------------------------
-def _atomic_dir(final: Path):
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-
-
-def publish_dir(tmp: Path, final: Path, merge: bool = False) -> None:
-    """Move a fully written temp dir into place; an existing `final` is replaced only after that.
-
-    merge=True keeps what else `final` holds (e.g. a training run's `train/` folder) and replaces our
-    entries one rename at a time, config.json last.
-    """
-    if merge and final.is_dir():
-        entries = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")
-        for src in entries:
-            dst = final / src.name
-            if dst.is_dir():
-                old = final / f".{src.name}.old-{os.getpid()}"
-                os.replace(dst, old)
-                os.replace(src, dst)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(src, dst)
-        tmp.rmdir()
-        return
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
 def save_model(model: MobileVLM, out_dir: str | Path, tokenizer=None, dtype: torch.dtype | None = None,
                extra_files: dict[str, bytes] | None = None, state: dict[str, torch.Tensor] | None = None,
                merge: bool = False) -> Path:
@@ -230,7 +196,7 @@ def save_model(model: MobileVLM, out_dir: str | Path, tokenizer=None, dtype: tor
     gathered full state). merge: see `publish_dir`.
     """
     out_dir = Path(out_dir)
-    tmp = _atomic_dir(out_dir)
+    tmp = staged_dir(out_dir)
     try:
         config = model.config
         mtgv = config.to_mtgv_dict()
@@ -277,12 +243,14 @@ def _save_sharded(state: dict[str, torch.Tensor], out: Path) -> None:
         shards[-1][name] = t
         size += nbytes
     if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        with writing(out / "model.safetensors"):
+            save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
         return
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        with writing(out / fname):
+            save_file(shard, str(out / fname), metadata={"format": "pt"})
         weight_map.update({k: fname for k in shard})
     total = sum(t.numel() * t.element_size() for t in state.values())
     (out / "model.safetensors.index.json").write_text(

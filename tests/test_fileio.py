@@ -1,0 +1,80 @@
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from alignkd.fileio import DiskFull, StagedDir, atomic_write, publish_dir, remove_stale_temps, staged_dir, writing
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_staged_dir_and_files_honour_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        tmp = staged_dir(tmp_path / "bundle")
+        atomic_write(tmp / "a.json", "{}")
+        publish_dir(tmp, tmp_path / "bundle")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "bundle").stat().st_mode) == 0o755  # mkdtemp alone gives 0700
+    assert stat.S_IMODE((tmp_path / "bundle" / "a.json").stat().st_mode) == 0o644
+
+
+def test_stale_temps_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    dead, live = _dead_pid(), os.getppid()
+    stale = [tmp_path / f".ckpt.tmp-{dead}-abc", tmp_path / f".ckpt.old-{dead}"]
+    for p in stale:
+        p.mkdir()
+        (p / "model.safetensors").write_bytes(b"x" * 10)
+    kept = [tmp_path / f".ckpt.tmp-{live}-def", tmp_path / f".other.tmp-{dead}-x", tmp_path / "ckpt"]
+    for p in kept:
+        p.mkdir()
+    removed = remove_stale_temps(tmp_path, "ckpt")
+    assert sorted(removed) == sorted(stale)
+    assert all(p.exists() for p in kept) and not any(p.exists() for p in stale)
+    # staged_dir cleans up before it makes its own
+    (tmp_path / f".ckpt.tmp-{dead}-zzz").mkdir()
+    tmp = staged_dir(tmp_path / "ckpt")
+    assert not (tmp_path / f".ckpt.tmp-{dead}-zzz").exists() and tmp.name.startswith(f".ckpt.tmp-{os.getpid()}-")
+
+
+def test_publish_replaces_a_folder_only_after_it_is_complete(tmp_path):
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    with StagedDir(final, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+        assert (final / "old.txt").exists()  # nothing replaced before publish
+        with pytest.raises(RuntimeError):
+            with StagedDir(tmp_path / "other") as t2:
+                (t2 / "x").write_text("x")
+                raise RuntimeError("killed")
+    # no publish: the block exited, the temp folder is gone and the old content stays
+    assert (final / "old.txt").exists() and not (final / "new.txt").exists()
+    assert not (tmp_path / "other").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    staged = StagedDir(final, overwrite=True)
+    with staged as tmp:
+        (tmp / "new.txt").write_text("new")
+        staged.publish()
+    assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
+
+
+def test_a_full_disk_from_any_writer_names_the_file(tmp_path):
+    with pytest.raises(DiskFull, match=r"disk full while writing .*model\.safetensors"):
+        with writing(tmp_path / "model.safetensors"):
+            # what safetensors' Rust writer raises
+            raise Exception("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                            "message: \"No space left on device\" })")
+    with pytest.raises(DiskFull, match="x.gguf"):
+        with writing(tmp_path / "x.gguf"):
+            raise OSError(28, "No space left on device")
+    with pytest.raises(ValueError):  # anything else passes through
+        with writing(tmp_path / "y"):
+            raise ValueError("not a disk problem")
