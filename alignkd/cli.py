@@ -23,14 +23,39 @@ def _clean_errors(fn):
             sys.exit(2)
         except OSError as e:
             if e.errno == 28:  # ENOSPC: writes are atomic, so nothing half-written is left marked done
-                click.echo(f"error: disk full while writing {e.filename or ''}: {e.strerror}", err=True)
+                where = f" while writing {e.filename}" if e.filename else ""
+                click.echo(f"error: disk full{where}: no space left on device", err=True)
                 sys.exit(2)
             raise
 
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Click's usage errors (a missing argument, an option value of the wrong type or range) as one
+    `error:` line with exit status 2, like every other bad input, instead of click's four-line block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # bare `alignkd-mobile`: the help, as click prints it
+            click.echo(e.ctx.get_help())
+            sys.exit(0)
+        except click.UsageError as e:
+            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            click.echo(f"error: {e.format_message()}{hint}", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="alignkd-mobile")
 def main() -> None:
     """Align-KD distillation of MobileVLM V2, and export to phones.
@@ -117,29 +142,52 @@ def train(config_path, method, teacher, student, data, image_folder, output_dir,
 
 
 @main.command("eval")
-@click.argument("checkpoints", nargs=-1, required=True)
+@click.argument("checkpoints", nargs=-1)
 @click.option("--bench", "benches", default="easyvqa", show_default=True,
               help="Comma-separated: easyvqa, gqa, sqa, textvqa, pope, mme, mmbench.")
-@click.option("--data-root", type=click.Path(file_okay=False), help="Folder holding the benchmarks' files.")
-@click.option("--output-dir", default="runs/eval", show_default=True, help="Answers (JSONL) and the report.")
-@click.option("--limit", type=int, help="Score only the first N items of each benchmark (smoke runs).")
+@click.option("--data-root", help="The benchmark's folder, or the folder holding one per benchmark (e.g. LLaVA-1.5's "
+              "playground/data/eval, MobileVLM's data/benchmark_data); files below.")
+@click.option("--answers", "answer_files", multiple=True, metavar="FILE",
+              help="Score this LLaVA / MobileVLM answer file (JSON lines) instead of checkpoints; no model is "
+              "loaded. Repeatable (one run each, named by the file name); one --bench.")
+@click.option("--output-dir", default="runs/eval", show_default=True, help="Answers (JSON lines) and the report.")
+@click.option("--limit", type=int, help="Score only the first N questions of each benchmark (smoke runs).")
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--max-new-tokens", type=int, default=16, show_default=True)
-@click.option("--distilled", help="Checkpoint (directory name) to compare against --baseline.")
-@click.option("--baseline", help="Undistilled checkpoint (directory name).")
+@click.option("--distilled", help="Run (checkpoint directory or answer file name) to compare against --baseline.")
+@click.option("--baseline", help="Undistilled run (checkpoint directory or answer file name).")
 @_clean_errors
-def eval_cmd(checkpoints, benches, data_root, output_dir, limit, batch_size, max_new_tokens, distilled, baseline) -> None:
-    """Score CHECKPOINTS (mtgv directories) on MobileVLM's benchmarks; report + radar plot.
+def eval_cmd(checkpoints, benches, data_root, answer_files, output_dir, limit, batch_size, max_new_tokens, distilled,
+             baseline) -> None:
+    """Score CHECKPOINTS (mtgv directories) on MobileVLM's benchmarks, as the official scripts score them.
 
-    Greedy decoding, batched, with a KV cache. Answers are appended to OUTPUT_DIR/answers/<ckpt>/<bench>.jsonl
-    as they come: rerunning the same command resumes a killed eval. The report (report.md, report.json,
-    report_radar.png) has one row per checkpoint, the paper's average (MME divided by 20) and the
-    distilled − baseline difference.
+    Greedy decoding, batched, with a KV cache. Answers go to OUTPUT_DIR/answers/<ckpt>/<bench>.jsonl in
+    LLaVA's format ({"question_id", "prompt", "text", ...} per line, official question ids) as they come:
+    rerunning the same command resumes a killed eval, and the official scripts read the file. The
+    report (report_radar.png, report.json, report.md) has one row per run, the paper's average (MME
+    divided by 20), the distilled − baseline difference, the official rule behind each number, and per
+    run the questions without an answer (scored wrong) and answers to unknown question ids.
+
+    \b
+    Files under --data-root (each benchmark also looks in its subfolder: gqa, scienceqa or sqa,
+    textvqa, pope, MME or mme, mmbench):
+      gqa      testdev_balanced_questions.json + images/            (release; MobileVLM)
+               data/testdev_balanced_questions.json + data/images/  (LLaVA-1.5)
+      sqa      problems.json + pid_splits.json + images/test/<pid>/image.png
+      textvqa  TextVQA_0.5.1_val.json + train_images/; OCR tokens from
+               llava_textvqa_val_v051_ocr.jsonl or TextVQA_Rosetta_OCR_v0.2_val.json
+      pope     coco_pope_{adversarial,random,popular}.json + val2014/        (release)
+               coco/coco_pope_{adversarial,random,popular}.json + val2014/   (LLaVA-1.5; MobileVLM)
+      mme      MME_Benchmark_release_version/<subtask>/: NAME.jpg|png + NAME.txt, or images/ +
+               questions_answers_YN/ (LLaVA-1.5: inside MME/; MobileVLM: as mme/images)
+      mmbench  mmbench_dev_en_20231003.tsv, mmbench_dev_20230712.tsv, MMBench_DEV_EN.tsv or
+               MMBench_DEV_EN_V11.tsv
+      easyvqa  none (shipped in the easy-vqa package)
     """
     from .eval.evaluate import evaluate
 
     evaluate(list(checkpoints), [b.strip() for b in benches.split(",") if b.strip()], data_root, output_dir, limit,
-             batch_size, max_new_tokens, distilled, baseline, log=click.echo)
+             batch_size, max_new_tokens, distilled, baseline, log=click.echo, answers=list(answer_files))
 
 
 @main.command()
