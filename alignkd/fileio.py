@@ -64,12 +64,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(parent: str | Path, name: str) -> list[Path]:
-    """Remove `.<name>.tmp-<pid>-*` / `.<name>.old-<pid>*` entries in parent whose process is gone."""
+def remove_stale_temps(parent: str | Path, name: str | None = None) -> list[Path]:
+    """Remove `.<name>.tmp-<pid>[-*]` / `.<name>.old-<pid>` entries in parent whose process is gone
+    (name None: of any name, for folders that only we write into)."""
     parent = Path(parent)
     if not parent.is_dir():
         return []
-    pattern = re.compile(rf"^\.{re.escape(name)}(?:{re.escape(_TMP)}|{re.escape(_OLD)})(\d+)(?:-.*)?$")
+    stem = ".+" if name is None else re.escape(name)
+    pattern = re.compile(rf"^\.{stem}(?:{re.escape(_TMP)}|{re.escape(_OLD)})(\d+)(?:-.*)?$")
     removed = []
     for p in parent.iterdir():
         m = pattern.match(p.name)
