@@ -19,10 +19,11 @@ use. Size per KD token: 4·k bytes plus a little per sample (k = 32: 128 bytes).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
-import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -254,15 +255,58 @@ class TeacherCache:
         return self.manifest["bytes"] / rows if rows else float("nan")
 
 
-def cache_rows(logits: torch.Tensor, positions: torch.Tensor, k: int, temperature: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per sample of a teacher forward: the top-k log-probs and ids at its KD positions, in position order.
+# ---------------------------------------------------------------------------------------- building
+def dataset_keys(dataset, template: str, indices=None) -> dict[int, bytes]:
+    """{sample index: key} for a `VQADataset` (every sample, or `indices`)."""
+    idx = range(len(dataset.samples)) if indices is None else indices
+    return {i: sample_key(template, dataset.samples[i]["input_ids"], dataset.samples[i]["labels"],
+                          dataset.samples[i]["image"]) for i in idx}
 
-    logits (B, T, V) and positions (B, T) bool, in the spliced layout the student sees in training."""
+
+@torch.inference_mode()
+def build(teacher, dataset, root: str | Path, spec: CacheSpec, batch_size: int = 8, device: torch.device | None = None,
+          autocast_dtype: torch.dtype | None = None, rank: int = 0, world: int = 1, progress: bool = True) -> dict:
+    """Run the teacher once over this rank's share of `dataset` (samples rank, rank + world, …) and write
+    the top-k log-probs at the KD positions; samples already in finished shards are skipped (resume). The
+    last rank to finish is not special: call `finalize` after every rank returned (torchrun: after a barrier).
+    Returns this rank's counts and throughput."""
+    import time
+
+    from tqdm import tqdm
+
+    from ..data.datasets import collate
+    from ..distill.losses import kd_positions_mask
     from ..distill.topk import teacher_topk
 
-    return [teacher_topk(logits[i][positions[i]], k, temperature) for i in range(logits.shape[0])]
-
-
-def environment_rank() -> tuple[int, int]:
-    """(rank, world) of a torchrun launch, (0, 1) otherwise."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    device = device or torch.device("cpu")
+    teacher.eval()
+    writer = CacheWriter(root, spec, rank)
+    done = writer.done_keys()
+    keys = dataset_keys(dataset, spec.template, range(rank, len(dataset.samples), world))
+    todo, seen = [], set(done)
+    for i, key in keys.items():  # a sample repeated in the data is computed once
+        if key not in seen:
+            seen.add(key)
+            todo.append(i)
+    pad = teacher.config.text.pad_token_id
+    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    t0, rows = time.perf_counter(), 0
+    bar = tqdm(total=len(keys), initial=len(keys) - len(todo), desc=f"teacher cache (rank {rank})", disable=not progress,
+               mininterval=0.1 if sys.stderr.isatty() else 30.0)
+    for a in range(0, len(todo), batch_size):
+        chunk = todo[a:a + batch_size]
+        batch = {k: (v.to(device) if v is not None else None) for k, v in collate([dataset[i] for i in chunk], pad).items()}
+        with amp:
+            out = teacher(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"],
+                          labels=batch["labels"], compute_loss=False)
+        positions = kd_positions_mask(out.labels, out.attention_mask, spec.kd_positions)  # (B, T) the student's layout
+        for j, i in enumerate(chunk):
+            logp, ids = teacher_topk(out.logits[j][positions[j]], spec.k, spec.temperature)  # (R, k) each
+            writer.add(keys[i], logp, ids)
+            rows += logp.shape[0]
+        bar.update(len(chunk))
+    writer.flush()
+    bar.close()
+    wall = time.perf_counter() - t0
+    return {"rank": rank, "samples": len(keys), "computed": len(todo), "kd_positions": rows, "wall_s": round(wall, 2),
+            "samples_per_s": round(len(todo) / wall, 2) if wall > 0 else None}

@@ -122,3 +122,34 @@ def test_teacher_fingerprint_changes_with_the_weights(tmp_path):
     save_model(m, tmp_path / "t")
     b = teacher_fingerprint(tmp_path / "t")
     assert a["config_sha256"] == b["config_sha256"] and a["weights_fingerprint"] != b["weights_fingerprint"]
+
+
+def test_cached_kd_at_k_equal_to_the_vocabulary_equals_online_kd(tmp_path):
+    """Build a cache with a tiny teacher over a few easy-vqa samples; the student's KD from the cache
+    (k = vocabulary) equals KD against the teacher's logits computed online, batch by batch."""
+    from alignkd.data.datasets import collate, easyvqa_dataset
+    from alignkd.data.image import image_config
+    from alignkd.distill.losses import kd_loss, kd_positions_mask
+    from alignkd.distill.topk import topk_kd_loss
+    from alignkd.model import build_model
+    from alignkd.model.tokenizer import load_tokenizer, tiny_tokenizer_dir
+    from alignkd.train.teacher_cache import build, dataset_keys
+
+    teacher, student = build_model("tiny-teacher", seed=1), build_model("tiny-student", seed=2)
+    tok = load_tokenizer(tiny_tokenizer_dir())
+    ds = easyvqa_dataset("train", tok, image_config(student.config), 512, 144, "v1", limit=6, seed=0)
+    spec = CacheSpec(teacher={"config_sha256": "t", "weights_fingerprint": "t"}, k=512, temperature=2.0,
+                     kd_positions="text", template="v1", vocab_size=512)
+    summary = build(teacher, ds, tmp_path, spec, batch_size=4, progress=False)
+    finalize(tmp_path, spec)
+    assert summary["computed"] == 6 and summary["kd_positions"] > 0
+    cache, keys = TeacherCache(tmp_path, spec), dataset_keys(ds, "v1")
+    batch = collate([ds[i] for i in (5, 0, 3)], 0)  # another order and batch size than the build's
+    with torch.no_grad():
+        s = student(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"], compute_loss=False)
+        t = teacher(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], compute_loss=False)
+    online = kd_loss(s.logits, t.logits, s.labels, s.attention_mask, 2.0, "text")
+    pos = kd_positions_mask(s.labels, s.attention_mask, "text")
+    rows = [cache.lookup(keys[i]) for i in (5, 0, 3)]
+    cached = topk_kd_loss(s.logits[pos], torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]), 2.0)
+    torch.testing.assert_close(cached, online, rtol=2e-3, atol=1e-4)  # the cache stores float16 log-probs
