@@ -1,46 +1,132 @@
-"""`alignkd-mobile eval`: checkpoints × benchmarks → answers (resumable JSONL) → scores → report."""
+"""`alignkd-mobile eval`: checkpoints × benchmarks → answer files (LLaVA format, resumable) → the
+official scores → report; or, with `answers`, existing answer files → scores → report, no model.
+
+Everything a user can get wrong is checked before any model loads: benchmark names and numbers,
+--data-root, the answer files, the run names against --distilled / --baseline, each checkpoint's
+tokenizer against its config, then every benchmark's files. Our own answers are scored from the answer file, the
+same path as `--answers`, so both give the same number for the same file.
+"""
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..errors import CheckpointError
-from ..fileio import atomic_write
-from ..model.checkpoint import load_model
-from ..model.tokenizer import load_tokenizer
-from .benchmarks import get_benchmark
-from .report import render_markdown, build_report, write_report
+from ..errors import ConfigError, DataError
+from ..model.checkpoint import load_config, load_model
+from ..model.tokenizer import check_tokenizer_matches, load_tokenizer
+from .answers import match_answers, read_answer_rows
+from .benchmarks import Benchmark, EvalItem, LoadStats, get_benchmark
+from .report import build_report, render_markdown, write_report
 from .runner import answer_items
 
 
-def evaluate(checkpoints: list[str], benches: list[str], data_root: str | None, out_dir: str | Path,
+def evaluate(checkpoints: Sequence[str], benches: Sequence[str], data_root: str | None, out_dir: str | Path,
              limit: int | None = None, batch_size: int = 16, max_new_tokens: int = 16,
-             distilled: str | None = None, baseline: str | None = None, progress: bool = True, log=print) -> dict:
-    """Answer every benchmark with every checkpoint; write report.{md,json} and report_radar.png.
+             distilled: str | None = None, baseline: str | None = None, progress: bool = True,
+             log: Callable[[str], object] = print, answers: Sequence[str | Path] = ()) -> dict:
+    """Score every checkpoint (or answer file) on every benchmark; write report.{md,json} and
+    report_radar.png into out_dir. Returns {run name: {benchmark: metrics}}.
 
-    Checkpoint names in the report are their directory names; answers go to
-    out_dir/answers/<name>/<bench>.jsonl (a rerun skips what is there: a killed eval resumes).
+    Run names are the checkpoint directory names (answer files: their stems). A checkpoint's
+    answers go to out_dir/answers/<name>/<bench>.jsonl; a rerun skips what is there.
     """
+    names = _check_request(list(checkpoints), list(benches), data_root, limit, batch_size, max_new_tokens,
+                           distilled, baseline, [Path(a) for a in answers])
+    tokenizers = [_matching_tokenizer(c) for c in checkpoints]
+    loaded = {b: _load(get_benchmark(b), data_root, limit, log) for b in benches}
     out = Path(out_dir)
-    loaded = [(get_benchmark(b), *get_benchmark(b).load(Path(data_root) if data_root else None, limit=limit))
-              for b in benches]
-    for bench, items, stats in loaded:
-        if stats.n_malformed:
-            log(f"{bench.name}: {stats.n_malformed} malformed row(s) not scored, e.g. {stats.malformed[:2]}")
     results: dict[str, dict] = {}
-    names = [Path(c).name or str(c) for c in checkpoints]
-    if len(set(names)) != len(names):
-        raise CheckpointError(f"checkpoint directory names must differ (they name the report's rows): {names}")
-    for ckpt, name in zip(checkpoints, names):
-        model, tok = load_model(ckpt), load_tokenizer(ckpt)
+    for i, name in enumerate(names):
         results[name] = {}
-        for bench, items, stats in loaded:
-            preds = answer_items(model, tok, items, batch_size, max_new_tokens,
-                                 answers_file=out / "answers" / name / f"{bench.name}.jsonl",
-                                 desc=f"{name} {bench.name}", progress=progress)
-            results[name][bench.name] = {**bench.score(items, preds), "n_malformed_rows": stats.n_malformed}
-    paths = write_report(results, out, distilled=distilled, baseline=baseline, benchmarks=benches)
-    log(render_markdown(build_report(results, distilled, baseline, benches)))
+        model = load_model(checkpoints[i]) if checkpoints else None
+        for b, (bench, items, stats) in loaded.items():
+            if model is None:
+                path = Path(answers[i])
+            else:
+                path = out / "answers" / name / f"{b}.jsonl"
+                answer_items(model, tokenizers[i], items, batch_size, max_new_tokens, answers_file=path,
+                             desc=f"{name} {b}", progress=progress, answer_keys=bench.answer_keys, model_id=name)
+            results[name][b] = _score(bench, items, stats, path, name, log)
+        del model
+    info = {b: {"rule": bench.rule, "source": stats.source, "notes": stats.notes} for b, (bench, _, stats) in loaded.items()}
+    paths = write_report(results, out, distilled=distilled, baseline=baseline, benchmarks=list(benches), info=info)
+    log(render_markdown(build_report(results, distilled, baseline, list(benches), info=info)))
     log("wrote " + ", ".join(str(p) for p in paths.values()))
     return results
+
+
+def _check_request(checkpoints: list[str], benches: list[str], data_root: str | None, limit: int | None,
+                   batch_size: int, max_new_tokens: int, distilled: str | None, baseline: str | None,
+                   answers: list[Path]) -> list[str]:
+    """The run names, after every check that needs no model and no benchmark file."""
+    if not benches:
+        raise ConfigError("--bench names no benchmark")
+    for b in benches:
+        get_benchmark(b)
+    if len(set(benches)) != len(benches):
+        raise ConfigError(f"--bench names a benchmark twice: {','.join(benches)}")
+    for flag, v in (("--limit", limit), ("--batch-size", batch_size), ("--max-new-tokens", max_new_tokens)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ConfigError(f"{flag} must be a positive integer, got {v!r}")
+    need = [b for b in benches if b != "easyvqa"]
+    if need and data_root is None:
+        raise ConfigError(f"--data-root is required for {', '.join(need)}: the benchmark's folder, or the folder "
+                          "holding one folder per benchmark (LLaVA-1.5's playground/data/eval)")
+    if data_root is not None and not Path(data_root).is_dir():
+        raise DataError(f"--data-root {data_root} is not a folder")
+    if answers and checkpoints:
+        raise ConfigError("give checkpoints or --answers files, not both")
+    if not answers and not checkpoints:
+        raise ConfigError("nothing to evaluate: give checkpoint directories, or --answers FILE to score an answer file")
+    if answers and len(benches) != 1:
+        raise ConfigError(f"an answer file answers one benchmark: give one --bench, not {','.join(benches)}")
+    for a in answers:
+        if not a.is_file():
+            raise DataError(f"answer file {a} not found (JSON lines {{\"question_id\", \"prompt\", \"text\", ...}})")
+    names = [Path(a).stem for a in answers] or [Path(c).name or str(c) for c in checkpoints]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"the runs need different names (checkpoint directory or answer file names): {names}")
+    if (distilled is None) != (baseline is None):
+        raise ConfigError("name both --distilled and --baseline, or neither")
+    for flag, n in (("--distilled", distilled), ("--baseline", baseline)):
+        if n is not None and n not in names:
+            raise ConfigError(f"{flag} {n!r} is not one of the runs: {', '.join(names)}")
+    return names
+
+
+def _matching_tokenizer(ckpt: str):
+    """The checkpoint's tokenizer, refused (as train and export refuse it) when it cannot drive the model."""
+    cfg = load_config(ckpt)
+    tok = load_tokenizer(ckpt)
+    check_tokenizer_matches(tok, cfg.text.vocab_size, cfg.text.bos_token_id, cfg.text.eos_token_id,
+                            where=f"checkpoint {ckpt}")
+    return tok
+
+
+def _load(bench: Benchmark, data_root: str | None, limit: int | None, log) -> tuple[Benchmark, list[EvalItem], LoadStats]:
+    items, stats = bench.load(Path(data_root) if data_root else None, limit=limit)
+    log(f"{bench.name}: {len(items)} questions from {stats.source}")
+    if stats.n_malformed:
+        log(f"{bench.name}: {stats.n_malformed} unusable row(s) not scored, e.g. {'; '.join(stats.malformed[:2])}")
+    for note in stats.notes:
+        log(f"{bench.name}: {note}")
+    return bench, items, stats
+
+
+def _score(bench: Benchmark, items: list[EvalItem], stats: LoadStats, path: Path, name: str, log) -> dict:
+    """The benchmark's metrics of an answer file, with what did not fit counted."""
+    rows = read_answer_rows(path)
+    m = match_answers(rows.rows, {it.id for it in items}, bench.answer_keys, stats.unscored)
+    metrics = {**bench.score(items, m.predictions), "n_unknown_ids": float(m.n_unknown),
+               "n_duplicate_answers": float(m.n_duplicates), "n_bad_lines": float(rows.n_bad_lines),
+               "n_malformed_rows": float(stats.n_malformed)}
+    n_missing = len(items) - len(m.predictions)
+    if m.n_unknown:
+        log(f"{name} {bench.name}: {m.n_unknown} answer(s) to questions the benchmark does not know, not scored "
+            f"(question ids e.g. {', '.join(m.unknown)})")
+    if n_missing:
+        log(f"{name} {bench.name}: {n_missing} of {len(items)} questions have no answer in {path}: scored as wrong")
+    if rows.n_bad_lines:
+        log(f"{name} {bench.name}: {rows.n_bad_lines} line(s) of {path} are not answer rows, skipped")
+    return metrics

@@ -2,8 +2,11 @@
 Figure 1.
 
 Input: {checkpoint_name: {benchmark: metrics}} where metrics is what `Benchmark.score` returned
-(only its "score" is used). Output (all written atomically: a temp file in the same folder, then
-`os.replace`): `{stem}.md`, `{stem}.json`, `{stem}_radar.png`.
+("score" is the table's number; "n", "n_missing", "n_unknown_ids", "n_malformed_rows" fill the
+coverage table), and per benchmark the official rule its number follows and the files it read.
+Output (each written atomically: a temp file in the same folder, then `os.replace`; the PNG first,
+so that a full disk never leaves a report without its plot): `{stem}_radar.png`, `{stem}.json`,
+`{stem}.md`.
 
 The average is the Align-KD paper's: the mean of GQA, SQA-I, TextVQA, POPE, MME-P / 20 and MMB-dev
 over those of them that are in the table (a checkpoint lacking one of them gets no average);
@@ -15,14 +18,11 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from alignkd.errors import ConfigError
-
 from alignkd.fileio import atomic_write
 
 PAPER_BENCHMARKS = ("gqa", "sqa", "textvqa", "pope", "mme", "mmbench")
@@ -37,6 +37,9 @@ DISPLAY_NAMES = {
     "easyvqa": "easy-vqa",
 }
 MME_DIVISOR = 20.0  # MME-P is out of 2000; /20 puts it on a 0-100 scale for the average
+# metrics counting what was scored: questions, questions without an answer (scored as wrong),
+# answers to unknown question ids, unusable benchmark rows
+COVERAGE_KEYS = ("n", "n_missing", "n_unknown_ids", "n_malformed_rows")
 
 
 def _display(b: str) -> str:
@@ -62,9 +65,11 @@ def build_report(
     distilled: str | None = None,
     baseline: str | None = None,
     benchmarks: Sequence[str] | None = None,
+    info: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict:
-    """JSON-able report: checkpoints x benchmarks "score", the paper's average, and the difference
-    distilled - baseline (when both are named; each must be a key of `results`)."""
+    """JSON-able report: checkpoints x benchmarks "score", the paper's average, the difference
+    distilled - baseline (when both are named; each must be a key of `results`), and per benchmark
+    the official rule and source of `info` ({bench: {"rule", "source", "notes"}})."""
     if not results:
         raise ConfigError("report: no results to compare")
     ckpts = list(results)
@@ -112,9 +117,13 @@ def build_report(
             note += "; " + ", ".join(_display(b) for b in benchmarks if b not in PAPER_BENCHMARKS)
             note += " not averaged"
         notes.append(note + ".")
-    notes.append("Scores: accuracy in % (POPE: mean F1 over its splits; MMB-dev: circular accuracy); MME-P: sum of 10 subtasks, out of 2000.")
+    info = info or {}
+    notes.append("Scores: in % (POPE: mean F1 of its splits; MMB-dev: circular accuracy); MME-P: sum of 10 subtasks, "
+                 "out of 2000" + ("; each number's official rule is listed below." if info else "."))
     if any(v is None for s in scores.values() for v in s.values()):
         notes.append("–: not evaluated.")
+    coverage = {c: {b: {k: results[c][b][k] for k in COVERAGE_KEYS if k in results[c][b]}
+                    for b in benchmarks if isinstance(results[c].get(b), Mapping)} for c in ckpts}
     return {
         "benchmarks": benchmarks,
         "benchmark_names": {b: _display(b) for b in benchmarks},
@@ -124,6 +133,9 @@ def build_report(
         "average": average,
         "difference": diff,
         "notes": notes,
+        "rules": {b: info[b].get("rule", "") for b in benchmarks if b in info},
+        "sources": {b: info[b].get("source", "") for b in benchmarks if b in info},
+        "coverage": coverage,
     }
 
 
@@ -153,7 +165,23 @@ def render_markdown(report: dict) -> str:
     lines.append("")
     for i, n in enumerate(report["notes"]):
         lines.append(f"{'¹ ' if i == 0 and has_avg else ''}{n}")
+    if report.get("rules"):
+        lines += ["", "Each number as the official scorer computes it:"]
+        for b, rule in report["rules"].items():
+            src = report["sources"].get(b)
+            lines.append(f"- {report['benchmark_names'][b]}: {rule}" + (f" (data: {src})" if src else ""))
+    rows = [(c, b, m) for c, per in report.get("coverage", {}).items() for b, m in per.items() if m]
+    if rows:
+        lines += ["", "| run | benchmark | questions | no answer (scored wrong) | unknown question ids | unusable rows |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for c, b, m in rows:
+            cells = [_count(m.get(k)) for k in COVERAGE_KEYS]
+            lines.append(f"| {c} | {report['benchmark_names'][b]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _count(v: Any) -> str:
+    return "–" if v is None else str(int(v))
 
 
 def render_radar_png(report: dict, title: str | None = None) -> bytes:
@@ -247,16 +275,21 @@ def write_report(
     benchmarks: Sequence[str] | None = None,
     stem: str = "report",
     plot: bool = True,
+    info: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Path]:
-    """Build the report and write `{stem}.md`, `{stem}.json` (report + full metrics) and
-    `{stem}_radar.png` into out_dir. Returns the paths written, by kind ("markdown", "json", "radar")."""
-    rep = build_report(results, distilled, baseline, benchmarks)
+    """Build the report and write `{stem}_radar.png`, `{stem}.json` (report + full metrics + the
+    benchmarks' info) and `{stem}.md` into out_dir, in that order: the Markdown, written last, is
+    there only when the rest is. Returns the paths written, by kind ("radar", "json", "markdown")."""
+    rep = build_report(results, distilled, baseline, benchmarks, info=info)
     out_dir = Path(out_dir)
-    paths = {"markdown": out_dir / f"{stem}.md", "json": out_dir / f"{stem}.json"}
-    atomic_write(paths["markdown"], render_markdown(rep))
-    full = dict(rep, metrics={c: {b: dict(m) if isinstance(m, Mapping) else m for b, m in r.items()} for c, r in results.items()})
-    atomic_write(paths["json"], json.dumps(full, indent=2, sort_keys=False) + "\n")
+    paths = {}
     if plot:
         paths["radar"] = out_dir / f"{stem}_radar.png"
         atomic_write(paths["radar"], render_radar_png(rep))
+    paths["json"] = out_dir / f"{stem}.json"
+    full = dict(rep, metrics={c: {b: dict(m) if isinstance(m, Mapping) else m for b, m in r.items()} for c, r in results.items()},
+                benchmark_info={b: dict(v) for b, v in (info or {}).items()})
+    atomic_write(paths["json"], json.dumps(full, indent=2, sort_keys=False) + "\n")
+    paths["markdown"] = out_dir / f"{stem}.md"
+    atomic_write(paths["markdown"], render_markdown(rep))
     return paths

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import string
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 # --------------------------------------------------------------------------------------------------
 # VQA / TextVQA: EvalAI answer processor (LLaVA llava/eval/m4c_evaluator.py, same as the VQA eval kit)
@@ -154,9 +154,9 @@ def vqa_accuracy(prediction: str, raw_answers: Sequence[str]) -> float:
 
 
 def normalize_gqa_answer(text: str) -> str:
-    """LLaVA's scripts/convert_gqa_for_eval.py: `text.rstrip('.').lower()` (model output is already
-    stripped by model_vqa_loader; we strip too). GQA's eval.py then compares strings exactly."""
-    return text.strip().rstrip(".").lower()
+    """LLaVA's scripts/convert_gqa_for_eval.py: `text.rstrip('.').lower()` and nothing else (no strip:
+    " Yes" stays " yes"); GQA's eval.py then compares it with the gold answer exactly."""
+    return text.rstrip(".").lower()
 
 
 _PUNCT_TABLE = str.maketrans("", "", string.punctuation)
@@ -287,37 +287,63 @@ def sqa_pred_index(letter: str, n_choices: int, options: Sequence[str] = SQA_OPT
 
 
 # --------------------------------------------------------------------------------------------------
-# MMBench (multiple choice, circular evaluation)
+# MMBench: VLMEvalKit's answer extraction with exact matching (vlmeval/utils/matching_util.py at
+# e8e78f05: can_infer = can_infer_option, else can_infer_text), the rule its multiple-choice
+# evaluation applies when no judge model is used. Run with VLMEvalKit's VERBOSE unset (its default).
 # --------------------------------------------------------------------------------------------------
 
-_MC_HEAD = re.compile(r"^\(?([A-Z])(?:$|[.,:;)\]])")
+_MC_BLANKED = ".()[],:;!*#{}"  # turned into spaces before the reply is split into words
+_MC_REFUSALS = (
+    "Sorry, I can't help with images of people yet.", "I can't process this file.",
+    "I'm sorry, but without the image provided", "Cannot determine the answer",
+)
+# No word boundary after the letter, as in VLMEvalKit: "The answer is based on ..." reads as B.
+_MC_ANSWER_IS = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
 
 
-def parse_choice_letter(text: str, options: dict[str, str]) -> str | None:
-    """The option letter a multiple-choice reply picks, or None.
+def can_infer_option(answer: str, choices: Mapping[str, str]) -> str | None:
+    """The option letter a reply names, 'Z' for a refusal, or None.
 
-    `options` maps the letters shown in the prompt to their texts. Rules (the rule-based step of
-    MMBench / VLMEvalKit's matching, without its LLM fallback): a reply that starts with a shown
-    letter followed by punctuation ("B", "B.", "(B)", "B) cat") picks it; else a reply equal to one
-    option's text (case-insensitive, trailing period ignored) picks that option; else exactly one
-    shown letter standing alone as a word picks it ("A" is ignored there in replies of more than 3
-    words, where it is likely the article, as VLMEvalKit does); anything else is unparsed (wrong).
+    Rules, in order: a reply holding VLMEvalKit's API-failure text names nothing; one holding a
+    refusal phrase is 'Z' (never right). Blank out `.()[],:;!*#{}` and split into words; if exactly
+    one choice letter is a word (case-sensitive: "b" is no letter) and its first occurrence is among
+    the last four words, that letter; if no letter is a word but "Z" is, 'Z'. Else the first match
+    of "answer is X" / "correct answer is **X**" (any case) whose letter is a choice. Two letters
+    ("A or B") name nothing.
     """
-    t = text.strip()
-    m = _MC_HEAD.match(t)
-    if m and m.group(1) in options:
-        return m.group(1)
-    low = t.rstrip(".").strip().lower()
-    hits = [k for k, v in options.items() if str(v).strip().rstrip(".").lower() == low]
-    if len(hits) == 1:
-        return hits[0]
-    words = set(re.findall(r"\b([A-Z])\b", t))
-    if len(t.split()) > 3:
-        words.discard("A")
-    letters = [k for k in options if k in words]
-    if len(letters) == 1:
-        return letters[0]
+    if "Failed to obtain answer via API" in answer:
+        return None
+    if any(r in answer for r in _MC_REFUSALS):
+        return "Z"
+    words = answer.translate(str.maketrans(_MC_BLANKED, " " * len(_MC_BLANKED))).split()
+    named = [c for c in choices if c in words]
+    if len(named) == 1:
+        if words.index(named[0]) > len(words) - 5:
+            return named[0]
+    elif not named and "Z" in words:
+        return "Z"
+    m = _MC_ANSWER_IS.search(answer)
+    if m and m.group(1).upper() in choices:
+        return m.group(1).upper()
     return None
+
+
+def can_infer_text(answer: str, choices: Mapping[str, str]) -> str | None:
+    """The option whose text (lower-case) is a substring of the reply (lower-case), when exactly
+    one is; None when none or several are, or when the reply is longer than twice the options'
+    texts together."""
+    answer = answer.lower()
+    if len(answer) > 2 * sum(len(str(v)) for v in choices.values()):
+        return None
+    hits = [k for k, v in choices.items() if str(v).lower() in answer]
+    return hits[0] if len(hits) == 1 else None
+
+
+def can_infer(answer: str, choices: Mapping[str, str]) -> str | None:
+    """VLMEvalKit's exact-matching extraction: the letter (or 'Z'), else the option text, else None.
+    `choices` maps each option letter of the question to its text."""
+    answer = str(answer)
+    return can_infer_option(answer, choices) or can_infer_text(answer, choices)
 
 
 def percent(num: float, den: float) -> float:

@@ -1,14 +1,22 @@
-"""`alignkd-mobile eval`: resumes a killed run to the same scores, writes the report and radar PNG."""
+"""`alignkd-mobile eval`: resumes a killed run to the same scores in LLaVA's answer format, scores existing
+answer files without a model, and refuses bad requests with one `error:` line before any model loads."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
+from click.testing import CliRunner
 
+import alignkd.eval.evaluate as ev
+from alignkd.cli import main
+from alignkd.errors import CheckpointError, ConfigError, DataError
 from alignkd.eval.evaluate import evaluate
 from alignkd.model import build_model, save_model
 from alignkd.model.tokenizer import load_tokenizer, tiny_tokenizer_dir
+
+QUIET = {"progress": False, "log": lambda *_: None}
 
 
 @pytest.fixture(scope="module")
@@ -20,26 +28,134 @@ def two_checkpoints(tmp_path_factory):
     return root
 
 
-def test_resume_gives_the_same_scores_and_report(two_checkpoints, tmp_path):
+@pytest.fixture()
+def no_model(monkeypatch):
+    """Fails the test if a model's weights are loaded."""
+    def refuse(*_a, **_k):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(ev, "load_model", refuse)
+
+
+def test_resume_gives_the_same_scores_and_a_valid_answer_file(two_checkpoints, tmp_path):
     ckpts = [str(two_checkpoints / "alignkd"), str(two_checkpoints / "baseline")]
-    full = evaluate(ckpts, ["easyvqa"], None, tmp_path / "full", limit=6, batch_size=4, max_new_tokens=3,
-                    distilled="alignkd", baseline="baseline", progress=False, log=lambda *_: None)
+    kw = dict(limit=6, batch_size=4, max_new_tokens=3, distilled="alignkd", baseline="baseline", **QUIET)
+    full = evaluate(ckpts, ["easyvqa"], None, tmp_path / "full", **kw)
+    answers = tmp_path / "full" / "answers" / "alignkd" / "easyvqa.jsonl"
+    rows = [json.loads(ln) for ln in answers.read_text().splitlines()]
+    assert len(rows) == 6 and all(r["model_id"] == "alignkd" and r["metadata"] == {} for r in rows)
+    assert rows[0]["prompt"].endswith("Answer the question using a single word or phrase.")
     # a "killed" run: 2 answers written and a torn third line
     part = tmp_path / "part" / "answers" / "alignkd" / "easyvqa.jsonl"
     part.parent.mkdir(parents=True)
-    lines = (tmp_path / "full" / "answers" / "alignkd" / "easyvqa.jsonl").read_text().splitlines()
-    part.write_text("\n".join(lines[:2]) + '\n{"id": "12", "ans')
-    resumed = evaluate(ckpts, ["easyvqa"], None, tmp_path / "part", limit=6, batch_size=4, max_new_tokens=3,
-                       distilled="alignkd", baseline="baseline", progress=False, log=lambda *_: None)
+    lines = answers.read_text().splitlines()
+    part.write_text("\n".join(lines[:2]) + '\n{"question_id": "12", "pro')
+    resumed = evaluate(ckpts, ["easyvqa"], None, tmp_path / "part", **kw)
     assert resumed == full
+    resumed_rows = [json.loads(ln) for ln in part.read_text().splitlines()]  # every line parses: torn tail cut
+    assert [r["question_id"] for r in resumed_rows] == [r["question_id"] for r in rows]
+    assert resumed_rows[:2] == rows[:2]  # the first two were not asked again
     report = json.loads((tmp_path / "full" / "report.json").read_text())
     assert set(report["metrics"]) == {"alignkd", "baseline"}
+    assert report["metrics"]["alignkd"]["easyvqa"]["n_unknown_ids"] == 0
     assert (tmp_path / "full" / "report_radar.png").read_bytes()[:4] == b"\x89PNG"
     assert "| alignkd |" in (tmp_path / "full" / "report.md").read_text()
 
 
-def test_missing_benchmark_files_name_the_expected_path(two_checkpoints, tmp_path):
-    from alignkd.errors import DataError
+def test_scores_an_answer_file_without_a_model(assets, tmp_path, no_model):
+    # LLaVA's POPE answers: question ids from llava_pope_test.jsonl (adversarial 1-4, random 10,000,001-4, popular
+    # 20,000,001-4); every reply right except adversarial 4 ("No" on a yes): adversarial TP 1, TN 2, FN 1 ->
+    # F1 = 2 x 1 x .5 / 1.5 = 66.67; random and popular 100 -> mean F1 (66.67 + 100 + 100) / 3 = 88.89.
+    labels = {1: "Yes", 2: "No", 3: "No", 4: "No", 10_000_001: "Yes", 10_000_002: "No", 10_000_003: "Yes",
+              10_000_004: "No", 20_000_001: "Yes", 20_000_002: "Yes", 20_000_003: "No", 20_000_004: "No"}
+    rows = [{"question_id": q, "prompt": "p", "text": t, "answer_id": "a", "model_id": "llava", "metadata": {}}
+            for q, t in labels.items()]
+    rows.append({"question_id": 5, "prompt": "p", "text": "Yes"})  # adversarial line 5 is unusable: unknown id
+    f = tmp_path / "llava-v1.5-13b.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
+    log: list[str] = []
+    res = evaluate([], ["pope"], str(assets), tmp_path / "out", answers=[f], progress=False, log=log.append)
+    m = res["llava-v1.5-13b"]["pope"]
+    assert m["score"] == pytest.approx((200 / 3 + 100 + 100) / 3)
+    assert (m["n_unknown_ids"], m["n_bad_lines"], m["n_missing"], m["n_malformed_rows"]) == (1, 1, 0, 2)
+    assert any("1 answer(s) to questions the benchmark does not know" in ln and "5" in ln for ln in log)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "POPE: LLaVA eval_pope.py" in md and "mean F1 of adversarial, random and popular" in md
+    assert "| llava-v1.5-13b | POPE | 12 | 0 | 1 | 2 |" in md
+    # one answer fewer: that question is scored wrong and counted
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows[1:]))
+    m = evaluate([], ["pope"], str(assets), tmp_path / "out2", answers=[f], **QUIET)["llava-v1.5-13b"]["pope"]
+    assert m["n_missing"] == 1 and m["adversarial_f1"] == 0.0  # its only true positive became a false negative
 
-    with pytest.raises(DataError, match="testdev_balanced_questions.json"):
-        evaluate([str(two_checkpoints / "alignkd")], ["gqa"], str(tmp_path), tmp_path / "o", progress=False)
+
+def test_our_answer_file_scores_the_same_through_answers(two_checkpoints, assets, tmp_path):
+    ckpt = str(two_checkpoints / "alignkd")
+    ours = evaluate([ckpt], ["mmbench"], str(assets), tmp_path, limit=1, batch_size=4, max_new_tokens=2, **QUIET)
+    again = evaluate([], ["mmbench"], str(assets), tmp_path / "again", limit=1,
+                     answers=[tmp_path / "answers" / "alignkd" / "mmbench.jsonl"], **QUIET)
+    assert again["mmbench"] == ours["alignkd"]
+    rows = [json.loads(ln) for ln in (tmp_path / "answers" / "alignkd" / "mmbench.jsonl").read_text().splitlines()]
+    # model_vqa_mmbench's fields, the TSV's indices as question ids
+    assert [r["question_id"] for r in rows] == [0, 1_000_000, 2_000_000, 3_000_000]
+    assert rows[0]["options"] == ["red", "green", "blue", "yellow"] and rows[0]["round_id"] == 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"benches": ["gqa"], "data_root": None}, "--data-root is required for gqa"),
+    ({"batch_size": 0}, "--batch-size must be a positive integer, got 0"),
+    ({"limit": 0}, "--limit must be a positive integer, got 0"),
+    ({"max_new_tokens": -5}, "--max-new-tokens must be a positive integer, got -5"),
+    ({"benches": ["vqav2"]}, "unknown benchmark 'vqav2'"),
+    ({"benches": []}, "--bench names no benchmark"),
+    ({"distilled": "nope", "baseline": "b"}, "--distilled 'nope' is not one of the runs: a, b"),
+    ({"distilled": "a"}, "name both --distilled and --baseline"),
+    ({"checkpoints": ["x/a", "y/a"]}, "the runs need different names"),
+    ({"checkpoints": []}, "nothing to evaluate"),
+])
+def test_bad_requests_fail_before_anything_loads(tmp_path, no_model, kwargs, message):
+    # the checkpoint directories do not even exist: the request is refused before they are read
+    args = dict(checkpoints=[str(tmp_path / "a"), str(tmp_path / "b")], benches=["easyvqa"], data_root=None)
+    args.update(kwargs)
+    with pytest.raises(ConfigError, match=message):
+        evaluate(args.pop("checkpoints"), args.pop("benches"), args.pop("data_root"), tmp_path / "o", **args, **QUIET)
+
+
+def test_answers_requests(tmp_path, no_model):
+    f = tmp_path / "a.jsonl"
+    f.write_text("")
+    with pytest.raises(ConfigError, match="not both"):
+        evaluate([str(tmp_path)], ["easyvqa"], None, tmp_path / "o", answers=[f], **QUIET)
+    with pytest.raises(ConfigError, match="one --bench"):
+        evaluate([], ["easyvqa", "gqa"], str(tmp_path), tmp_path / "o", answers=[f], **QUIET)
+    with pytest.raises(DataError, match="nope.jsonl not found"):
+        evaluate([], ["easyvqa"], None, tmp_path / "o", answers=[tmp_path / "nope.jsonl"], limit=2, **QUIET)
+    with pytest.raises(DataError, match="is not a folder"):
+        evaluate([], ["gqa"], str(f), tmp_path / "o", answers=[f], **QUIET)
+
+
+def test_refuses_a_tokenizer_that_does_not_match_before_loading_weights(two_checkpoints, tmp_path, no_model):
+    bad = tmp_path / "bad"
+    shutil.copytree(two_checkpoints / "alignkd", bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(dict(cfg, eos_token_id=3)))
+    with pytest.raises(ConfigError, match=f"tokenizer does not match checkpoint {bad}.*EOS id 2 != model eos_token_id 3"):
+        evaluate([str(bad)], ["easyvqa"], None, tmp_path / "o", limit=2, **QUIET)
+    with pytest.raises(CheckpointError):
+        evaluate([str(tmp_path / "missing")], ["easyvqa"], None, tmp_path / "o", limit=2, **QUIET)
+
+
+def test_missing_benchmark_files_name_both_layouts(two_checkpoints, tmp_path, no_model):
+    with pytest.raises(DataError, match="testdev_balanced_questions.json.*data/testdev_balanced_questions.json"):
+        evaluate([str(two_checkpoints / "alignkd")], ["gqa"], str(tmp_path), tmp_path / "o", **QUIET)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "ckpt", "--bench", "gqa"], "error: --data-root is required for gqa"),
+    (["eval", "ckpt", "--batch-size", "0"], "error: --batch-size must be a positive integer, got 0"),
+    (["eval", "ckpt", "--limit", "0"], "error: --limit must be a positive integer, got 0"),
+    (["eval", "ckpt", "--max-new-tokens", "0"], "error: --max-new-tokens must be a positive integer, got 0"),
+    (["eval", "a/ckpt", "--distilled", "x", "--baseline", "ckpt"], "error: --distilled 'x' is not one of the runs: ckpt"),
+])
+def test_cli_prints_one_error_line(args, message):
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and r.stdout == ""
+    assert r.stderr.startswith(message) and len(r.stderr.strip().splitlines()) == 1

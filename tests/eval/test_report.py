@@ -94,3 +94,38 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
         report.atomic_write(target, "new\n")
     assert target.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["report.md"]  # temp file removed
+
+
+def test_rules_sources_and_coverage():
+    r = {"a": {"pope": {"score": 85.0, "n": 12.0, "n_missing": 1.0, "n_unknown_ids": 2.0, "n_malformed_rows": 0.0}}}
+    info = {"pope": {"rule": "mean F1 of the three splits", "source": "/data/pope/coco", "notes": []}}
+    rep = report.build_report(r, info=info)
+    assert rep["rules"] == {"pope": "mean F1 of the three splits"}
+    assert rep["coverage"] == {"a": {"pope": {"n": 12.0, "n_missing": 1.0, "n_unknown_ids": 2.0, "n_malformed_rows": 0.0}}}
+    md = report.render_markdown(rep)
+    assert "- POPE: mean F1 of the three splits (data: /data/pope/coco)" in md
+    assert "| a | POPE | 12 | 1 | 2 | 0 |" in md
+    json.dumps(rep)
+
+
+def test_png_is_written_first(tmp_path, monkeypatch):
+    order = []
+    real = report.atomic_write
+    monkeypatch.setattr(report, "atomic_write", lambda path, data: (order.append(path.name), real(path, data)))
+    report.write_report(results(), tmp_path)
+    assert order == ["report_radar.png", "report.json", "report.md"]
+
+
+@pytest.mark.parametrize("fails, left", [("report_radar.png", []), ("report.json", ["report_radar.png"])])
+def test_a_full_disk_never_leaves_a_report_without_its_plot(tmp_path, monkeypatch, fails, left):
+    real = report.atomic_write
+
+    def write(path, data):
+        if path.name == fails:
+            raise OSError(28, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(report, "atomic_write", write)
+    with pytest.raises(OSError):
+        report.write_report(results(), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == left  # never report.md without the rest

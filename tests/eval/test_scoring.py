@@ -54,8 +54,11 @@ def test_vqa_accuracy_normalises_both_sides():
 
 
 def test_gqa_normalisation():
+    # convert_gqa_for_eval.py: rstrip('.').lower() and nothing else
     assert scoring.normalize_gqa_answer("Red.") == "red"
-    assert scoring.normalize_gqa_answer(" Yes ") == "yes"
+    assert scoring.normalize_gqa_answer("Blue...") == "blue"
+    assert scoring.normalize_gqa_answer(" Yes") == " yes"  # no strip
+    assert scoring.normalize_gqa_answer("Yes. ") == "yes. "  # the space protects the period
     assert scoring.normalize_gqa_answer("a dog") == "a dog"  # no article stripping in GQA
 
 
@@ -162,25 +165,47 @@ def test_sqa_pred_index():
     assert scoring.sqa_pred_index("FAILED", 4) == -1
 
 
-# ------------------------------------------------------------------------------ multiple choice
+# ------------------------------------------------------------------------------ MMBench (VLMEvalKit can_infer)
+
+OPTIONS = {"A": "circle", "B": "triangle", "C": "square"}
 
 
 @pytest.mark.parametrize(
     "reply, letter",
     [
         ("B", "B"),
-        ("B.", "B"),
+        ("B.", "B"),  # '.' is blanked out before the split
         ("(C)", "C"),
         ("C) square", "C"),
-        ("square", "C"),  # equals the text of option C
-        ("Square.", "C"),
-        ("The answer is B", "B"),  # one shown letter as a word
-        ("A cat sits on the mat", None),  # long reply: "A" is taken as the article
-        ("E", None),  # not a shown option
+        ("**C**", "C"),  # '*' blanked
+        ("Answer: [B]", "B"),
+        ("The answer is B", "B"),  # one letter, and it is among the last 4 words
+        ("A cat", "A"),  # the article "A" is a letter word (VLMEvalKit's VERBOSE check is off)
+        ("A cat sits on the mat", None),  # "A" is the 1st of 6 words: not among the last 4
+        ("B is right since the shape has three sides", None),  # B is the 1st of 9 words: not in the last 4;
+        # no "answer is"; the reply is longer than 2 x 20 characters: no text match
+        ("I think the answer is B because it has corners", "B"),  # B not in the last 4 words; "answer is B"
+        ("Correct answer is **b**", "B"),  # "answer is b" in any case, stars allowed
+        ("The answer is based on shape", "B"),  # "answer is b..." with no word boundary
+        ("b", None),  # lower case is no letter, and "b" holds no option text
         ("A or B", None),  # two letters
+        ("E", None),  # not an option letter; no option text in it
+        ("Z", "Z"),  # no option letter, but a lone Z
+        ("Cannot determine the answer", "Z"),  # a refusal phrase
+        ("Failed to obtain answer via API. square", "C"),  # no letter then; the text rule finds "square"
+        ("square", "C"),  # option text in the reply
+        ("It is a Square.", "C"),  # lower-cased substring
+        ("a circle or a square", None),  # two option texts
         ("", None),
     ],
 )
-def test_choice_letter(reply, letter):
-    options = {"A": "circle", "B": "triangle", "C": "square"}
-    assert scoring.parse_choice_letter(reply, options) == letter
+def test_can_infer(reply, letter):
+    assert scoring.can_infer(reply, dict(OPTIONS)) == letter
+
+
+def test_can_infer_text_length_limit():
+    # 2 x (len("yes") + len("no")) = 10 characters at most
+    assert scoring.can_infer_text("it is yes!", {"A": "yes", "B": "no"}) == "A"  # 10 characters
+    assert scoring.can_infer_text("it is yes!!", {"A": "yes", "B": "no"}) is None  # 11
+    # "no" is a substring of "not": both texts in "not yes" -> none
+    assert scoring.can_infer_text("not yes", {"A": "yes", "B": "no"}) is None

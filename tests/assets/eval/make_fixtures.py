@@ -1,4 +1,7 @@
-"""Writes the hand-made evaluation fixtures next to this file (see README.md).
+"""Writes the hand-made evaluation fixtures next to this file (see README.md), laid out as LLaVA-1.5's
+playground/data/eval folder (gqa/data/, scienceqa/, textvqa/, pope/coco/ + pope/val2014/,
+MME/MME_Benchmark_release_version/, mmbench/); the tests derive the release and MobileVLM layouts
+from it in temporary folders.
 
 Every question, answer and label below was written by hand for the tests; only the tiny images are
 drawn by PIL. Run from the repository root: `.venv/bin/python tests/assets/eval/make_fixtures.py`.
@@ -11,6 +14,7 @@ import base64
 import csv
 import io
 import json
+import shutil
 from pathlib import Path
 
 from PIL import Image
@@ -37,7 +41,7 @@ def write_json(path: Path, obj) -> None:
 
 # ---------------------------------------------------------------------------------------------- GQA
 def gqa() -> None:
-    d = HERE / "gqa"
+    d = HERE / "gqa" / "data"
     q = {
         "201307251": {"imageId": "n1", "question": "What color is the ball?", "answer": "red",
                       "fullAnswer": "The ball is red.", "isBalanced": True,
@@ -53,9 +57,15 @@ def gqa() -> None:
                       "types": {"structural": "choose", "semantic": "attr", "detailed": "chooseAttr"}},
         # malformed: its image images/n4.jpg does not exist
         "201307255": {"imageId": "n4", "question": "What is on the table?", "answer": "cup",
-                      "types": {"structural": "query"}},
+                      "isBalanced": True, "types": {"structural": "query"}},
         # malformed: no answer
-        "201307256": {"imageId": "n2", "question": "Who is standing?", "types": {"structural": "query"}},
+        "201307256": {"imageId": "n2", "question": "Who is standing?", "types": {"structural": "query"},
+                      "isBalanced": True},
+        # not balanced: known to GQA's eval.py, not scored
+        "201307257": {"imageId": "n3", "question": "Is the sky cloudy?", "answer": "no", "isBalanced": False,
+                      "types": {"structural": "verify"}},
+        "201307258": {"imageId": "n2", "question": "Are the dog and the cat the same color?", "answer": "no",
+                      "isBalanced": True, "types": {"structural": "compare", "semantic": "attr"}},
     }
     write_json(d / "testdev_balanced_questions.json", q)
     write_img(d / "images/n1.jpg", (200, 30, 30))
@@ -65,7 +75,7 @@ def gqa() -> None:
 
 # ---------------------------------------------------------------------------------------- ScienceQA
 def sqa() -> None:
-    d = HERE / "sqa"
+    d = HERE / "scienceqa"
 
     def prob(question, choices, answer, hint="", image="image.png", split="test"):
         return {"question": question, "choices": choices, "answer": answer, "hint": hint,
@@ -121,6 +131,14 @@ def textvqa() -> None:
                                              "dataset_version": "0.5.1", "data": data})
     write_json(d / "TextVQA_Rosetta_OCR_v0.2_val.json",
                {"dataset_name": "textvqa", "data": [{"image_id": "t2", "ocr_tokens": ["NOKIA", "3310"]}]})
+    # LLaVA's prompt file (question_id = image id); its token list for t2 differs from the Rosetta
+    # file's on purpose, so a test can tell which one a prompt came from
+    short = "Answer the question using a single word or phrase."
+    prompts = [("t1", "how many dogs are on the sign?", ""), ("t2", "what brand is the phone?", "NOKIA, 3310, Phone"),
+               ("t3", "what does the red sign say?", "STOP"), ("t3", "what does the small print say?", "")]
+    (d / "llava_textvqa_val_v051_ocr.jsonl").write_text("".join(
+        json.dumps({"question_id": img, "image": f"{img}.jpg", "text": f"{q}\nReference OCR token: {tok}\n{short}",
+                    "category": "default"}) + "\n" for img, q, tok in prompts))
     write_img(d / "train_images/t1.jpg", (250, 250, 250))
     write_img(d / "train_images/t2.jpg", (20, 20, 20))
     write_img(d / "train_images/t3.jpg", (220, 0, 0))
@@ -135,38 +153,36 @@ def pope() -> None:
         return "".join(json.dumps({"question_id": i + 1, "image": im, "text": f"Is there a {obj} in the image?",
                                    "label": lab}) + "\n" for i, (im, obj, lab) in enumerate(rows))
 
-    (d).mkdir(parents=True, exist_ok=True)
-    (d / "coco_pope_random.json").write_text(lines([
+    (d / "coco").mkdir(parents=True, exist_ok=True)
+    (d / "coco/coco_pope_random.json").write_text(lines([
         (im1, "dog", "yes"), (im1, "zebra", "no"), (im2, "car", "yes"), (im2, "kite", "no")]))
-    (d / "coco_pope_popular.json").write_text(lines([
+    (d / "coco/coco_pope_popular.json").write_text(lines([
         (im1, "dog", "yes"), (im1, "person", "yes"), (im2, "chair", "no"), (im2, "cup", "no")]))
     adv = lines([(im1, "dog", "yes"), (im1, "cat", "no"), (im2, "truck", "no"), (im2, "car", "yes")])
     adv += json.dumps({"question_id": 5, "image": im2, "text": "Is there a bus in the image?",
                        "label": "maybe"}) + "\n"  # malformed: label
     adv += '{"question_id": 6, "image": \n'  # malformed: not JSON
-    (d / "coco_pope_adversarial.json").write_text(adv)
+    (d / "coco/coco_pope_adversarial.json").write_text(adv)
     write_img(d / "val2014" / im1, (100, 140, 60))
     write_img(d / "val2014" / im2, (60, 60, 140))
 
 
 # ---------------------------------------------------------------------------------------------- MME
 def mme() -> None:
-    d = HERE / "mme"
+    d = HERE / "MME" / "MME_Benchmark_release_version"
     yn = "Please answer yes or no."
 
-    def flat(sub, name, qa, color, ext=".jpg", crlf=False):
+    def flat(sub, name, qa, color, ext=".jpg", sep=" "):
         write_img(d / sub / f"{name}{ext}", color)
-        nl = "\r\n" if crlf else "\n"
-        (d / sub / f"{name}.txt").write_bytes(nl.join(f"{q} {yn}\t{a}" for q, a in qa).encode() + nl.encode())
+        (d / sub / f"{name}.txt").write_text("".join(f"{q}{sep}{yn}\t{a}\n" for q, a in qa))
 
-    def nested(sub, name, qa, color, ext=".jpg", crlf=False, write_image=True, raw=None):
+    def split(sub, name, qa, color, ext=".jpg", crlf=False, write_image=True, raw=None):
         if write_image:
             write_img(d / sub / "images" / f"{name}{ext}", color)
-        p = d / sub / "questions_answer_YN" / f"{name}.txt"
+        p = d / sub / "questions_answers_YN" / f"{name}.txt"
         p.parent.mkdir(parents=True, exist_ok=True)
         nl = "\r\n" if crlf else "\n"
-        text = raw if raw is not None else nl.join(f"{q} {yn}\t{a}" for q, a in qa) + nl
-        p.write_bytes(text.encode())
+        p.write_bytes((raw if raw is not None else "".join(f"{q} {yn}\t{a}{nl}" for q, a in qa)).encode())
 
     flat("existence", "000000006040", [("Is there a train in this image?", "Yes"),
                                        ("Is there a bed in this image?", "No")], (90, 90, 90))
@@ -176,32 +192,36 @@ def mme() -> None:
                                    ("Are there three dogs in the image?", "No")], (150, 100, 50))
     flat("position", "000000057270", [("Is the cat on the left of the sofa?", "Yes"),
                                       ("Is the cat on the right of the sofa?", "No")], (10, 100, 10), ext=".png")
+    # two spaces before "Please answer yes or no.", as some release lines have it
     flat("color", "000000061418", [("Is there a red umbrella in the image?", "Yes"),
-                                   ("Is there a green umbrella in the image?", "No")], (220, 10, 10))
+                                   ("Is there a green umbrella in the image?", "No")], (220, 10, 10), sep="  ")
     flat("OCR", "0001", [('Is the word in the logo "ACME"?', "Yes"),
                          ('Is the word in the logo "ACNE"?', "No")], (255, 255, 255))
-    nested("posters", "tt0048545", [("Is this movie titled rebel without a cause (1955)?", "Yes"),
-                                    ("Is this movie titled the lost world (1925)?", "No")], (180, 20, 20))
-    nested("celebrity", "tt0032138_shot_0395_img_0",
-           [("Is the actor inside the red bounding box named Judy Garland?", "Yes"),
-            ("Is the actor inside the red bounding box named Ray Bolger?", "No")], (240, 200, 180), crlf=True)
-    nested("scene", "Places365_val_00000001", [("Is this picture captured in a place of beach?", "Yes"),
-                                               ("Is this picture captured in a place of desert?", "No")],
-           (0, 150, 220))
+    split("posters", "tt0048545", [("Is this movie titled rebel without a cause (1955)?", "Yes"),
+                                   ("Is this movie titled the lost world (1925)?", "No")], (180, 20, 20))
+    split("celebrity", "tt0032138_shot_0395_img_0",
+          [("Is the actor inside the red bounding box named Judy Garland?", "Yes"),
+           ("Is the actor inside the red bounding box named Ray Bolger?", "No")], (240, 200, 180), crlf=True)
+    split("scene", "Places365_val_00000001", [("Is this picture captured in a place of beach?", "Yes"),
+                                              ("Is this picture captured in a place of desert?", "No")],
+          (0, 150, 220))
     # malformed x2: question file without its image
-    nested("scene", "Places365_val_00000002", [("Is this picture captured in a place of forest?", "Yes"),
-                                               ("Is this picture captured in a place of office?", "No")],
-           None, write_image=False)
-    nested("landmark", "0001", [("Is this a photo of Big Ben?", "Yes"),
-                                ("Is this a photo of Tower Bridge?", "No")], (120, 110, 100))
-    nested("landmark", "0002", [("Is this a photo of the Eiffel Tower?", "Yes"),
-                                ("Is this a photo of the Tokyo Tower?", "No")], (110, 120, 130), ext=".png")
-    nested("artwork", "10002", [("Is this artwork created by Leonardo da Vinci?", "Yes"),
-                                ("Is this artwork created by Claude Monet?", "No")], (140, 110, 60))
+    split("scene", "Places365_val_00000002", [("Is this picture captured in a place of forest?", "Yes"),
+                                              ("Is this picture captured in a place of office?", "No")],
+          None, write_image=False)
+    split("landmark", "0001", [("Is this a photo of Big Ben?", "Yes"),
+                               ("Is this a photo of Tower Bridge?", "No")], (120, 110, 100))
+    split("landmark", "0002", [("Is this a photo of the Eiffel Tower?", "Yes"),
+                               ("Is this a photo of the Tokyo Tower?", "No")], (110, 120, 130), ext=".png")
+    split("artwork", "10002", [("Is this artwork created by Leonardo da Vinci?", "Yes"),
+                               ("Is this artwork created by Claude Monet?", "No")], (140, 110, 60))
     # malformed x2: a line without a tab, and an answer that is not Yes/No
-    nested("artwork", "10003", None, (10, 10, 60),
-           raw="Is this artwork created by Rembrandt? Please answer yes or no. Yes\n"
-               "Is this artwork titled the night watch? Please answer yes or no.\tMaybe\n")
+    split("artwork", "10003", None, (10, 10, 60),
+          raw="Is this artwork created by Rembrandt? Please answer yes or no. Yes\n"
+              "Is this artwork titled the night watch? Please answer yes or no.\tMaybe\n")
+    # a cognition subtask: known (LLaVA's answer files hold it), not part of perception
+    flat("code_reasoning", "0001", [("Is a python code shown in the picture?", "Yes"),
+                                    ("Is a c++ code shown in the picture?", "No")], (30, 30, 30), ext=".png")
 
 
 # ------------------------------------------------------------------------------------------ MMBench
@@ -214,21 +234,40 @@ def mmbench() -> None:
     def b64(color):
         return base64.b64encode(img_bytes(color)).decode()
 
+    red, black, green, blue = b64((220, 0, 0)), b64((0, 0, 0)), b64((0, 200, 0)), b64((0, 0, 200))
+    fp = "finegrained_perception (instance-level)"
+
+    def q0(k, opts, ans, image):  # 4 options; its copies refer to row 0's image, as VLMEvalKit's TSVs do
+        return [k * 1_000_000, "What is the main color of the square?", "nan", *opts, ans,
+                "attribute_recognition", image, "handmade", fp, "nan", "dev"]
+
+    def q1(k, opts, ans):  # 3 options and a hint; every copy holds its image, as the openmmlab TSVs do
+        return [k * 1_000_000 + 1, "Which shape is shown?", "The image shows a simple drawing.", *opts, "nan",
+                ans, "object_localization", black, "handmade", fp, "nan", "dev"]
+
+    def q2(k, opts, ans):  # 2 options; C is "None" and D empty: both missing for pandas
+        return [k * 1_000_000 + 2, "Is the square above the circle?", "nan", *opts, "None", "", ans,
+                "spatial_relationship", green if k == 0 else "2", "handmade", "relation_reasoning", "nan", "dev"]
+
     rows = [
-        [0, "What is the main color of the square?", "nan", "red", "green", "blue", "yellow", "A",
-         "attribute_recognition", b64((220, 0, 0)), "handmade", "finegrained_perception (instance-level)",
-         "nan", "dev"],
-        [1, "Which shape is shown?", "The image shows a simple drawing.", "circle", "triangle", "square", "nan",
-         "C", "object_localization", b64((0, 0, 0)), "handmade", "finegrained_perception (instance-level)",
-         "nan", "dev"],
-        [2, "Is the square above the circle?", "nan", "yes", "no", "nan", "nan", "B",
-         "spatial_relationship", b64((0, 200, 0)), "handmade", "relation_reasoning", "nan", "dev"],
-        # malformed: answer E for 2 options
+        q0(0, ["red", "green", "blue", "yellow"], "A", red),
+        q1(0, ["circle", "triangle", "square"], "C"),
+        q2(0, ["yes", "no"], "B"),
+        # malformed: answer E with 2 options; its (good) copy goes with it
         [3, "Which is bigger?", "nan", "the square", "the circle", "nan", "nan", "E",
-         "attribute_comparison", b64((0, 0, 200)), "handmade", "attribute_reasoning", "nan", "dev"],
+         "attribute_comparison", blue, "handmade", "attribute_reasoning", "nan", "dev"],
         # malformed: the image is not base64
         [4, "What time is it?", "nan", "noon", "midnight", "nan", "nan", "A",
          "physical_property_reasoning", "not base64!", "handmade", "attribute_reasoning", "nan", "dev"],
+        # the circular copies: option k of the original shown as A, answer letter moved with it
+        q0(1, ["green", "blue", "yellow", "red"], "D", "0"),
+        q1(1, ["triangle", "square", "circle"], "B"),
+        q2(1, ["no", "yes"], "A"),
+        [1_000_003, "Which is bigger?", "nan", "the circle", "the square", "nan", "nan", "B",
+         "attribute_comparison", "3", "handmade", "attribute_reasoning", "nan", "dev"],
+        q0(2, ["blue", "yellow", "red", "green"], "C", "0"),
+        q1(2, ["square", "circle", "triangle"], "A"),
+        q0(3, ["yellow", "red", "green", "blue"], "B", "0"),
     ]
     with open(d / "mmbench_dev_20230712.tsv", "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f, delimiter="\t", lineterminator="\n")
@@ -237,6 +276,8 @@ def mmbench() -> None:
 
 
 if __name__ == "__main__":
+    for folder in ("gqa", "scienceqa", "textvqa", "pope", "MME", "mmbench"):
+        shutil.rmtree(HERE / folder, ignore_errors=True)
     for fn in (gqa, sqa, textvqa, pope, mme, mmbench):
         fn()
     total = sum(p.stat().st_size for p in HERE.rglob("*") if p.is_file())
