@@ -93,52 +93,63 @@ def info(preset_or_dir: str, as_json: bool) -> None:
 
 
 @main.command(context_settings={"ignore_unknown_options": False})
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML training config.")
+@click.option("--demo", is_flag=True, help="Run the embedded easy-vqa demo (what `train` alone runs); OVERRIDES "
+              "are then its keys (alignkd-mobile train-keys --demo).")
+@click.option("--config", "config_path", help="YAML config (see configs/): a training config, or the demo's with "
+              "--demo.")
 @click.option("--method", type=click.Choice(["alignkd", "baseline", "logit-kd"]), help="What to train.")
 @click.option("--teacher", help="Teacher mtgv checkpoint directory (MobileVLM_V2-7B).")
 @click.option("--student", help="Student mtgv checkpoint directory (MobileVLM_V2-1.7B) or preset.")
-@click.option("--data", help="LLaVA-format JSON (or 'easyvqa').")
-@click.option("--image-folder", help="Folder the JSON's image paths are relative to.")
+@click.option("--data", help="LLaVA-format JSON (or 'easyvqa'): data.path.")
+@click.option("--image-folder", help="Folder the JSON's image paths are relative to: data.image_folder.")
 @click.option("--output-dir", help="Output directory.")
 @click.argument("overrides", nargs=-1)
 @_clean_errors
-def train(config_path, method, teacher, student, data, image_folder, output_dir, overrides) -> None:
+def train(demo, config_path, method, teacher, student, data, image_folder, output_dir, overrides) -> None:
     """Distil a teacher into a student (Align-KD), or train the logit-KD / baseline student.
 
     \b
-    With no --config/--method/--teacher/--student/--data (and only demo keys): the embedded easy-vqa demo (offline, CPU,
-    minutes): a tiny teacher, then the baseline and the Align-KD student with identical data, steps and
-    seed; prints held-out accuracy and final loss terms, writes OUTPUT_DIR/summary.json
-    (default runs/easyvqa). Demo overrides: teacher_steps=, student_steps=, batch_size=, lr=, eval_limit=, seed=.
+    alignkd-mobile train                  the embedded easy-vqa demo (offline, CPU, minutes): a tiny
+                                          teacher, then the baseline and the Align-KD student with identical
+                                          data, steps and seed; prints held-out accuracy and final loss terms,
+                                          writes runs/easyvqa/summary.json
+    alignkd-mobile train --demo KEY=VALUE the demo with other settings, e.g. student_steps=100
+                                          methods=baseline,logit-kd,alignkd (keys: train-keys --demo)
 
     \b
-    Otherwise one run; OVERRIDES are key=value pairs of the training config, e.g.
+    Anything else is one run of the training config: YAML (--config configs/...) ← options ← OVERRIDES,
+    key=value pairs with groups dotted (loss.temperature=2, data.limit=1000), e.g.
+      alignkd-mobile train --config configs/mobilevlm_v2_1.7b/alignkd.yaml lr=2e-5
       alignkd-mobile train --method alignkd --teacher ckpt/MobileVLM_V2-7B --student ckpt/MobileVLM_V2-1.7B \\
           --data llava_v1_5_mix665k.json --image-folder data/ steps=5000 batch_size=8 lr=2e-5
-    Every key, with its meaning: alignkd-mobile train-keys.
+    Every key, with its meaning: alignkd-mobile train-keys. A run resumes its newest checkpoint in
+    --output-dir; a checkpoint of a run with other settings is refused (resume=false starts fresh).
     Several GPUs: torchrun --nproc_per_node=8 --no-python alignkd-mobile train ... (FSDP2).
     """
-    from .train.config import TrainConfig, load_config
+    from .errors import ConfigError
+    from .train.config import TrainConfig, config_keys, load_config
 
-    import dataclasses
+    flags = {"method": method, "teacher": teacher, "student": student, "data.path": data,
+             "data.image_folder": image_folder, "output_dir": output_dir}
+    given = {k: v for k, v in flags.items() if v is not None}
+    if demo or not (config_path or given or overrides):
+        from .demo import DemoConfig, run_demo
 
-    from .train.easyvqa_demo import DemoConfig, run_demo
-
-    flags = {"method": method, "teacher": teacher, "student": student, "data": data, "image_folder": image_folder}
-    keys = {o.split("=", 1)[0] for o in overrides}
-    demo_keys = {f.name for f in dataclasses.fields(DemoConfig)}
-    if config_path is None and not any(flags.values()) and keys <= demo_keys:
-        extra = {"output_dir": output_dir} if output_dir else {}
-        run_demo(load_config(None, list(overrides), cls=DemoConfig, **extra))
+        if set(given) - {"output_dir"}:
+            raise ConfigError("--demo takes --config, --output-dir and the demo's keys (train-keys --demo), not "
+                              + ", ".join(f"--{k.split('.')[-1].replace('_', '-')}" for k in given if k != "output_dir"))
+        run_demo(load_config(config_path, list(overrides), cls=DemoConfig, flags=given))
         return
+    from .demo import DemoConfig
     from .train.recipe import train as run_training
 
-    given = {k: v for k, v in flags.items() if v is not None}
-    if output_dir:
-        given["output_dir"] = output_dir
-    cfg = load_config(config_path, list(overrides), cls=TrainConfig, **given)
-    summary = run_training(cfg)
-    click.echo(json.dumps(summary, indent=2))
+    run_keys = {k for k, _, _ in config_keys(TrainConfig)}
+    demo_only = sorted({o.split("=", 1)[0] for o in overrides} & ({k for k, _, _ in config_keys(DemoConfig)} - run_keys))
+    if demo_only:
+        raise ConfigError(f"{', '.join(demo_only)}: key(s) of the demo, not of a training run; "
+                          f"run the demo with: alignkd-mobile train --demo {' '.join(overrides)}")
+    summary = run_training(load_config(config_path, list(overrides), cls=TrainConfig, flags=given))
+    click.echo(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
 
 
 @main.command("eval")
@@ -190,26 +201,51 @@ def eval_cmd(checkpoints, benches, data_root, answer_files, output_dir, limit, b
              batch_size, max_new_tokens, distilled, baseline, log=click.echo, answers=list(answer_files))
 
 
+def _key_value(ctx, param, values) -> dict:
+    """--opt KEY=VALUE (repeated) → {KEY: VALUE}."""
+    out = {}
+    for v in values:
+        key, sep, value = v.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {v!r}", ctx, param)
+        out[key.strip()] = value.strip()
+    return out
+
+
 @main.command()
 @click.argument("checkpoint", type=click.Path())
 @click.option("--target", type=click.Choice(["android", "desktop"]), default="android", show_default=True,
               help="android: a bundle for the demo app (needs pte); desktop: any formats.")
 @click.option("--format", "formats", default=None, help="Comma-separated: pte, onnx, gguf (default: pte for "
               "android, all three for desktop).")
-@click.option("--quant", "quants", default=None, help="Comma-separated quantizations; each applies to the formats "
-              "that support it (pte: fp32, 8da4w, 8da8w, int8; onnx: fp32, fp16, int8, int4; gguf: fp32, fp16, q8_0, q4_0, "
-              "q4_k_m). Default per format: 8da4w, int4, q4_0.")
+@click.option("--quant", "quants", default=None, help="Comma-separated quantizations of the LM; each applies to the "
+              "formats that support it (pte: fp32, 8da4w, 8da8w, int8; onnx: fp32, fp16, int8, int4; gguf: fp32, fp16, "
+              "q8_0, q4_0, q4_k_m). Default per format: 8da4w, int4, q4_0.")
 @click.option("--output-dir", required=True, type=click.Path(), help="The bundle directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
-@click.option("--max-seq-len", type=int, default=512, show_default=True, help="Static KV cache / context length.")
-@click.option("--group-size", type=int, default=None, help="Group size of 4-bit weights. Default per format, the "
-              "fastest at the gated accuracy: pte 32, onnx 64 (gguf Q4_0 is always 32).")
-@click.option("--embedding-quant", type=click.Choice(["8", "4"]), help="ExecuTorch: 8- or 4-bit embedding table.")
+@click.option("--max-seq-len", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Static KV cache / context length (at most the model's context).")
+@click.option("--group-size", type=click.IntRange(min=1), default=None, help="= --opt group_size: the group of "
+              "4-bit weights (pte, onnx). Default per format, the fastest at the gated accuracy: pte 32, onnx 64 "
+              "(gguf's Q4_0 block is always 32).")
+@click.option("--vision-quant", default=None, help="= --opt vision_quant: the vision encoder's quantization, "
+              "gated on the image tokens against the fp32 encoder. pte: fp32, 8da8w, 8da4w; onnx: fp32, fp16, int8, "
+              "int4; gguf: fp32 (f32), fp16 (f16), q8_0. Default (auto): fp32 / fp16 beside an fp32 / fp16 LM, else "
+              "8-bit (pte 8da8w, gguf q8_0; onnx: the LM's quant).")
+@click.option("--embedding-quant", type=click.Choice(["auto", "fp32", "8", "4"]), default=None,
+              help="= --opt embedding_quant (pte): the token-embedding table. Default (auto): the LM's weight bits "
+              "(8da4w: 4; 8da8w, int8: 8; fp32: fp32).")
+@click.option("--opt", "opts", multiple=True, callback=_key_value, metavar="KEY=VALUE",
+              help="A target's own option, KEY for every format that has it or FORMAT.KEY for one (repeatable). "
+              "pte: group_size (32), embedding_quant (auto, fp32, 8, 4), vision_quant (auto, fp32, 8da8w, 8da4w). "
+              "onnx: group_size (64; a power of 2), accuracy_level (4; 0-4, MatMulNBits compute type), "
+              "int4_symmetric (true), vision_quant (auto, fp32, fp16, int8, int4), share_buffer (true; runtime KV "
+              "buffer), embedding_fp16 (true; int8/int4 table in fp16). gguf: vision_quant (auto, fp32, fp16, q8_0).")
 @click.option("--push", is_flag=True, help="adb push the bundle to /data/local/tmp/alignkd/ (android).")
 @click.option("--serial", help="adb device serial for --push.")
 @_clean_errors
-def export(checkpoint, target, formats, quants, output_dir, overwrite, max_seq_len, group_size, embedding_quant, push,
-           serial) -> None:
+def export(checkpoint, target, formats, quants, output_dir, overwrite, max_seq_len, group_size, vision_quant,
+           embedding_quant, opts, push, serial) -> None:
     """Quantize and lower a student CHECKPOINT (mtgv directory) to ExecuTorch / ONNX / GGUF, check every
     artifact against the eager model (parity gate), and write a verified bundle with manifest.json.
 
@@ -220,9 +256,11 @@ def export(checkpoint, target, formats, quants, output_dir, overwrite, max_seq_l
     from .export.exporter import export_bundle, push_bundle
 
     fmts = [f.strip() for f in (formats or ("pte" if target == "android" else "pte,onnx,gguf")).split(",") if f.strip()]
-    qs = [q.strip() for q in quants.split(",")] if quants else None
-    manifest = export_bundle(checkpoint, output_dir, fmts, qs, target, overwrite, max_seq_len, group_size,
-                             embedding_quant=embedding_quant, log=click.echo)
+    qs = [q.strip() for q in quants.split(",") if q.strip()] if quants else None
+    named = {"group_size": group_size, "vision_quant": vision_quant, "embedding_quant": embedding_quant}
+    options = {**{k: v for k, v in named.items() if v is not None}, **opts}
+    manifest = export_bundle(checkpoint, output_dir, fmts, qs, target, overwrite, max_seq_len, options=options,
+                             log=click.echo)
     total = sum(f["size"] for f in manifest["files"])
     click.echo(f"bundle {output_dir}: {len(manifest['files'])} files, {total / 2**20:.1f} MiB, parity passed for "
                + ", ".join(manifest["parity"]))
@@ -232,21 +270,27 @@ def export(checkpoint, target, formats, quants, output_dir, overwrite, max_seq_l
 
 @main.command()
 @click.argument("bundle", type=click.Path())
-@click.option("--image", required=True, type=click.Path(), help="Image file.")
+@click.option("--image", required=True, type=click.Path(), help="Image file (any size: the bundle's preprocessing "
+              "pads, resizes and crops it).")
 @click.option("--prompt", required=True, help="The question.")
 @click.option("--format", "fmt", help="Artifact format in the bundle (default: the first).")
 @click.option("--quant", help="Artifact quantization in the bundle.")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--max-new-tokens", type=int, default=64, show_default=True, help="At least 1.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="In (0, 1].")
+@click.option("--threads", type=int, default=2, show_default=True, help="At least 1.")
 @_clean_errors
 def run(bundle, image, prompt, fmt, quant, max_new_tokens, temperature, top_p, threads) -> None:
     """Answer PROMPT about IMAGE with an exported BUNDLE, through the desktop emulator (as the app does)."""
     from .export.emulator import BundleRunner
+    from .export.runtime import check_decoding
 
+    check_decoding(max_new_tokens, temperature, top_p)  # before the bundle loads
     runner = BundleRunner(bundle, fmt, quant, threads)
-    ans = runner.answer(image, prompt, max_new_tokens, temperature, top_p)
+    try:
+        ans = runner.answer(image, prompt, max_new_tokens, temperature, top_p)
+    finally:
+        runner.close()
     g = ans.generation
     click.echo(ans.text)
     click.echo(f"[{runner.name}] load {runner.load_s:.2f}s, image {g.timings['image_s']:.3f}s, prefill "
@@ -256,47 +300,47 @@ def run(bundle, image, prompt, fmt, quant, max_new_tokens, temperature, top_p, t
 @main.command()
 @click.argument("bundles", nargs=-1, required=True, type=click.Path())
 @click.option("--device", default="host", show_default=True, help="host, or adb[:SERIAL] for a phone.")
-@click.option("--n-runs", type=int, default=3, show_default=True)
-@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--n-runs", type=int, default=3, show_default=True, help="Measured runs per artifact (at least 1).")
+@click.option("--threads", type=int, default=2, show_default=True,
+              help="Runtime threads on the host (the app uses ExecuTorch's default).")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
 @click.option("--accuracy-limit", type=int, default=100, show_default=True,
-              help="easy-vqa held-out questions scored per artifact through the emulator (0 = skip).")
+              help="easy-vqa held-out questions scored per artifact through the emulator (0 = skip; host).")
 @click.option("--output-dir", default="runs/bench", show_default=True)
 @_clean_errors
 def bench(bundles, device, n_runs, threads, max_new_tokens, accuracy_limit, output_dir) -> None:
     """Latency and accuracy of BUNDLES side by side (e.g. the distilled and the baseline student):
-    load time, image encode, time to first token, prefill and decode tokens/s, peak RSS, easy-vqa accuracy.
-    Writes bench.json, bench.md and a bar-chart bench.png."""
-    from .export.bench import bench_adb, bench_host, render_table, write_outputs
+    load time, image encode, time to first token with the image encoded (cold) and with its tokens cached
+    (warm: a follow-up question about the same image), prefill and decode tokens/s, peak RSS, easy-vqa
+    accuracy. Writes bench.png, bench.json and bench.md."""
+    from .bench import bench_adb, bench_host, check_options, render_table, write_outputs
+    from .errors import ConfigError
 
+    check_options(n_runs, threads, max_new_tokens, accuracy_limit)
     if device == "host":
         rows = bench_host(list(bundles), n_runs, threads, max_new_tokens, accuracy_limit, log=click.echo)
     elif device == "adb" or device.startswith("adb:"):
-        rows = bench_adb(list(bundles), device.partition(":")[2] or None, n_runs, log=click.echo)
+        rows = bench_adb(list(bundles), device.partition(":")[2] or None, n_runs, max_new_tokens, log=click.echo)
     else:
-        raise click.BadParameter("--device must be host or adb[:SERIAL]")
+        raise ConfigError(f"--device must be host or adb[:SERIAL], got {device!r}")
     click.echo(render_table(rows))
     paths = write_outputs(rows, output_dir)
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
 @main.command("train-keys")
-def train_keys() -> None:
-    """List every training config key with its default and meaning."""
-    import ast
-    import inspect
+@click.option("--demo", is_flag=True, help="The demo's keys (train --demo) instead of the training config's.")
+def train_keys(demo: bool) -> None:
+    """List every training config key (groups dotted: data.KEY, loss.KEY) with its default and meaning."""
+    import textwrap
 
-    from .train.config import TrainConfig
+    from .train.config import TrainConfig, config_keys
 
-    src = inspect.getsource(TrainConfig)
-    tree = ast.parse(src).body[0]
-    body = tree.body
-    for i, node in enumerate(body):
-        if isinstance(node, ast.AnnAssign) and i + 1 < len(body) and isinstance(body[i + 1], ast.Expr):
-            name = node.target.id
-            default = getattr(TrainConfig, name, None)
-            doc = body[i + 1].value.value
-            click.echo(f"{name} = {default!r}\n    {doc}")
+    cls = TrainConfig
+    if demo:
+        from .demo import DemoConfig as cls
+    for key, default, doc in config_keys(cls):
+        click.echo(f"{key} = {default!r}\n{textwrap.indent(doc, '    ')}")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,13 @@ def _umask() -> int:
     return mask
 
 
+def apply_umask(path: str | Path) -> None:
+    """Give a file or folder the mode `open` / `mkdir` would under the umask (safetensors and
+    `tempfile` create theirs 0600 / 0700 whatever the umask)."""
+    path = Path(path)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+
+
 def _is_disk_full(e: BaseException) -> bool:
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
@@ -106,7 +113,7 @@ def staged_dir(final: str | Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(final.parent, final.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{_TMP}{os.getpid()}-", dir=final.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
+    apply_umask(tmp)
     return tmp
 
 

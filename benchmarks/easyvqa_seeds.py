@@ -3,8 +3,9 @@
     python benchmarks/easyvqa_seeds.py --seeds 0 1 2            # the embedded recipe, 3 seeds
     python benchmarks/easyvqa_seeds.py student_steps=100 methods=baseline,logit-kd,alignkd --seeds 0 1 2
 
-One teacher (seed 0, trained once and reused), then for each seed the baseline and the Align-KD student
-with identical data order, steps and init. Prints a table and writes JSON.
+One teacher (seed 0, trained once and reused), then for each seed the students with identical data order,
+steps and init. Every seed and method is scored on the same held-out questions (eval_seed, default 0):
+the seed changes training only. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import json
 import statistics
 from pathlib import Path
 
+from alignkd.demo import DemoConfig, run_demo
 from alignkd.train.config import load_config
-from alignkd.train.easyvqa_demo import DemoConfig, run_demo
 
 
 def main() -> None:
@@ -29,7 +30,8 @@ def main() -> None:
     rows = []
     for seed in a.seeds:
         # the teacher keeps seed 0 in a shared folder: the students' seed changes init and data order only
-        cfg = load_config(None, a.overrides, cls=DemoConfig, output_dir=str(out / f"seed{seed}"), seed=seed, progress=False)
+        cfg = load_config(None, a.overrides, cls=DemoConfig,
+                          flags={"output_dir": str(out / f"seed{seed}"), "seed": seed, "progress": False})
         teacher_home = out / "teacher"
         _share_teacher(cfg, teacher_home)
         s = run_demo(cfg)

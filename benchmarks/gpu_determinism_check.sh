@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_determinism_check.sh OUT_DIR      # needs the easy-vqa package
 set -uo pipefail
 py=${PYTHON:-python3}; out=$1; mkdir -p $out
-args=(method=alignkd teacher=tiny-teacher steps=30 batch_size=16 train_limit=640 lr=1e-3 save_every=15 keep_last=3 progress=false seed=0)
+args=(method=alignkd teacher=tiny-teacher steps=30 batch_size=16 data.limit=640 lr=1e-3 save_every=15 keep_last=3 progress=false seed=0)
 for r in a b; do $py -m alignkd.cli train --output-dir $out/eager-$r "${args[@]}" >/dev/null; done
 $py -m alignkd.cli train --output-dir $out/det "${args[@]}" deterministic=true >/dev/null
 cp $out/det/train/metrics.jsonl $out/det-first.jsonl

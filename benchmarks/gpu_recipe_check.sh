@@ -8,7 +8,7 @@ out=${1:-runs/gpu_check}
 py=${PYTHON:-python3}
 rm -rf "$out"
 mkdir -p "$(dirname "$out")"
-args=(method=alignkd teacher=tiny-teacher steps=40 batch_size=16 train_limit=640 lr=1e-3 save_every=20
+args=(method=alignkd teacher=tiny-teacher steps=40 batch_size=16 data.limit=640 lr=1e-3 save_every=20
       keep_last=3 progress=false seed=0)
 for c in false true; do
   t0=$SECONDS

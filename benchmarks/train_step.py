@@ -14,7 +14,7 @@
 
 Batch 8 × (144 image + 512 text) positions by default. Student: fp32 master weights + bf16 autocast +
 AdamW (as users train). Prints a table (time, tokens/s, MFU, peak memory) with ratios to the plain step,
-and writes JSON. DESIGN.md §2 anchors (one H200): plain 0.124-0.140 s, lean Align-KD 0.302 s, release 0.386 s.
+and writes JSON. The measured numbers are in the README (Results) and DESIGN.md §2.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from alignkd.distill import DistillInputs
 from alignkd.distill.attention import capture_layer0_attention
 from torch.profiler import ProfilerActivity, profile, record_function
 from alignkd.model import IMAGE_TOKEN_INDEX, MobileVLM, get_preset
-from alignkd.train.config import TrainConfig
-from alignkd.train.recipe import Run, _micro_step, compile_blocks, make_loss, make_optimizer
+from alignkd.train.config import load_config
+from alignkd.train.recipe import Run, compile_blocks, make_loss, make_optimizer, micro_step
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -110,8 +110,8 @@ def measure(kind: str, tiny: bool, device: torch.device, b: int, text: int, step
         compile_blocks(student, teacher)
     ref = teacher or student
     method = {"plain": "baseline", "logit-kd": "logit-kd"}.get(kind, "alignkd")
-    cfg = TrainConfig(method=method, teacher="bench" if method != "baseline" else None, steps=steps,
-                      variant="release" if kind == "release" else "paper", progress=False)
+    cfg = load_config(flags={"method": method, "teacher": "bench" if method != "baseline" else None, "steps": steps,
+                             "loss.variant": "release" if kind == "release" else "paper", "progress": False})
     loss_fn = make_loss(cfg, student, teacher).to(device)
     opt = make_optimizer(student, loss_fn, cfg, device)
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
@@ -126,7 +126,7 @@ def measure(kind: str, tiny: bool, device: torch.device, b: int, text: int, step
         if kind == "release":
             _release_micro_step(student, teacher, loss_fn, batch, amp)
         else:
-            _micro_step(run, batch, 1.0)
+            micro_step(run, batch, 1.0)
         with record_function("clip_and_optimizer"):
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             opt.step()

@@ -3,7 +3,9 @@
 Both yield examples `{"input_ids", "labels", "image"}` through the one data path (templates → tokenize →
 preprocess); `collate` pads them on the right and stacks the pixels of the samples that have an image.
 Samples longer than the context are dropped and counted, as MobileVLM does; a malformed entry fails with
-its index unless `on_malformed="skip"`, which skips and counts it.
+its index unless `on_malformed="skip"`, which skips and counts it. Every image is checked when the
+dataset is built (it opens, its header decodes, it has a size), so a bad one is found before the first
+training step, not when its batch is drawn.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, DataError
+from ..errors import AlignKDError, ConfigError, DataError
 from ..model.config import IGNORE_INDEX
 from . import easyvqa
-from .image import ImageProcessingConfig, load_image, preprocess
+from .image import ImageProcessingConfig, image_problem, load_image, preprocess
 from .templates import IMAGE_TOKEN, SHORT_ANSWER_PROMPT
 from .tokenize import SampleTooLongError, build_training_example, pad_right
 
@@ -37,6 +39,9 @@ class LoadStats:
             self.examples.append(msg)
 
 
+PIXEL_CACHE_BYTES = 1 << 30  # per process: a small dataset is held whole, a large one is decoded per access
+
+
 class VQADataset(torch.utils.data.Dataset):
     """Pre-tokenized (conversation, image) samples; images are decoded and preprocessed on access."""
 
@@ -45,15 +50,20 @@ class VQADataset(torch.utils.data.Dataset):
         self.image_cfg = image_cfg
         self.stats = stats
         self._pixels: dict[str, torch.Tensor] = {}
+        self._cached_bytes = 0
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def pixels(self, image: str | Path) -> torch.Tensor:
         key = str(image)
-        if key not in self._pixels:  # small datasets repeat images (easy-vqa: ~10 questions per image)
-            self._pixels[key] = preprocess(load_image(image), self.image_cfg)
-        return self._pixels[key]
+        if key in self._pixels:  # small datasets repeat images (easy-vqa: ~10 questions per image)
+            return self._pixels[key]
+        x = preprocess(load_image(image), self.image_cfg)  # (3, S, S)
+        if self._cached_bytes + x.nbytes <= PIXEL_CACHE_BYTES:
+            self._pixels[key] = x
+            self._cached_bytes += x.nbytes
+        return x
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         s = self.samples[i]
@@ -64,9 +74,14 @@ class VQADataset(torch.utils.data.Dataset):
 def _tokenize_all(entries, tokenizer, template, max_length, num_image_tokens, on_malformed, where) -> tuple[list, LoadStats]:
     stats = LoadStats()
     samples = []
+    checked: dict[Path, str | None] = {}  # images repeat across samples: each is opened once
     for idx, (conversation, image, problem) in enumerate(entries):
         stats.n_entries += 1
         try:
+            if image is not None and not problem:
+                if image not in checked:
+                    checked[image] = image_problem(image)
+                problem = checked[image]
             if problem:
                 raise DataError(f"sample {idx}: {problem}")
             ex = build_training_example(conversation, template, tokenizer, image is not None, max_length,
@@ -85,6 +100,21 @@ def _tokenize_all(entries, tokenizer, template, max_length, num_image_tokens, on
     return samples, stats
 
 
+def read_text(path: Path, what: str, expected: str, error: type[AlignKDError] = DataError) -> str:
+    """A user's UTF-8 text file (`what`: "data file", "config file"; `expected`: its format); missing,
+    a folder, another encoding or unreadable is one `error` naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{what} {path} not found") from None
+    except IsADirectoryError:
+        raise error(f"{what} {path} is a directory, not a {expected} file") from None
+    except UnicodeDecodeError:
+        raise error(f"{what} {path} is not UTF-8 text (expected {expected})") from None
+    except OSError as e:
+        raise error(f"cannot read {what} {path}: {e.strerror}") from None
+
+
 def llava_json_dataset(json_path: str | Path, image_folder: str | Path | None, tokenizer, template: str,
                        image_cfg: ImageProcessingConfig, max_length: int, num_image_tokens: int = 144,
                        on_malformed: str = "fail") -> VQADataset:
@@ -93,23 +123,23 @@ def llava_json_dataset(json_path: str | Path, image_folder: str | Path | None, t
     if on_malformed not in ("fail", "skip"):
         raise ConfigError(f"on_malformed must be 'fail' or 'skip', got {on_malformed!r}")
     try:
-        data = json.loads(json_path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"data file {json_path} not found") from None
+        data = json.loads(read_text(json_path, "data file", "LLaVA-format JSON"))
     except json.JSONDecodeError as e:
         raise DataError(f"{json_path} is not valid JSON: {e}") from None
     if not isinstance(data, list):
         raise DataError(f"{json_path}: expected a JSON list of samples")
     folder = Path(image_folder) if image_folder else json_path.parent
+    if not folder.is_dir():
+        raise DataError(f"image folder {folder} is not a directory")
 
     def entries():
-        for idx, entry in enumerate(data):
+        for entry in data:
             if not isinstance(entry, dict) or not isinstance(entry.get("conversations"), list):
                 yield None, None, "entry has no 'conversations' list"
                 continue
             image = entry.get("image")
-            if image is not None and not (folder / image).is_file():
-                yield None, None, f"image {folder / image} not found"
+            if image is not None and not (isinstance(image, str) and image):
+                yield None, None, f"'image' must be one file name (a non-empty string), got {_json_kind(image)}"
                 continue
             yield entry["conversations"], (folder / image if image is not None else None), None
 
@@ -118,6 +148,11 @@ def llava_json_dataset(json_path: str | Path, image_folder: str | Path | None, t
     if not samples:
         raise DataError(f"{json_path}: no usable sample ({stats.n_too_long} too long, {stats.n_malformed} malformed)")
     return VQADataset(samples, image_cfg, stats)
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {bool: "true/false", int: "a number", float: "a number", list: "a list", dict: "an object", str: "\"\""}
+    return kinds.get(type(value), type(value).__name__)
 
 
 _EASYVQA_CACHE: dict[tuple, VQADataset] = {}

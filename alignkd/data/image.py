@@ -123,8 +123,28 @@ def load_image(source: str | Path | bytes) -> Image.Image:
         with fp, Image.open(fp) as img:
             img.load()
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except UnidentifiedImageError:  # PIL's own message names the file object, not the file
+        raise DataError(f"image {name} is not in an image format PIL reads") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot decode image {name}: {e}") from None
+
+
+def image_problem(path: Path) -> str | None:
+    """Why `path` is not a usable image (missing, not a file, unknown format, corrupt header or data, no
+    pixels), or None. Cheap: the header is decoded and the file's structure checked, pixels are not."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            img.verify()
+    except FileNotFoundError:
+        return f"image {path} not found"
+    except IsADirectoryError:
+        return f"image {path} is a directory"
+    except UnidentifiedImageError:
+        return f"image {path} is not in an image format PIL reads"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return f"image {path} is corrupt or truncated ({e})"
+    return None if w > 0 and h > 0 else f"image {path} has no pixels ({w}x{h})"
 
 
 def expand_to_square(img: Image.Image, background: Sequence[int] = (122, 116, 104)) -> Image.Image:

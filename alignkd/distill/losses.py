@@ -35,6 +35,7 @@ ablation; each difference:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
@@ -45,6 +46,7 @@ from torch import Tensor
 
 from alignkd.errors import ConfigError
 from alignkd.model.config import IGNORE_INDEX
+
 KD_POSITIONS = ("text", "tokens", "all")
 VARIANTS = ("paper", "release")
 
@@ -71,7 +73,7 @@ def kd_positions_mask(labels: Tensor, attention_mask: Tensor, positions: str) ->
         return attention_mask.bool()
     if positions == "all":
         return torch.ones_like(labels, dtype=torch.bool)
-    raise ConfigError(f"kd_positions must be one of {KD_POSITIONS}, got {positions!r}")
+    raise ConfigError(f"kd_positions must be one of {', '.join(KD_POSITIONS)}, got {positions!r}")
 
 
 def kd_loss(
@@ -267,6 +269,8 @@ def vision_loss(
 
 @dataclass
 class AlignKDLossConfig:
+    """The loss terms' weights and settings (a training config's `loss:` group)."""
+
     kd_weight: float = 1.0
     """λ_kd. 0 skips KD (with att_weight = v_weight = 0 this is the CE-only "baseline")."""
     att_weight: float = 1.0
@@ -285,11 +289,14 @@ class AlignKDLossConfig:
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
-            raise ConfigError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+            raise ConfigError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if self.kd_positions is None:
             self.kd_positions = "all" if self.variant == "release" else "text"
         if self.kd_positions not in KD_POSITIONS:
-            raise ConfigError(f"kd_positions must be one of {KD_POSITIONS}, got {self.kd_positions!r}")
+            raise ConfigError(f"kd_positions must be one of {', '.join(KD_POSITIONS)}, got {self.kd_positions!r}")
+        for name in ("kd_weight", "att_weight", "v_weight", "temperature"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)}")
         for name in ("kd_weight", "att_weight", "v_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")

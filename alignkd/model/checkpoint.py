@@ -9,6 +9,7 @@ offline to a built-in config). We always write a `vision_tower/` folder so our c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import shutil
@@ -19,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, ConfigError
-from ..fileio import publish_dir, staged_dir, writing
+from ..fileio import apply_umask, publish_dir, staged_dir, writing
 from .config import BUILTIN_VISION_TOWERS, MobileVLMConfig, VisionConfig, get_preset, PRESETS
 from .mobilevlm import MobileVLM
 from .vision import from_clip_config, preprocessor_dict, to_clip_config
@@ -190,40 +191,58 @@ def build_model(preset_or_dir: str, seed: int = 0, dtype: torch.dtype | None = N
 def save_model(model: MobileVLM, out_dir: str | Path, tokenizer=None, dtype: torch.dtype | None = None,
                extra_files: dict[str, bytes] | None = None, state: dict[str, torch.Tensor] | None = None,
                merge: bool = False) -> Path:
-    """Write `model` as an mtgv directory (safetensors, sharded past 2 GiB), atomically.
+    """Write `model` as an mtgv directory (safetensors, sharded past 2 GiB), atomically: staged in a temp
+    folder beside it, then renamed. A full disk is one DiskFull naming the file (under `out_dir`) that
+    did not fit, and leaves `out_dir` as it was. Files and folders get the modes the umask gives.
 
     state: the weights to write under our names (default model.state_dict(); a sharded run passes the
     gathered full state). merge: see `publish_dir`.
     """
     out_dir = Path(out_dir)
     tmp = staged_dir(out_dir)
+
+    def write(name: str, data: str | bytes) -> None:  # a full disk names the file where it was going
+        with writing(out_dir / name):
+            (tmp / name).write_bytes(data.encode() if isinstance(data, str) else data)
+
     try:
         config = model.config
         mtgv = config.to_mtgv_dict()
         v = config.vision
-        vdir = tmp / VISION_DIR
-        vdir.mkdir()
-        (vdir / "config.json").write_text(to_clip_config(v).to_json_string())
-        (vdir / "preprocessor_config.json").write_text(json.dumps(preprocessor_dict(v), indent=2))
+        (tmp / VISION_DIR).mkdir()
+        write(f"{VISION_DIR}/config.json", to_clip_config(v).to_json_string())
+        write(f"{VISION_DIR}/preprocessor_config.json", json.dumps(preprocessor_dict(v), indent=2))
         if BUILTIN_VISION_TOWERS.get(config.vision_tower) != _without_select(v):
             mtgv["mm_vision_tower"] = VISION_DIR
         if dtype is not None:
             mtgv["torch_dtype"] = str(dtype).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(mtgv, indent=2))
+        write("config.json", json.dumps(mtgv, indent=2))
         state = {to_mtgv_name(k): (t.to(dtype) if dtype else t).detach().contiguous().cpu()
                  for k, t in (state if state is not None else model.state_dict()).items()}
-        _save_sharded(state, tmp)
+        _save_sharded(state, tmp, out_dir)
         if tokenizer is not None:
             from .tokenizer import save_tokenizer
 
-            save_tokenizer(tokenizer, tmp)
+            with writing(out_dir / "tokenizer.model"):
+                save_tokenizer(tokenizer, tmp)
         for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data)
+            write(name, data)
         publish_dir(tmp, out_dir, merge)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def weights_digest(ckpt_dir: str | Path) -> str:
+    """sha256 over a checkpoint's weight files (names and bytes): which trained model a result came from."""
+    h = hashlib.sha256()
+    for f in _weight_files(Path(ckpt_dir)):
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fp:
+            for chunk in iter(lambda: fp.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def _without_select(v: VisionConfig) -> VisionConfig:
@@ -232,7 +251,9 @@ def _without_select(v: VisionConfig) -> VisionConfig:
     return dataclasses.replace(v, select_layer=VisionConfig.select_layer)
 
 
-def _save_sharded(state: dict[str, torch.Tensor], out: Path) -> None:
+def _save_sharded(state: dict[str, torch.Tensor], out: Path, final: Path) -> None:
+    """Write `state` into the staged folder `out` (one file, or shards + index past SHARD_BYTES); a full
+    disk is a DiskFull naming the file under its `final` folder."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in state.items():
@@ -242,16 +263,16 @@ def _save_sharded(state: dict[str, torch.Tensor], out: Path) -> None:
             size = 0
         shards[-1][name] = t
         size += nbytes
-    if len(shards) == 1:
-        with writing(out / "model.safetensors"):
-            save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        with writing(out / fname):
+    names = ["model.safetensors"] if len(shards) == 1 else [f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                                                             for i in range(1, len(shards) + 1)]
+    for fname, shard in zip(names, shards):
+        with writing(final / fname):
             save_file(shard, str(out / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
+        apply_umask(out / fname)
+    if len(shards) == 1:
+        return
+    weight_map = {k: fname for fname, shard in zip(names, shards) for k in shard}
     total = sum(t.numel() * t.element_size() for t in state.values())
-    (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    with writing(final / "model.safetensors.index.json"):
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))

@@ -1,17 +1,75 @@
-"""The training config: one typed dataclass, read from YAML, overridden with `key=value`."""
+"""The training config: typed dataclasses with a docstring per field, read from YAML and `key=value`.
+
+Groups nest: `data.path=x.json`, `loss.temperature=2` (in YAML a `data:` / `loss:` mapping). The loss
+group is the distillation module's own `AlignKDLossConfig`; the method picks which of its terms are on.
+Every value is checked when the config is built, before any model is loaded: a bad key, type or range
+is one `ConfigError` naming the key.
+"""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
-from dataclasses import dataclass, field, fields
+import inspect
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
 import yaml
 
+from ..data.datasets import read_text
+from ..data.templates import TEMPLATES
+from ..distill import AlignKDLossConfig
 from ..errors import ConfigError
 
 METHODS = ("alignkd", "baseline", "logit-kd")
+PRECISIONS = ("auto", "bf16", "fp32")
+TEACHER_DTYPES = ("auto", "bf16", "fp16", "fp32")
+# How a run is executed or reported, not what it computes: a resume may change these.
+RUN_INDEPENDENT = ("output_dir", "progress", "log_every", "save_every", "keep_last", "resume", "compile",
+                   "gradient_checkpointing", "deterministic", "num_workers")
+
+
+def check_values(obj: Any, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
+                 fractions: tuple[str, ...] = (), choices: Mapping[str, tuple] | None = None) -> None:
+    """Range and choice checks of a config dataclass (None = unset, allowed); every float must be finite."""
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{f.name} must be a finite number, got {v}")
+    for names, ok, want in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+                            (fractions, lambda v: 0 <= v <= 1, "between 0 and 1")):
+        for name in names:
+            v = getattr(obj, name)
+            if v is not None and not ok(v):
+                raise ConfigError(f"{name} must be {want}, got {v}")
+    for name, allowed in (choices or {}).items():
+        if getattr(obj, name) not in allowed:
+            raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(obj, name)!r}")
+
+
+@dataclass
+class DataConfig:
+    """The training samples: which file, how they are turned into token ids, which are kept."""
+
+    path: str = "easyvqa"
+    """"easyvqa" (embedded default) or a LLaVA-format JSON file (e.g. llava_v1_5_mix665k.json)."""
+    image_folder: str | None = None
+    """Folder the JSON's image paths are relative to (default: the JSON's folder)."""
+    template: str = "v1"
+    """Conversation template: v1 (fine-tune) or plain (pretraining captions)."""
+    max_length: int | None = None
+    """Max positions per sample, image tokens included (default: the student's context). Longer samples are dropped and counted."""
+    limit: int | None = None
+    """Use only this many samples (a seeded choice); None = all."""
+    on_malformed: str = "fail"
+    """An unusable entry (bad fields, missing or undecodable image): fail (naming it) or skip (and count)."""
+
+    def __post_init__(self) -> None:
+        check_values(self, positive=("max_length", "limit"),
+                     choices={"template": tuple(TEMPLATES), "on_malformed": ("fail", "skip")})
 
 
 @dataclass
@@ -23,27 +81,18 @@ class TrainConfig:
     student: str = "tiny-student"
     """Student: a preset (random init) or an mtgv checkpoint directory (MobileVLM_V2-1.7B)."""
     teacher: str | None = None
-    """Teacher mtgv checkpoint directory (MobileVLM_V2-7B); required unless method=baseline."""
+    """Teacher mtgv checkpoint directory (MobileVLM_V2-7B) or preset; required unless method=baseline (which ignores it)."""
     tokenizer: str | None = None
     """Tokenizer directory; default: the student's directory, or the packaged tiny tokenizer for tiny presets."""
     init_vision_from: str | None = None
     """Copy the (frozen) vision tower from this checkpoint into the student, e.g. the teacher's."""
     train_vision_tower: bool = False
-    """Unfreeze the CLIP tower (off in MobileVLM V2 and Align-KD; the easy-vqa demo's teacher uses it)."""
-    data: str = "easyvqa"
-    """"easyvqa" (embedded default) or a LLaVA-format JSON file."""
-    image_folder: str | None = None
-    """Folder the JSON's image paths are relative to (default: the JSON's folder)."""
-    template: str = "v1"
-    """Conversation template: v1 (fine-tune) or plain (pretraining captions)."""
-    max_length: int | None = None
-    """Max positions per sample, image tokens included (default: the student's context). Longer samples are dropped and counted."""
-    train_limit: int | None = None
-    """Use only this many training samples (seeded choice); None = all."""
-    on_malformed: str = "fail"
-    """A malformed JSON entry: fail (naming its index) or skip (and count)."""
+    """Unfreeze the student's CLIP tower (off in MobileVLM V2 and Align-KD). The teacher's stays frozen and
+    then runs its own vision forward."""
     output_dir: str = "runs/train"
     """Where the final student (mtgv), adapters, metrics, plots and checkpoints go."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The training samples (data.path, data.image_folder, ...)."""
 
     steps: int = 200
     """Optimizer steps."""
@@ -65,21 +114,10 @@ class TrainConfig:
     """Gradient clipping (0 = off)."""
     seed: int = 0
     """Seeds init, data order and sampling."""
-
-    kd_weight: float = 1.0
-    """λ_kd (ignored by baseline)."""
-    att_weight: float = 1.0
-    """λ_att (alignkd only)."""
-    v_weight: float = 1.0
-    """λ_v (alignkd only)."""
-    temperature: float = 1.0
-    """KD temperature."""
-    kd_positions: str | None = None
-    """KD positions: text (answer tokens, default for the paper variant) | tokens | all (the release's)."""
-    top_k: int = 16
-    """V-focus: vision tokens the teacher's text attends to most."""
-    variant: str = "paper"
-    """paper | release (the public code's computation, for ablation)."""
+    loss: AlignKDLossConfig = field(default_factory=AlignKDLossConfig)
+    """The distillation loss (loss.temperature, loss.kd_positions, ...). The method picks the terms: baseline
+    uses none of it, logit-kd only loss.kd_weight, temperature and kd_positions; a weight of 0 turns a
+    term off (alignkd with loss.v_weight=0 is KD + L_att)."""
 
     precision: str = "auto"
     """auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32. Master weights stay fp32."""
@@ -95,31 +133,28 @@ class TrainConfig:
     """torch.compile each transformer block (LM layers except layer 0, whose attention Align-KD reads, and
     the CLIP layers) of the student and the teacher. On GPU this fuses the norms, rotary and activation
     ops and cuts kernel launches (benchmarks/train_step.py measures it); the first steps pay the compile."""
+    num_workers: int = 0
+    """DataLoader worker processes that decode and preprocess the images (0 = in the training process)."""
     save_every: int = 0
-    """Checkpoint every N steps (0 = only at the end)."""
+    """Checkpoint every N steps (0 = only the final step, which is always checkpointed)."""
     keep_last: int = 2
     """Checkpoints kept."""
     log_every: int = 1
     """Steps between metric lines."""
     resume: bool = True
-    """Continue from the newest checkpoint in output_dir if there is one."""
+    """Continue from the newest checkpoint in output_dir. A checkpoint of a run with other settings is
+    refused, naming them. false: start from step 0, deleting output_dir's earlier checkpoints and metrics."""
     progress: bool = True
     """Show a progress bar."""
-    num_workers: int = 0
-    """DataLoader worker processes (images are decoded there)."""
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        check_values(self, positive=("steps", "batch_size", "grad_accum", "lr", "projector_lr", "keep_last",
+                                     "log_every"),
+                     non_negative=("weight_decay", "max_grad_norm", "seed", "num_workers", "save_every"),
+                     fractions=("warmup_ratio", "min_lr_ratio"),
+                     choices={"method": METHODS, "precision": PRECISIONS, "teacher_dtype": TEACHER_DTYPES})
         if self.method != "baseline" and not self.teacher:
-            raise ConfigError(f"method {self.method} needs a teacher (teacher=DIR)")
-        for name in ("steps", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.on_malformed not in ("fail", "skip"):
-            raise ConfigError(f"on_malformed must be fail or skip, got {self.on_malformed!r}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+            raise ConfigError(f"method {self.method} needs a teacher (teacher=DIR or --teacher DIR)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -128,9 +163,22 @@ class TrainConfig:
         return dataclasses.replace(self, **kw)
 
 
+# ---------------------------------------------------------------------------------------- reading
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _type_name(typ: Any) -> str:
+    allowed = getattr(typ, "__args__", (typ,))
+    names = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in allowed if t is not type(None))
+    return names + (" or null" if type(None) in allowed else "")
+
+
 def _coerce(name: str, raw: Any, typ: Any) -> Any:
     """YAML already typed values; `key=value` strings are parsed as YAML scalars, then checked."""
-    value = yaml.safe_load(raw) if isinstance(raw, str) else raw
+    try:
+        value = yaml.safe_load(raw) if isinstance(raw, str) else raw
+    except yaml.YAMLError:
+        value = raw
     allowed = getattr(typ, "__args__", (typ,))
     if value is None and type(None) in allowed:
         return None
@@ -141,41 +189,122 @@ def _coerce(name: str, raw: Any, typ: Any) -> Any:
             return float(value)
         except ValueError:
             pass
-    if str in allowed and not isinstance(value, str):
-        return str(raw)
+    if str in allowed and isinstance(value, (str, int, float, bool)):
+        return raw if isinstance(raw, str) else str(value)
     for t in allowed:
         if t is not type(None) and isinstance(value, t) and not (t is int and isinstance(value, bool)):
             return value
-    raise ConfigError(f"{name}: {raw!r} is not a valid {typ}")
+    raise ConfigError(f"{name}: {raw!r} is not {_type_name(typ)}")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), cls: type = None,
-                **defaults):
-    """Defaults ← YAML file ← `key=value` overrides → a `cls` (TrainConfig); unknown keys are one clear error."""
-    cls = cls or TrainConfig
-    values: dict[str, Any] = dict(defaults)
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} not found") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys")
-        values.update(loaded)
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    text = read_text(Path(path), "config file", "YAML", ConfigError)
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError(f"{path} is not valid YAML{where}: {what}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(loaded).__name__}")
+    return loaded
+
+
+def _set(tree: dict[str, Any], key: str, value: Any) -> None:
+    *groups, leaf = key.split(".")
+    node = tree
+    for i, g in enumerate(groups):
+        node = node.setdefault(g, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{'.'.join(groups[:i + 1])} is set to a single value, so {key} cannot be set")
+    node[leaf] = value
+
+
+def _build(cls: type, values: Any, prefix: str = "") -> Any:
+    names = [f.name for f in fields(cls)]
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix[:-1]} is a group of keys ({', '.join(prefix + n for n in names)}): "
+                          f"set them as {prefix}KEY=VALUE (in YAML, a mapping)")
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        hints = {k.rsplit(".", 1)[-1]: k for k, _, _ in config_keys(cls, prefix)}
+        said = ", ".join(prefix + k + (f" (did you mean {hints[k]}?)" if k in hints else "") for k in unknown)
+        raise ConfigError(f"unknown config key(s) {said}; alignkd-mobile train-keys lists them")
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for k, v in values.items():
+        kwargs[k] = _build(hints[k], v, f"{prefix}{k}.") if is_dataclass(hints[k]) else _coerce(prefix + k, v, hints[k])
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        if not prefix:
+            raise
+        raise ConfigError(f"{prefix[:-1]}: {e}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), cls: type = TrainConfig,
+                flags: Mapping[str, Any] | None = None):
+    """Defaults ← YAML file ← `flags` (command-line options, dotted keys) ← `key=value` overrides → `cls`,
+    every value checked. Unknown keys, bad types and out-of-range values are one ConfigError each."""
+    tree: dict[str, Any] = _read_yaml(path) if path is not None else {}
+    for k, v in (flags or {}).items():
+        _set(tree, k, v)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
         k, v = item.split("=", 1)
-        values[k.strip()] = v
-    hints = get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+        _set(tree, k.strip(), v)
+    return _build(cls, tree)
 
 
-def dump_config(cfg: TrainConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+def dump_config(cfg: Any) -> str:
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (litgpt style), read from its source."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    return {node.target.id: inspect.cleandoc(nxt.value.value) for node, nxt in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)}
+
+
+def config_keys(cls: type = TrainConfig, prefix: str = "") -> Iterator[tuple[str, Any, str]]:
+    """(dotted key, default, docstring) of every settable key, groups expanded."""
+    docs, hints = _field_docs(cls), get_type_hints(cls)
+    for f in fields(cls):
+        if is_dataclass(hints[f.name]):
+            yield from config_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, f.default, docs.get(f.name, "")
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {prefix + k: v})
+    return out
+
+
+def run_settings(cfg: TrainConfig, also: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The flat settings that decide what a run computes (what a resumed run must share): everything but
+    RUN_INDEPENDENT (except those named in `also`) and what the method does not use."""
+    flat = flatten(cfg.to_dict())
+    unused: set[str] = set(RUN_INDEPENDENT) - set(also)
+    if cfg.method == "baseline":
+        unused |= {"teacher"} | {k for k in flat if k.startswith("loss.")}
+    elif cfg.method == "logit-kd":
+        unused |= {"loss.att_weight", "loss.v_weight", "loss.top_k"}
+    return {k: v for k, v in flat.items() if k not in unused}
+
+
+def run_differences(recorded: Mapping[str, Any], cfg: TrainConfig, also: tuple[str, ...] = ()) -> list[str]:
+    """`key: recorded → now` for each setting (of `run_settings`) in which `cfg` differs from a recorded config."""
+    try:
+        old = _build(TrainConfig, dict(recorded))
+    except ConfigError as e:
+        return [f"(the recorded config is not one this version reads: {e})"]
+    a, b = run_settings(old, also), run_settings(cfg, also)
+    return [f"{k}: {a[k]!r} → {b[k]!r}" for k in a if k in b and a[k] != b[k]]

@@ -9,12 +9,16 @@ Losses are means per micro-batch, averaged over micro-batches and ranks (as torc
 normalisation); so N ranks × batch b equal one process with grad_accum N × batch b, exactly.
 
 Data order is a function of the step (a seeded permutation per epoch), so resuming needs only the step:
-a run killed and resumed logs the same losses as the uninterrupted run.
+a run killed and resumed logs the same losses as the uninterrupted run. A checkpoint records its run's
+config; resuming one whose settings differ is refused, naming them. The final step is always checkpointed,
+after the final student is written (the one output that must survive a full disk).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import io
 import json
 import math
@@ -24,6 +28,7 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+import yaml
+from safetensors.torch import load_file
 from torch import nn
 from torch.profiler import record_function
 from tqdm import tqdm
@@ -39,13 +45,13 @@ from tqdm import tqdm
 from ..data.datasets import VQADataset, collate, easyvqa_dataset, llava_json_dataset
 from ..data.image import image_config
 from ..distill import AlignKDLoss, AlignKDLossConfig, DistillInputs, capture_layer0_attention
-from ..fileio import atomic_write
 from ..errors import AlignKDError, CheckpointError, ConfigError
-from ..model.checkpoint import build_model, load_model, read_mtgv_state_dict, save_model
-from ..model.config import PRESETS
+from ..fileio import DiskFull, atomic_write, remove_stale_temps, writing
+from ..model.checkpoint import build_model, config_from_name, load_model, read_mtgv_state_dict, save_model
+from ..model.config import PRESETS, MobileVLMConfig
 from ..model.mobilevlm import MobileVLM
 from ..model.tokenizer import check_tokenizer_matches, load_tokenizer, tiny_tokenizer_dir
-from .config import TrainConfig, dump_config
+from .config import TrainConfig, dump_config, run_differences
 
 LOSS_TERMS = ("ce", "kd", "att", "v_all", "v_focus", "total")
 
@@ -74,6 +80,7 @@ class Run:
     autocast_dtype: torch.dtype | None
     step: int = 0
     history: list[dict] = field(default_factory=list)
+    batches: Iterator[dict] | None = None  # micro-batches from `step` on, made on the first train_step
 
     @property
     def is_main(self) -> bool:
@@ -111,13 +118,35 @@ def _tokenizer_for(cfg: TrainConfig):
     return load_tokenizer(cfg.student)
 
 
+def _model_config(key: str, value: str) -> MobileVLMConfig:
+    if value not in PRESETS and not Path(value).is_dir():
+        raise ConfigError(f"{key}={value}: neither a checkpoint directory nor a preset ({', '.join(PRESETS)})")
+    return config_from_name(value)
+
+
+def _check_models(cfg: TrainConfig, tokenizer) -> tuple[MobileVLMConfig, MobileVLMConfig | None]:
+    """The configs of the models this run loads, checked against each other and the tokenizer before any
+    weights are read: a wrong path, vocabulary or vision tower is one error up front."""
+    student = _model_config("student", cfg.student)
+    check_tokenizer_matches(tokenizer, student.text.vocab_size, student.text.bos_token_id,
+                            student.text.eos_token_id, where=f"student {cfg.student}")
+    if cfg.init_vision_from and _model_config("init_vision_from", cfg.init_vision_from).vision != student.vision:
+        raise ConfigError(f"init_vision_from={cfg.init_vision_from}: its vision tower differs from the student's")
+    if cfg.method == "baseline":
+        return student, None
+    teacher = _model_config("teacher", cfg.teacher)
+    if teacher.text.vocab_size != student.text.vocab_size:
+        raise ConfigError(f"teacher vocabulary ({teacher.text.vocab_size}) differs from the student's "
+                          f"({student.text.vocab_size}): logit KD needs one tokenizer")
+    check_tokenizer_matches(tokenizer, teacher.text.vocab_size, teacher.text.bos_token_id,
+                            teacher.text.eos_token_id, where=f"teacher {cfg.teacher}")
+    return student, teacher
+
+
 def _load_student(cfg: TrainConfig) -> MobileVLM:
     student = build_model(cfg.student, seed=cfg.seed, dtype=torch.float32)  # fp32 master weights
     if cfg.init_vision_from:
-        donor = load_model(cfg.init_vision_from)
-        if donor.config.vision != student.config.vision:
-            raise ConfigError(f"init_vision_from={cfg.init_vision_from}: its vision tower differs from the student's")
-        student.vision_tower.load_state_dict(donor.vision_tower.state_dict())
+        student.vision_tower.load_state_dict(load_model(cfg.init_vision_from).vision_tower.state_dict())
     student.vision_tower.requires_grad_(cfg.train_vision_tower)
     return student
 
@@ -130,26 +159,32 @@ def _same_vision_tower(a: MobileVLM, b: MobileVLM) -> bool:
     return all(torch.equal(v.float().cpu(), sb[k].float().cpu()) for k, v in a.vision_tower.state_dict().items())
 
 
-def _dataset(cfg: TrainConfig, tokenizer, student_cfg) -> VQADataset:
-    max_len = cfg.max_length or student_cfg.text.max_position_embeddings
+def build_dataset(cfg: TrainConfig, tokenizer, student_cfg: MobileVLMConfig) -> VQADataset:
+    """The run's samples (`cfg.data`), tokenized for the student, every image checked."""
+    data = cfg.data
+    max_len = data.max_length or student_cfg.text.max_position_embeddings
     img = image_config(student_cfg)
-    if cfg.data == "easyvqa":
-        return easyvqa_dataset("train", tokenizer, img, max_len, student_cfg.num_image_tokens, cfg.template,
-                               limit=cfg.train_limit, seed=cfg.seed)
-    ds = llava_json_dataset(cfg.data, cfg.image_folder, tokenizer, cfg.template, img, max_len,
-                            student_cfg.num_image_tokens, cfg.on_malformed)
-    if cfg.train_limit is not None and cfg.train_limit < len(ds.samples):
-        keep = sorted(random.Random(cfg.seed).sample(range(len(ds.samples)), cfg.train_limit))
+    if data.path == "easyvqa":
+        return easyvqa_dataset("train", tokenizer, img, max_len, student_cfg.num_image_tokens, data.template,
+                               limit=data.limit, seed=cfg.seed)
+    ds = llava_json_dataset(data.path, data.image_folder, tokenizer, data.template, img, max_len,
+                            student_cfg.num_image_tokens, data.on_malformed)
+    if data.limit is not None and data.limit < len(ds.samples):
+        keep = sorted(random.Random(cfg.seed).sample(range(len(ds.samples)), data.limit))
         ds.samples = [ds.samples[i] for i in keep]
     return ds
 
 
+def loss_config(cfg: TrainConfig) -> AlignKDLossConfig:
+    """`cfg.loss` with the terms the method does not use switched off."""
+    off = {"baseline": ("kd_weight", "att_weight", "v_weight"), "logit-kd": ("att_weight", "v_weight"),
+           "alignkd": ()}[cfg.method]
+    return dataclasses.replace(cfg.loss, **dict.fromkeys(off, 0.0))
+
+
 def make_loss(cfg: TrainConfig, student: MobileVLM, teacher: MobileVLM | None) -> AlignKDLoss:
     """The method's loss terms and weights; its adapters are sized from the two models."""
-    weights = {"baseline": (0.0, 0.0, 0.0), "logit-kd": (cfg.kd_weight, 0.0, 0.0),
-               "alignkd": (cfg.kd_weight, cfg.att_weight, cfg.v_weight)}[cfg.method]
-    loss_cfg = AlignKDLossConfig(*weights, temperature=cfg.temperature, kd_positions=cfg.kd_positions,
-                                 top_k=cfg.top_k, variant=cfg.variant)
+    loss_cfg = loss_config(cfg)
     ref = teacher or student
     # The head adapter maps any head count (also fewer teacher heads than student heads).
     return AlignKDLoss(loss_cfg, ref.config.text.num_heads, student.config.text.num_heads,
@@ -214,7 +249,10 @@ def _shard(student: MobileVLM, loss_fn: nn.Module) -> None:
 
 
 def setup(cfg: TrainConfig) -> Run:
+    """Everything a run needs, checked in order of cost: the checkpoint to resume (same run?), the model
+    configs and tokenizer, the samples and images, then the weights."""
     rank, world, device = _dist_init()
+    resume_from = _resume_point(cfg, world)
     if cfg.deterministic:
         # atomics in GPU backward kernels (embedding, attention) sum in a different order on each run
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -222,23 +260,18 @@ def setup(cfg: TrainConfig) -> Run:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
     tokenizer = _tokenizer_for(cfg)
+    student_cfg, _ = _check_models(cfg, tokenizer)
+    dataset = build_dataset(cfg, tokenizer, student_cfg)  # bad samples and images fail before any weights load
     student = _load_student(cfg)
-    check_tokenizer_matches(tokenizer, student.config.text.vocab_size, student.config.text.bos_token_id,
-                            student.config.text.eos_token_id, where=f"student {cfg.student}")
     teacher = None
     if cfg.method != "baseline":
         teacher = load_model(cfg.teacher) if cfg.teacher not in PRESETS else build_model(cfg.teacher, seed=cfg.seed + 1)
-        if teacher.config.text.vocab_size != student.config.text.vocab_size:
-            raise ConfigError(f"teacher vocabulary ({teacher.config.text.vocab_size}) differs from the student's "
-                              f"({student.config.text.vocab_size}): logit KD needs one tokenizer")
-        check_tokenizer_matches(tokenizer, teacher.config.text.vocab_size, teacher.config.text.bos_token_id,
-                                teacher.config.text.eos_token_id, where=f"teacher {cfg.teacher}")
         teacher.requires_grad_(False).eval()
-    shared = teacher is not None and _same_vision_tower(student, teacher)
+    # a student CLIP that trains no longer computes the teacher's features
+    shared = teacher is not None and not cfg.train_vision_tower and _same_vision_tower(student, teacher)
 
     loss_fn = make_loss(cfg, student, teacher)
 
-    dataset = _dataset(cfg, tokenizer, student.config)
     student.to(device)
     loss_fn.to(device)
     if teacher is not None:
@@ -256,8 +289,15 @@ def setup(cfg: TrainConfig) -> Run:
         autocast = torch.bfloat16
     run = Run(cfg, out, device, rank, world, tokenizer, student, teacher, loss_fn, dataset, optimizer, scheduler,
               shared, autocast)
-    if cfg.resume:
-        _maybe_resume(run)
+    if run.is_main:
+        _remove_stale_temps(run)
+    if resume_from is not None:
+        _load_checkpoint(run, resume_from)
+    elif not cfg.resume and run.is_main and checkpoints(out):
+        old = checkpoints(out)
+        for p in old:
+            shutil.rmtree(p)
+        _log(run, f"starting fresh: removed {len(old)} checkpoint(s) of an earlier run in {_ckpt_root(run)}")
     return run
 
 
@@ -286,40 +326,68 @@ def _epoch_perm(seed: int, epoch: int, n: int) -> np.ndarray:
     return _PERMS[key]
 
 
-def _get_batch(run: Run, step: int, micro: int) -> dict[str, torch.Tensor]:
-    items = [run.dataset[i] for i in batch_indices(step, micro, run)]
-    batch = collate(items, run.student.config.text.pad_token_id)
-    return {k: (v.to(run.device) if v is not None else None) for k, v in batch.items()}
+class _StepBatches(torch.utils.data.Sampler):
+    """The sample indices of every micro-batch of this rank from step `start` on, in training order."""
+
+    def __init__(self, run: Run, start: int):
+        self.run, self.start = run, start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.run.cfg.steps):
+            for micro in range(self.run.cfg.grad_accum):
+                yield batch_indices(step, micro, self.run)
+
+
+def _micro_batches(run: Run) -> Iterator[dict]:
+    """Collated micro-batches from run.step on; images are decoded in `num_workers` processes when asked."""
+    return iter(torch.utils.data.DataLoader(
+        run.dataset, batch_sampler=_StepBatches(run, run.step), num_workers=run.cfg.num_workers,
+        collate_fn=functools.partial(collate, pad_id=run.student.config.text.pad_token_id),
+        pin_memory=run.device.type == "cuda"))
+
+
+def _next_batch(run: Run) -> dict[str, torch.Tensor | None]:
+    if run.batches is None:
+        run.batches = _micro_batches(run)
+    return {k: (v.to(run.device) if v is not None else None) for k, v in next(run.batches).items()}
 
 
 # ============================================================================ the step
-def _micro_step(run: Run, batch: dict[str, torch.Tensor], scale: float) -> dict[str, float]:
-    student, teacher, cfg = run.student, run.teacher, run.loss_fn.config
-    need_attn = teacher is not None and (cfg.att_weight > 0 or cfg.v_weight > 0)
-    px = batch["pixel_values"]
+@torch.no_grad()
+def teacher_inputs(run: Run, batch: dict[str, torch.Tensor], s_out, need_attn: bool) -> DistillInputs | None:
+    """The frozen teacher's side of the losses for `batch`: its logits, projector output and, when an
+    alignment term is on, layer-0 attention. With a shared vision tower the student's CLIP features
+    (`s_out.vision_features`) feed the teacher's projector: one CLIP forward for both."""
+    teacher = run.teacher
+    if teacher is None:
+        return None
+    with record_function("teacher_forward"):
+        px = batch["pixel_values"]
+        kw = {"pixel_values": px}
+        if run.shared_vision and px is not None:
+            kw = {"image_features": teacher.project(s_out.vision_features)}
+        with (capture_layer0_attention(teacher.lm) if need_attn else contextlib.nullcontext()) as cap:
+            out = teacher(batch["input_ids"], batch["attention_mask"], compute_loss=False, **kw)
+    return DistillInputs(out.logits, image_features=out.image_features, attn_probs=cap.probs if need_attn else None)
+
+
+def micro_step(run: Run, batch: dict[str, torch.Tensor], scale: float) -> dict[str, float]:
+    """Forward of the student (and teacher), the loss terms, and backward of total × `scale` (gradients
+    accumulate). Returns the unscaled loss terms."""
+    student, cfg = run.student, run.loss_fn.config
+    need_attn = run.teacher is not None and (cfg.att_weight > 0 or cfg.v_weight > 0)
     amp = torch.autocast(run.device.type, dtype=run.autocast_dtype) if run.autocast_dtype else contextlib.nullcontext()
     with contextlib.ExitStack() as stack:
         # layer-0 capture stays open through backward: gradient checkpointing recomputes layer 0 there
         s_cap = stack.enter_context(capture_layer0_attention(student.lm)) if need_attn and cfg.att_weight > 0 else None
         with amp:
-            # every student call goes through its root forward (FSDP unshards there); the CLIP features it
-            # returns feed the teacher's projector when both share the frozen tower
+            # every student call goes through its root forward (FSDP unshards there)
             with record_function("student_forward"):
-                s_out = student(batch["input_ids"], batch["attention_mask"], pixel_values=px,
+                s_out = student(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"],
                                 labels=batch["labels"], compute_loss=False)
-            s_img = s_out.image_features
-            t_in = None
-            if teacher is not None:
-                with torch.no_grad(), record_function("teacher_forward"):
-                    t_kw = {"pixel_values": px}
-                    if run.shared_vision and px is not None:
-                        t_kw = {"image_features": teacher.project(s_out.vision_features)}
-                    with (capture_layer0_attention(teacher.lm) if need_attn else contextlib.nullcontext()) as t_cap:
-                        t_out = teacher(batch["input_ids"], batch["attention_mask"], compute_loss=False, **t_kw)
-                t_in = DistillInputs(t_out.logits, image_features=t_out.image_features,
-                                     attn_probs=t_cap.probs if need_attn else None)
-            s_in = DistillInputs(s_out.logits, s_out.labels, s_out.attention_mask, s_out.image_mask, s_img,
-                                 s_cap.probs if s_cap else None)
+            t_in = teacher_inputs(run, batch, s_out, need_attn)
+            s_in = DistillInputs(s_out.logits, s_out.labels, s_out.attention_mask, s_out.image_mask,
+                                 s_out.image_features, s_cap.probs if s_cap else None)
             with record_function("losses"):
                 terms = run.loss_fn(s_in, t_in)
         with record_function("backward"):
@@ -334,7 +402,7 @@ def train_step(run: Run) -> dict[str, float]:
     run.optimizer.zero_grad(set_to_none=True)
     sums = dict.fromkeys(LOSS_TERMS, 0.0)
     for micro in range(cfg.grad_accum):
-        terms = _micro_step(run, _get_batch(run, run.step, micro), 1.0 / cfg.grad_accum)
+        terms = micro_step(run, _next_batch(run), 1.0 / cfg.grad_accum)
         for k in LOSS_TERMS:
             sums[k] += terms[k] / cfg.grad_accum
     if run.world > 1:  # report the global mean: every rank's gradient already is (FSDP averages)
@@ -372,6 +440,12 @@ def _optim_state(run: Run) -> dict:
     return get_optimizer_state_dict(model, run.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def _gather(run: Run) -> dict[str, dict]:
+    """Full (unsharded, CPU) states of the student, the adapters and the optimizer. Collective under FSDP:
+    every rank calls it, before rank 0 writes anything (so a failed write cannot leave a rank waiting)."""
+    return {"student": _full_state(run.student), "adapters": _full_state(run.loss_fn), "optim": _optim_state(run)}
+
+
 def _rng_state() -> dict:
     np_state = np.random.get_state()
     return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
@@ -402,52 +476,102 @@ def _adapter_bytes(state: dict[str, torch.Tensor]) -> bytes | None:
     return st_save({k: v.contiguous() for k, v in state.items()})
 
 
-def save_checkpoint(run: Run) -> Path | None:
-    """`train/checkpoints/step-NNNNNN/`: the student (mtgv) + adapters + optimizer/scheduler/RNG state.
-    Written to a temp dir and renamed: a kill mid-write leaves the previous checkpoint loadable."""
-    student_state, adapter_state, optim = _full_state(run.student), _full_state(run.loss_fn), _optim_state(run)
+def save_checkpoint(run: Run, states: dict[str, dict] | None = None) -> Path | None:
+    """`train/checkpoints/step-NNNNNN/`: the student (mtgv) + adapters + optimizer/scheduler/RNG state + the
+    run's config. Staged in a temp folder and renamed: a kill or a full disk mid-write leaves the previous
+    checkpoints as they were; only then are those past `keep_last` removed. `states`: from `_gather`."""
+    states = states or _gather(run)
     if not run.is_main:
         return None
-    extra = {"trainer_state.pt": _bytes({"step": run.step, "optimizer": optim, "scheduler": run.scheduler.state_dict(),
-                                         "rng": _rng_state()}),
+    extra = {"trainer_state.pt": _bytes({"step": run.step, "world": run.world, "optimizer": states["optim"],
+                                         "scheduler": run.scheduler.state_dict(), "rng": _rng_state()}),
              "train_config.yaml": dump_config(run.cfg).encode()}
-    ad = _adapter_bytes(adapter_state)
+    ad = _adapter_bytes(states["adapters"])
     if ad:
         extra["adapters.safetensors"] = ad
     root = _ckpt_root(run)
     path = save_model(run.student, root / f"step-{run.step:06d}", tokenizer=run.tokenizer,
-                      extra_files=extra, state=student_state)
-    ckpts = sorted(root.glob("step-*"))
-    for old in ckpts[:-max(1, run.cfg.keep_last)]:
+                      extra_files=extra, state=states["student"])
+    for old in checkpoints(run.out)[:-run.cfg.keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return path
 
 
-def latest_checkpoint(out: Path) -> Path | None:
+def checkpoints(out: Path) -> list[Path]:
+    """The step checkpoints in a run's output_dir, oldest first."""
     root = out / "train" / "checkpoints"
-    ckpts = sorted(p for p in root.glob("step-*") if re.fullmatch(r"step-\d{6}", p.name)) if root.is_dir() else []
+    return sorted(p for p in root.glob("step-*") if re.fullmatch(r"step-\d{6}", p.name)) if root.is_dir() else []
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    ckpts = checkpoints(out)
     return ckpts[-1] if ckpts else None
 
 
-def _maybe_resume(run: Run) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-
+def _last_checkpoint_note(run: Run) -> str:
     ckpt = latest_checkpoint(run.out)
     if ckpt is None:
-        return
+        return "no checkpoint was written before (save_every=N keeps one every N steps)"
+    return f"the last complete checkpoint is {ckpt}: free space and rerun the same command to resume from it"
+
+
+def _remove_stale_temps(run: Run) -> None:
+    """Temp files and folders that a killed writer left in this run's folders (step checkpoints,
+    metrics, the final model), gigabytes each at real shapes."""
+    remove_stale_temps(run.out.parent, run.out.name)
+    for folder in (run.out, run.out / "train", _ckpt_root(run)):
+        remove_stale_temps(folder)  # only our writers write into these
+
+
+def _log(run: Run, msg: str) -> None:
+    if run.is_main:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def checkpoint_differences(cfg: TrainConfig, world: int = 1, also: tuple[str, ...] = ()) -> list[str]:
+    """How the newest checkpoint in cfg.output_dir differs from a run of `cfg` on `world` processes, in the
+    settings that change what a run computes (`run_settings`, plus `also`; the number of processes); []
+    when there is no checkpoint or it is this run's."""
+    ckpt = latest_checkpoint(Path(cfg.output_dir))
+    if ckpt is None:
+        return []
     try:
-        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
+        recorded = yaml.safe_load((ckpt / "train_config.yaml").read_text(encoding="utf-8"))
+        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - any unreadable state is one clear error
-        raise CheckpointError(f"cannot resume from {ckpt}: trainer_state.pt unreadable ({e})") from None
+        raise CheckpointError(f"cannot resume from {ckpt}: {type(e).__name__} ({str(e).splitlines()[0]})") from None
+    diffs = run_differences(recorded if isinstance(recorded, dict) else {}, cfg, also)
+    if state.get("world", world) != world:
+        diffs.append(f"processes: {state['world']} → {world} (the global batch)")
+    return diffs
+
+
+def _resume_point(cfg: TrainConfig, world: int) -> Path | None:
+    """The newest checkpoint in output_dir when resume is on; one of another run is refused, naming what differs."""
+    ckpt = latest_checkpoint(Path(cfg.output_dir))
+    if ckpt is None or not cfg.resume:
+        return None
+    diffs = checkpoint_differences(cfg, world)
+    if diffs:
+        raise ConfigError(f"{cfg.output_dir} holds checkpoints of another run ({ckpt.name}), with other settings: "
+                          f"{'; '.join(diffs)}. Use another output_dir, or resume=false to start fresh "
+                          "(deletes those checkpoints)")
+    return ckpt
+
+
+def _load_checkpoint(run: Run, ckpt: Path) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = read_mtgv_state_dict(ckpt, run.student)
-    set_model_state_dict(run.student, weights, options=opts)
+    set_model_state_dict(run.student, read_mtgv_state_dict(ckpt, run.student), options=opts)
     if (ckpt / "adapters.safetensors").is_file():
         set_model_state_dict(run.loss_fn, load_file(str(ckpt / "adapters.safetensors")), options=opts)
     set_optimizer_state_dict(nn.ModuleList([run.student, run.loss_fn]), run.optimizer, state["optimizer"], options=opts)
     run.scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
     run.step = int(state["step"])
+    _log(run, f"resuming from {ckpt} (step {run.step} of {run.cfg.steps})")
 
 
 # ============================================================================ the loop
@@ -476,11 +600,13 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     """Run the recipe; returns a summary (final losses, steps, wall time, output paths).
 
     stop_after: stop (as if killed) after this many steps of this invocation — for tests and drills.
+    The summary's wall_s is this invocation's, setup included.
     """
-    run = setup(cfg)
     t0 = time.perf_counter()
+    run = setup(cfg)
     if run.is_main:
         (run.out / "train").mkdir(parents=True, exist_ok=True)
+        (run.out / "train" / "summary.json").unlink(missing_ok=True)  # present only once this run is done
         atomic_write(run.out / "train" / "config.yaml", dump_config(cfg))
         _truncate_metrics(run)
     # on a terminal the bar redraws freely; in a log file (CI, nohup) it writes a line every 30 s
@@ -494,8 +620,9 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
             row = train_step(run)
             done_here += 1
             if run.is_main and (run.step % cfg.log_every == 0 or run.step == cfg.steps):
-                sink.write(json.dumps(row) + "\n")
-                sink.flush()
+                with writing(_metrics_path(run)):
+                    sink.write(json.dumps(row) + "\n")
+                    sink.flush()
                 run.history.append(row)
             bar.update(1)
             bar.set_postfix({k: f"{row[k]:.3f}" for k in LOSS_TERMS if row[k] or k in ("ce", "total")}, refresh=False)
@@ -503,26 +630,39 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
                 save_checkpoint(run)
             if stop_after is not None and done_here >= stop_after:
                 return {"stopped_at": run.step}
+    except DiskFull as e:
+        raise DiskFull(f"{e}; stopped at step {run.step}: {_last_checkpoint_note(run)}") from None
     finally:
         bar.close()
+        run.batches = None  # the data loader's workers end here
         if sink:
-            sink.close()
+            with contextlib.suppress(OSError):  # a full disk already raised above
+                sink.close()
     return save_final(run, time.perf_counter() - t0)
 
 
 def save_final(run: Run, wall_s: float) -> dict:
-    """The final student as an mtgv directory at output_dir; adapters, metrics, plot under train/."""
-    student_state, adapter_state = _full_state(run.student), _full_state(run.loss_fn)
+    """The final student as an mtgv directory at output_dir first (the one output a full disk must not
+    take), then adapters and summary under train/, the final step's checkpoint, and the loss plot."""
+    states = _gather(run)
     summary = {"method": run.cfg.method, "steps": run.step, "wall_s": round(wall_s, 2),
                "final": run.history[-1] if run.history else {}, "output_dir": str(run.out),
-               "dropped_too_long": run.dataset.stats.n_too_long, "skipped_malformed": run.dataset.stats.n_malformed}
+               "dropped_too_long": run.dataset.stats.n_too_long, "skipped_malformed": run.dataset.stats.n_malformed,
+               "config": run.cfg.to_dict()}
     if run.is_main:
-        save_model(run.student, run.out, tokenizer=run.tokenizer, state=student_state, merge=True)
-        ad = _adapter_bytes(adapter_state)
-        if ad:  # beside the student, not inside it: the adapters belong to the loss
-            atomic_write(run.out / "train" / "adapters.safetensors", ad)
-        plot_losses(run.history, run.out / "train" / "loss_curve.png", title=f"{run.cfg.method}")
-        atomic_write(run.out / "train" / "summary.json", json.dumps(summary, indent=2))
+        try:
+            save_model(run.student, run.out, tokenizer=run.tokenizer, state=states["student"], merge=True)
+        except DiskFull as e:
+            raise DiskFull(f"{e}; the trained student (step {run.step}) is not saved: {_last_checkpoint_note(run)}") from None
+        try:
+            ad = _adapter_bytes(states["adapters"])
+            if ad:  # beside the student, not inside it: the adapters belong to the loss
+                atomic_write(run.out / "train" / "adapters.safetensors", ad)
+            atomic_write(run.out / "train" / "summary.json", json.dumps(summary, indent=2))
+            save_checkpoint(run, states)
+            plot_losses(run.history, run.out / "train" / "loss_curve.png", title=f"{run.cfg.method}")
+        except DiskFull as e:
+            raise DiskFull(f"{e}; the trained student (step {run.step}) is saved in {run.out}") from None
     if run.world > 1:
         dist.barrier()
     return summary

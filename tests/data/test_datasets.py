@@ -85,3 +85,43 @@ def test_unreadable_json_and_corrupt_image(tmp_path, tok):
     (tmp_path / "imgs" / "red.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     with pytest.raises(DataError, match="red.png"):
         ds[0]
+
+
+def test_images_are_checked_when_the_dataset_is_built(tmp_path, tok):
+    """A corrupt, truncated, missing or non-image file fails (naming it) or is skipped before any batch."""
+    _write(tmp_path, [GOOD])
+    png = (tmp_path / "imgs" / "red.png").read_bytes()
+    bad = {"garbage.png": "is corrupt or truncated", "cut.png": "is corrupt or truncated",
+           "text.png": "is not in an image format PIL reads", "folder.png": "is a directory", "absent.png": "not found"}
+    for name, data in [("garbage.png", b"\x89PNG\r\n\x1a\n garbage"), ("cut.png", png[: len(png) // 2]),
+                       ("text.png", b"hello")]:
+        (tmp_path / "imgs" / name).write_bytes(data)
+    (tmp_path / "imgs" / "folder.png").mkdir()
+    for name, why in bad.items():
+        data = _write(tmp_path, [GOOD, {**GOOD, "image": name}])
+        with pytest.raises(DataError, match=rf"data.json: sample 1: image .*{name} {why}.*on_malformed=skip") as e:
+            llava_json_dataset(data, tmp_path / "imgs", tok, "v1", CFG, max_length=512)
+        assert "<_io." not in str(e.value)
+    data = _write(tmp_path, [GOOD] + [{**GOOD, "image": name} for name in bad])
+    ds = llava_json_dataset(data, tmp_path / "imgs", tok, "v1", CFG, max_length=512, on_malformed="skip")
+    assert len(ds) == 1 and ds.stats.n_malformed == 5
+
+
+@pytest.mark.parametrize("image, kind", [(3, "a number"), (["a.png", "b.png"], "a list"), ("", '""'),
+                                         ({"path": "a.png"}, "an object")])
+def test_an_image_field_that_is_not_a_file_name_is_named(tmp_path, tok, image, kind):
+    data = _write(tmp_path, [GOOD, {**GOOD, "image": image}])
+    with pytest.raises(DataError, match=f"sample 1: 'image' must be one file name \\(a non-empty string\\), got {kind}") as e:
+        llava_json_dataset(data, tmp_path / "imgs", tok, "v1", CFG, max_length=512)
+    assert "<class" not in str(e.value)
+
+
+def test_unreadable_data_files_are_one_error(tmp_path, tok):
+    latin = tmp_path / "latin.json"
+    latin.write_bytes('[{"id": "caf\xe9"}]'.encode("latin-1"))
+    for path, why in [(tmp_path, "is a directory, not a LLaVA-format JSON file"), (latin, "is not UTF-8 text"),
+                      (tmp_path / "none.json", "not found")]:
+        with pytest.raises(DataError, match=why):
+            llava_json_dataset(path, tmp_path, tok, "v1", CFG, max_length=512)
+    with pytest.raises(DataError, match="image folder .*nowhere is not a directory"):
+        llava_json_dataset(_write(tmp_path, [GOOD]), tmp_path / "nowhere", tok, "v1", CFG, max_length=512)

@@ -151,7 +151,7 @@ def test_load_image_errors(tmp_path):
         load_image(tmp_path / "missing.png")
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image at all")
-    with pytest.raises(DataError, match=r"cannot decode image .*bad\.jpg"):
+    with pytest.raises(DataError, match=r"image .*bad\.jpg is not in an image format PIL reads"):
         load_image(bad)
     # truncated files: the header parses, the pixel data is cut short; only img.load() notices
     for fmt in ("PNG", "JPEG"):

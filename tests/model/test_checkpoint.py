@@ -147,3 +147,43 @@ def test_real_vision_tower_id_resolves_offline(tmp_path):
 
     v = resolve_vision_config("openai/clip-vit-large-patch14-336", tmp_path)
     assert v == get_preset("mobilevlm-v2-1.7b").vision and v.grid == 24
+
+
+@pytest.mark.parametrize("shard_bytes", [None, 200_000])
+def test_a_full_disk_names_the_final_file_and_keeps_the_previous_checkpoint(tiny_student, tmp_path, monkeypatch,
+                                                                             shard_bytes):
+    import errno
+
+    import alignkd.model.checkpoint as ck
+    from alignkd.fileio import DiskFull
+
+    out = save_model(tiny_student, tmp_path / "ckpt")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    if shard_bytes:
+        monkeypatch.setattr(ck, "SHARD_BYTES", shard_bytes)
+    calls, real = [], ck.save_file
+
+    def full(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2 or not shard_bytes:  # the second shard, or the only file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(ck, "save_file", full)
+    name = "model-00002-of-" if shard_bytes else "model.safetensors"
+    with pytest.raises(DiskFull, match=rf"^disk full while writing {out}/{name}.*: no space left on device$"):
+        save_model(tiny_student, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp folder left
+
+
+def test_weights_digest_follows_the_weights_only(tiny_student, tmp_path):
+    from alignkd.model.checkpoint import weights_digest
+
+    a = save_model(tiny_student, tmp_path / "a")
+    b = save_model(tiny_student, tmp_path / "b", extra_files={"notes.txt": b"other files do not count"})
+    assert weights_digest(a) == weights_digest(b) and len(weights_digest(a)) == 64
+    changed = load_model(a)
+    with torch.no_grad():
+        changed.lm.lm_head.weight[0, 0] += 1
+    assert weights_digest(save_model(changed, tmp_path / "c")) != weights_digest(a)

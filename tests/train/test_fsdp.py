@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow  # ~1-3 min on 2 cores: torchrun starts two proces
 from alignkd.train.config import TrainConfig
 from alignkd.train.recipe import train
 
-ARGS = ["method=alignkd", "teacher=tiny-teacher", "steps=4", "batch_size=2", "train_limit=16", "lr=1e-3",
+ARGS = ["method=alignkd", "teacher=tiny-teacher", "steps=4", "batch_size=2", "data.limit=16", "lr=1e-3",
         "save_every=2", "keep_last=5", "progress=false", "seed=0"]
 
 

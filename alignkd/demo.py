@@ -1,0 +1,188 @@
+"""The embedded default: `alignkd-mobile train` with no arguments, or `train --demo [KEY=VALUE ...]`.
+
+Offline on a laptop CPU, in minutes: train (or reuse) a tiny teacher on easy-vqa, then the students — the
+baseline, Align-KD and any ablation in `methods` — with identical data, steps and seed; score every model
+on one fixed held-out set (`eval_seed`, independent of the training seed), and write `summary.json` + a
+table. The students are sized so that they do not saturate the task, and the comparison is honest:
+whatever the numbers are, they are printed.
+
+Every model sees images through one frozen, randomly initialised CLIP tower: the teacher's (seeded by
+`teacher_seed` and never trained; no pretrained CLIP can be downloaded), which each student copies, as
+MobileVLM's students share their teacher's frozen tower. A random frozen ViT still gives features that
+the projector and LM learn the task from; the teacher's edge is its wider, deeper LM and longer training.
+
+Answers are kept per model, in `<checkpoint>/eval/easyvqa-<weights digest>.jsonl`: a rerun scores only
+the questions it has not answered, and a retrained checkpoint is never scored with an earlier model's answers.
+
+This is the CLI layer: it runs the training recipe and the evaluation, which know nothing of each other.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import ConfigError
+from .eval.benchmarks import EasyVQA, EvalItem
+from .eval.runner import answer_items
+from .fileio import atomic_write
+from .model.checkpoint import load_model, weights_digest
+from .model.tokenizer import load_tokenizer
+from .train.config import TrainConfig, check_values, load_config, run_differences
+from .train.recipe import checkpoint_differences, checkpoints, train
+
+# Students the demo can train: name → (method, loss keys). The ablations switch single terms off.
+STUDENTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "baseline": ("baseline", {}),
+    "logit-kd": ("logit-kd", {}),
+    "kd-att": ("alignkd", {"loss.v_weight": 0.0}),  # KD + L_att
+    "kd-v": ("alignkd", {"loss.att_weight": 0.0}),  # KD + V-all + V-focus
+    "alignkd": ("alignkd", {}),
+    "release": ("alignkd", {"loss.variant": "release"}),  # the public code's computation
+}
+
+
+@dataclass
+class DemoConfig:
+    """The easy-vqa recipe; every field can be set in YAML (`train --demo --config`) or as key=value."""
+
+    output_dir: str = "runs/easyvqa"
+    """Holds teacher/ and one folder per student (mtgv checkpoints), and summary.json."""
+    teacher_preset: str = "tiny-teacher"
+    """Model preset of the teacher."""
+    student_preset: str = "tiny-student"
+    """Model preset of every student."""
+    teacher_steps: int = 600
+    """Teacher optimizer steps (reused when teacher/ already holds a finished teacher of the same recipe)."""
+    student_steps: int = 300
+    """Optimizer steps of each student."""
+    batch_size: int = 16
+    """Samples per step."""
+    teacher_lr: float = 1e-3
+    """Teacher learning rate."""
+    lr: float = 1e-3
+    """Student learning rate (LM, projector and adapters)."""
+    eval_limit: int = 500
+    """Held-out questions scored: a fixed subset (eval_seed) of the 9,673 test questions (more = all)."""
+    eval_seed: int = 0
+    """Picks the held-out subset, independently of `seed`: every seed and method is scored on the same questions."""
+    seed: int = 0
+    """Seed of the students' init and data order."""
+    teacher_seed: int = 0
+    """Seed of the teacher and of the CLIP tower all models share (kept apart so several student seeds can
+    share one teacher)."""
+    methods: str = "baseline,alignkd"
+    """Students to train, comma-separated, baseline first: baseline, logit-kd, kd-att (KD + L_att), kd-v
+    (KD + L_v), alignkd, release (the public code's variant)."""
+    curve_every: int = 0
+    """Also score each student's checkpoint every N steps: a held-out learning curve in summary.json (0 = off)."""
+    progress: bool = True
+    """Progress bars."""
+
+    def __post_init__(self) -> None:
+        check_values(self, positive=("teacher_steps", "student_steps", "batch_size", "teacher_lr", "lr", "eval_limit"),
+                     non_negative=("eval_seed", "seed", "teacher_seed", "curve_every"))
+        names = self.students()
+        unknown = [m for m in names if m not in STUDENTS]
+        if unknown or not names or names[0] != "baseline":
+            raise ConfigError(f"methods must list baseline first, then any of {', '.join(list(STUDENTS)[1:])}; "
+                              f"got {self.methods!r}")
+
+    def students(self) -> list[str]:
+        return [m.strip() for m in self.methods.split(",") if m.strip()]
+
+
+def _recipe(d: DemoConfig, name: str, keys: dict[str, Any]) -> TrainConfig:
+    return load_config(flags={"warmup_ratio": 0.05, "batch_size": d.batch_size, "progress": d.progress,
+                              "output_dir": str(Path(d.output_dir) / name), **keys})
+
+
+def teacher_recipe(d: DemoConfig) -> TrainConfig:
+    return _recipe(d, "teacher", {"method": "baseline", "student": d.teacher_preset, "steps": d.teacher_steps,
+                                  "lr": d.teacher_lr, "seed": d.teacher_seed})
+
+
+def student_recipe(d: DemoConfig, name: str) -> TrainConfig:
+    method, loss = STUDENTS[name]
+    teacher = str(Path(d.output_dir) / "teacher")
+    # every curve_every steps, and the final step: ceil(steps / curve_every) checkpoints
+    curve = {"save_every": d.curve_every, "keep_last": -(-d.student_steps // d.curve_every)} if d.curve_every else {}
+    return _recipe(d, name, {"method": method, "student": d.student_preset, "init_vision_from": teacher,
+                             "teacher": teacher if method != "baseline" else None, "steps": d.student_steps,
+                             "lr": d.lr, "seed": d.seed, **curve, **loss})
+
+
+def train_or_reuse(recipe: TrainConfig) -> dict:
+    """A finished run of exactly this recipe is reused (the teacher is the expensive part); otherwise it
+    trains, resuming a checkpoint of this recipe or replacing one of another. The checkpoint cadence counts
+    as part of the recipe here: the learning curve is read from the checkpoints."""
+    out = Path(recipe.output_dir)
+    try:
+        done = json.loads((out / "train" / "summary.json").read_text())
+    except (OSError, ValueError):
+        done = None
+    same = ("save_every",)
+    if isinstance(done, dict) and isinstance(done.get("config"), dict) and not run_differences(done["config"], recipe, same):
+        click.echo(f"reusing the finished run in {out}")
+        return done
+    return train(recipe.replace(resume=not checkpoint_differences(recipe, also=same)))
+
+
+def score(ckpt: Path, items: list[EvalItem], bench: EasyVQA, name: str, progress: bool) -> float:
+    """Held-out accuracy of the model in `ckpt`, through an answer file keyed to its weights."""
+    digest = weights_digest(ckpt)[:16]
+    answers = ckpt / "eval" / f"easyvqa-{digest}.jsonl"
+    for stale in answers.parent.glob("easyvqa*.jsonl"):  # earlier models' answers
+        if stale != answers:
+            stale.unlink()
+    model, tok = load_model(ckpt), load_tokenizer(ckpt)
+    preds = answer_items(model, tok, items, batch_size=32, max_new_tokens=4, answers_file=answers,
+                         desc=f"eval {name}", progress=progress, model_id=f"{name}-{digest}")
+    return bench.score(items, preds)["accuracy"]
+
+
+def run_demo(d: DemoConfig) -> dict:
+    out = Path(d.output_dir)
+    tsum = train_or_reuse(teacher_recipe(d))
+    bench = EasyVQA(seed=d.eval_seed)
+    items, _ = bench.load(None, limit=d.eval_limit)
+    results: dict[str, dict] = {}
+    for name in d.students():
+        s = train_or_reuse(student_recipe(d, name))
+        results[name] = {"steps": s["steps"], "wall_s": s["wall_s"],
+                         "final_losses": {k: v for k, v in s["final"].items() if k not in ("step", "lr")}}
+    teacher_acc = score(out / "teacher", items, bench, "teacher", d.progress)
+    for name, r in results.items():
+        r["accuracy"] = score(out / name, items, bench, name, d.progress)
+        r["delta_vs_baseline"] = round(r["accuracy"] - results["baseline"]["accuracy"], 2)
+        if d.curve_every:
+            r["curve"] = [{"step": int(c.name.split("-")[1]), "accuracy": score(c, items, bench, c.name, d.progress)}
+                          for c in checkpoints(out / name)]
+    summary = {
+        "methods": results,
+        "teacher": {"accuracy": teacher_acc, "steps": tsum["steps"], "wall_s": tsum["wall_s"]},
+        "eval": {"benchmark": "easyvqa (held-out test split)", "questions": len(items), "eval_seed": d.eval_seed,
+                 "metric": "exact match %"},
+        "config": asdict(d),
+    }
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+    click.echo(format_table(summary))
+    return summary
+
+
+def format_table(s: dict) -> str:
+    rows = [("teacher", s["teacher"]["accuracy"], None, None, s["teacher"]["steps"], s["teacher"]["wall_s"])]
+    for m, r in s["methods"].items():
+        rows.append((m, r["accuracy"], r["delta_vs_baseline"], r["final_losses"], r["steps"], r["wall_s"]))
+    lines = [f"easy-vqa held-out accuracy ({s['eval']['questions']} questions, eval_seed {s['eval']['eval_seed']})", "",
+             f"{'model':<12}{'accuracy %':>11}{'vs baseline':>12}{'steps':>7}{'wall s':>8}   final loss terms",
+             "-" * 100]
+    for name, acc, delta, losses, steps, wall in rows:
+        terms = " ".join(f"{k}={v:.3f}" for k, v in (losses or {}).items() if v and k != "grad_norm")
+        shown = f"{delta:+.2f}" if delta is not None and name != "baseline" else ""
+        lines.append(f"{name:<12}{acc:>11.2f}{shown:>12}{steps:>7}{wall:>8.0f}   {terms}")
+    return "\n".join(lines)

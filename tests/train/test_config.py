@@ -1,0 +1,128 @@
+"""The training config: nested groups from YAML and key=value, every bad value one ConfigError naming the
+key before anything loads, the keys listed with their docs, the shipped configs, what a resume must match."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from alignkd.demo import DemoConfig
+from alignkd.distill import AlignKDLossConfig
+from alignkd.errors import ConfigError
+from alignkd.train.config import TrainConfig, config_keys, load_config, run_differences
+from alignkd.train.recipe import loss_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_yaml_groups_and_overrides(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("method: logit-kd\nteacher: t\nsteps: 10\nlr: 3.0e-4\ndata:\n  path: d.json\n  limit: 5\n"
+                 "loss:\n  temperature: 2\n")
+    cfg = load_config(y, ["steps=20", "lr=1e-4", "gradient_checkpointing=true", "loss.kd_positions=all",
+                          "data.limit=7"], flags={"method": "alignkd"})
+    assert (cfg.method, cfg.teacher, cfg.steps, cfg.lr, cfg.gradient_checkpointing) == ("alignkd", "t", 20, 1e-4, True)
+    assert cfg.loss == AlignKDLossConfig(temperature=2.0, kd_positions="all")
+    assert (cfg.data.path, cfg.data.limit, cfg.data.template) == ("d.json", 7, "v1")
+    # YAML ← options (flags) ← key=value
+    assert load_config(y, ["method=baseline"], flags={"method": "alignkd"}).method == "baseline"
+    assert load_config(y, flags={"method": "baseline"}).method == "baseline"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["teacher_dtype=banana"], "teacher_dtype must be one of auto, bf16, fp16, fp32, got 'banana'"),
+    (["lr=-1"], "lr must be > 0, got -1.0"),
+    (["lr=nan"], "lr must be a finite number"),
+    (["warmup_ratio=1.5"], "warmup_ratio must be between 0 and 1"),
+    (["keep_last=0"], "keep_last must be > 0"),
+    (["save_every=-2"], "save_every must be >= 0"),
+    (["num_workers=-1"], "num_workers must be >= 0"),
+    (["steps=ten"], "steps: 'ten' is not an integer$"),
+    (["projector_lr=x"], "projector_lr: 'x' is not a number or null$"),
+    (["compile=2"], "compile: '2' is not true or false$"),
+    (["loss.variant=x"], "loss: variant must be one of paper, release, got 'x'"),
+    (["loss.kd_positions=answers"], "loss: kd_positions must be one of text, tokens, all"),
+    (["loss.temperature=0"], "loss: temperature must be > 0"),
+    (["data.template=chatml"], "data: template must be one of"),
+    (["data.on_malformed=ignore"], "data: on_malformed must be one of fail, skip"),
+    (["data.limit=0"], "data: limit must be > 0"),
+    (["stepz=3"], r"unknown config key\(s\) stepz;"),
+    (["temperature=2"], r"temperature \(did you mean loss.temperature\?\)"),
+    (["loss=2"], "loss is a group of keys .*loss.temperature.*: set them as loss.KEY=VALUE"),
+    (["loss.nope=1"], r"unknown config key\(s\) loss.nope"),
+    (["method=alignkd"], "method alignkd needs a teacher"),
+    (["steps"], "override 'steps' is not key=value"),
+])
+def test_every_bad_value_is_one_error_naming_the_key(overrides, message):
+    teacher = [] if overrides == ["method=alignkd"] else ["teacher=t"]
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(None, teacher + overrides)
+    assert "\n" not in str(e.value) and "<class" not in str(e.value)
+
+
+def test_bad_config_files_are_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: 3\nlr: [1, 2\nseed: 0\n")
+    cases = {bad: r"bad.yaml is not valid YAML at line \d+, column \d+: ", tmp_path: "is a directory",
+             tmp_path / "none.yaml": "not found", tmp_path / "latin.yaml": "is not UTF-8 text",
+             tmp_path / "list.yaml": "expected a mapping of config keys, got list"}
+    (tmp_path / "latin.yaml").write_bytes("method: caf\xe9\n".encode("latin-1"))
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    for path, message in cases.items():
+        with pytest.raises(ConfigError, match=message) as e:
+            load_config(path)
+        assert "\n" not in str(e.value), str(e.value)
+
+
+def test_keys_are_listed_with_groups_and_a_doc_each():
+    keys = {k: (default, doc) for k, default, doc in config_keys(TrainConfig)}
+    assert keys["loss.temperature"][0] == 1.0 and "temperature" in keys["loss.temperature"][1]
+    assert keys["data.limit"] == (None, "Use only this many samples (a seeded choice); None = all.")
+    assert "loss" not in keys and "data" not in keys and "num_workers" in keys
+    assert all(doc for doc in (d for _, d in keys.values()))
+    assert all(doc for _, _, doc in config_keys(DemoConfig))
+
+
+def test_the_method_picks_the_loss_terms():
+    cfg = load_config(None, ["teacher=t", "loss.kd_weight=2", "loss.att_weight=3"])
+    assert (loss_config(cfg).kd_weight, loss_config(cfg).att_weight, loss_config(cfg).v_weight) == (2.0, 3.0, 1.0)
+    kd = loss_config(cfg.replace(method="logit-kd"))
+    assert (kd.kd_weight, kd.att_weight, kd.v_weight) == (2.0, 0.0, 0.0)
+    base = loss_config(cfg.replace(method="baseline"))
+    assert (base.kd_weight, base.att_weight, base.v_weight) == (0.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_shipped_configs_load_and_validate(path):
+    if path.name == "easyvqa_demo.yaml":
+        assert load_config(path, cls=DemoConfig) == DemoConfig()  # the demo as `train` runs it
+        return
+    cfg = load_config(path)
+    assert cfg.student.endswith("MobileVLM_V2-1.7B") and cfg.data.path.endswith("llava_v1_5_mix665k.json")
+    assert cfg.method == {"alignkd.yaml": "alignkd", "logit_kd.yaml": "logit-kd", "baseline.yaml": "baseline"}[path.name]
+    assert cfg.teacher == (None if cfg.method == "baseline" else "ckpt/MobileVLM_V2-7B")
+    assert cfg.batch_size * cfg.grad_accum * 8 == 128 and cfg.loss == AlignKDLossConfig()
+
+
+def test_shipped_real_configs_differ_only_in_the_method_and_its_terms():
+    runs = {p.stem: load_config(p) for p in (CONFIGS / "mobilevlm_v2_1.7b").glob("*.yaml")}
+    ref = runs["alignkd"]
+    for name, cfg in runs.items():
+        assert run_differences(ref.to_dict(), cfg.replace(method="alignkd", teacher=ref.teacher)) == [], name
+
+
+def test_run_differences_name_what_changes_the_run():
+    cfg = load_config(None, ["teacher=t", "steps=10"])
+    rec = cfg.to_dict()
+    # how a run is executed or reported does not make it another run
+    assert run_differences(rec, cfg.replace(output_dir="elsewhere", compile=True, save_every=3, progress=False)) == []
+    assert run_differences(rec, cfg.replace(steps=20)) == ["steps: 10 → 20"]
+    assert run_differences(rec, cfg.replace(method="logit-kd")) == ["method: 'alignkd' → 'logit-kd'"]
+    assert run_differences(rec, cfg.replace(save_every=3), also=("save_every",)) == ["save_every: 0 → 3"]
+    other = load_config(None, ["teacher=t", "steps=10", "loss.temperature=2"])
+    assert run_differences(rec, other) == ["loss.temperature: 1.0 → 2.0"]
+    # a baseline ignores the teacher and the loss group
+    base = load_config(None, ["method=baseline", "steps=10"])
+    assert run_differences(base.to_dict(), base.replace(teacher="t", loss=AlignKDLossConfig(temperature=3.0))) == []
+    assert "not one this version reads" in run_differences({"temperature": 1.0}, cfg)[0]
