@@ -9,11 +9,13 @@ same path as `--answers`, so both give the same number for the same file.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
-from ..model.checkpoint import load_config, load_model
+from ..fileio import atomic_write
+from ..model.checkpoint import load_config, load_model, weights_digest
 from ..model.tokenizer import check_tokenizer_matches, load_tokenizer
 from .answers import match_answers, read_answer_rows
 from .benchmarks import Benchmark, EvalItem, LoadStats, get_benchmark
@@ -40,6 +42,8 @@ def evaluate(checkpoints: Sequence[str], benches: Sequence[str], data_root: str 
     for i, name in enumerate(names):
         results[name] = {}
         model = load_model(checkpoints[i]) if checkpoints else None
+        if model is not None:
+            _forget_other_models_answers(out / "answers" / name, checkpoints[i], log)
         for b, (bench, items, stats) in loaded.items():
             if model is None:
                 path = Path(answers[i])
@@ -93,6 +97,25 @@ def _check_request(checkpoints: list[str], benches: list[str], data_root: str | 
         if n is not None and n not in names:
             raise ConfigError(f"{flag} {n!r} is not one of the runs: {', '.join(names)}")
     return names
+
+
+def _forget_other_models_answers(folder: Path, ckpt: str, log) -> None:
+    """Answers resume a killed eval of the same model only: a checkpoint retrained in place (other weights)
+    starts over instead of being scored with the previous model's answers."""
+    digest = weights_digest(ckpt)
+    stamp = folder / "model.json"
+    if stamp.is_file():
+        try:
+            same = json.loads(stamp.read_text()).get("weights_digest") == digest
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            same = False
+        if not same:
+            stale = sorted(folder.glob("*.jsonl"))
+            for p in stale:
+                p.unlink()
+            if stale:
+                log(f"{folder}: answers of another model (the checkpoint's weights changed); answering again")
+    atomic_write(stamp, json.dumps({"checkpoint": str(ckpt), "weights_digest": digest}))
 
 
 def _matching_tokenizer(ckpt: str):

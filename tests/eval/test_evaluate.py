@@ -159,3 +159,21 @@ def test_cli_prints_one_error_line(args, message):
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 2 and r.stdout == ""
     assert r.stderr.startswith(message) and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_checkpoint_retrained_in_place_is_never_scored_with_the_previous_answers(tmp_path):
+    tok = load_tokenizer(tiny_tokenizer_dir())
+    ckpt = tmp_path / "student"
+    save_model(build_model("tiny-student", seed=0), ckpt, tokenizer=tok)
+    kw = dict(limit=4, batch_size=4, max_new_tokens=3, **QUIET)
+    evaluate([str(ckpt)], ["easyvqa"], None, tmp_path / "out", **kw)
+    answers = tmp_path / "out" / "answers" / "student" / "easyvqa.jsonl"
+    rows = [json.loads(ln) for ln in answers.read_text().splitlines()]
+    answers.write_text("".join(json.dumps({**r, "text": "zzz"}) + "\n" for r in rows))  # answers already on file
+    same = evaluate([str(ckpt)], ["easyvqa"], None, tmp_path / "out", **kw)
+    assert same["student"]["easyvqa"]["valid_answer_rate"] == 0.0  # same weights: the file's answers are used
+    save_model(build_model("tiny-student", seed=1), ckpt, tokenizer=tok)  # retrained into the same folder
+    again = evaluate([str(ckpt)], ["easyvqa"], None, tmp_path / "out", **kw)
+    fresh = evaluate([str(ckpt)], ["easyvqa"], None, tmp_path / "fresh", **kw)
+    assert again == fresh
+    assert "zzz" not in answers.read_text()

@@ -11,13 +11,13 @@ import pytest
 
 from alignkd.eval.benchmarks import get_benchmark
 from alignkd.eval.runner import answer_items
-from alignkd.export.base import ExportOptions
+from alignkd.export.base import ExportOptions, get_target
 from alignkd.export.emulator import BundleRunner
-from alignkd.export.exporter import export_bundle, get_target
+from alignkd.export.exporter import export_bundle
 from alignkd.export.runtime import generate
 from alignkd.model import load_model
 from alignkd.model.tokenizer import load_tokenizer
-from alignkd.train.easyvqa_demo import DemoConfig, run_demo
+from alignkd.demo import DemoConfig, run_demo
 
 pytestmark = pytest.mark.slow  # trains two students and exports 12 artifacts: a few minutes
 
@@ -62,6 +62,7 @@ def test_every_format_matches_eager(trained, bundles, student):
                 want = generate(ref_rt, ids, px, 6, runner.eos_ids[0]).tokens
                 assert runner.answer(it.image, it.question, max_new_tokens=6).tokens == want, (art, it.id)
         preds = {it.id: runner.answer(it.image, it.question, max_new_tokens=6).text for it in items}
+        runner.close()
         acc = bench.score(items, preds)["accuracy"]
         rows.append((art, acc))
         bound = GGUF_FP32_BOUND if art == "gguf/fp32" else ACCURACY_BOUND[quant]
