@@ -61,12 +61,14 @@ def main() -> None:
     """Align-KD distillation of MobileVLM V2, and export to phones.
 
     \b
-    train   distil a teacher into a student (or train the baseline); no arguments = easy-vqa demo
-    eval    score checkpoints on MobileVLM's benchmarks; distilled-vs-baseline report
-    export  quantize + lower to ExecuTorch / ONNX / GGUF with a parity gate; bundle for the app
-    run     answer a question about an image with a bundle (desktop emulator)
-    bench   latency + accuracy of bundles side by side (host or adb)
-    info    architecture summary and parameter counts of a preset or checkpoint
+    train          distil a teacher into a student (or train the baseline); no arguments = easy-vqa demo
+    teacher-cache  run the teacher once over the data; Align-KD then trains without the 7B LM
+    train-keys     every training config key with its default and meaning
+    eval           score checkpoints on MobileVLM's benchmarks; distilled-vs-baseline report
+    export         quantize + lower to ExecuTorch / ONNX / GGUF with a parity gate; bundle for the app
+    run            answer a question about an image with a bundle (desktop emulator)
+    bench          latency + accuracy of bundles side by side (host or adb)
+    info           architecture summary and parameter counts of a preset or checkpoint
     """
 
 
@@ -125,6 +127,8 @@ def train(demo, config_path, method, teacher, student, data, image_folder, outpu
     Every key, with its meaning: alignkd-mobile train-keys. A run resumes its newest checkpoint in
     --output-dir; a checkpoint of a run with other settings is refused (resume=false starts fresh).
     Several GPUs: torchrun --nproc_per_node=8 --no-python alignkd-mobile train ... (FSDP2).
+    Logit KD from an offline teacher cache (no full teacher forward per step): build it with
+    `alignkd-mobile teacher-cache` and the same config, then add teacher_cache=DIR.
     """
     from .errors import ConfigError
     from .train.config import TrainConfig, config_keys, load_config
@@ -150,6 +154,47 @@ def train(demo, config_path, method, teacher, student, data, image_folder, outpu
                           f"run the demo with: alignkd-mobile train --demo {' '.join(overrides)}")
     summary = run_training(load_config(config_path, list(overrides), cls=TrainConfig, flags=given))
     click.echo(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
+
+
+@main.command("teacher-cache")
+@click.option("--config", "config_path", help="The training config (YAML) the cache is for.")
+@click.option("--teacher", help="Teacher mtgv checkpoint directory (MobileVLM_V2-7B).")
+@click.option("--student", help="Student mtgv checkpoint directory or preset (its tokenizer and image preprocessing).")
+@click.option("--data", help="LLaVA-format JSON (or 'easyvqa'): data.path.")
+@click.option("--image-folder", help="Folder the JSON's image paths are relative to: data.image_folder.")
+@click.option("--output-dir", help="The cache folder: teacher_cache.")
+@click.option("--overwrite", is_flag=True, help="Replace a cache in the folder that was made for another run "
+              "(another teacher, k, temperature, KD positions or template) instead of refusing it.")
+@click.argument("overrides", nargs=-1)
+@_clean_errors
+def teacher_cache(config_path, teacher, student, data, image_folder, output_dir, overwrite, overrides) -> None:
+    """Run the teacher once over a training config's samples and cache its top-k log-probs at the KD
+    positions, so that `train ... teacher_cache=DIR` needs no full teacher forward.
+
+    \b
+    Same config and keys as train (train-keys); what the cache holds comes from
+      loss.kd_topk (k; null = every token), loss.temperature, loss.kd_positions (text or tokens),
+      data.* and teacher; batch_size, teacher_dtype, precision, num_workers set how it runs.
+    e.g.
+      alignkd-mobile teacher-cache --config configs/mobilevlm_v2_1.7b/alignkd.yaml \\
+          --output-dir cache/7b-k32 loss.kd_topk=32
+      alignkd-mobile train --config configs/mobilevlm_v2_1.7b/alignkd.yaml teacher_cache=cache/7b-k32 loss.kd_topk=32
+    Rerunning the command continues a killed build (finished shards are kept). Several GPUs:
+    torchrun --nproc_per_node=8 --no-python alignkd-mobile teacher-cache ... (the ranks split the samples).
+    """
+    from .train.config import TrainConfig, load_config
+    from .train.recipe import build_teacher_cache
+
+    flags = {"teacher": teacher, "student": student, "data.path": data, "data.image_folder": image_folder,
+             "teacher_cache": output_dir}
+    cfg = load_config(config_path, list(overrides), cls=TrainConfig, flags={k: v for k, v in flags.items() if v})
+    summary = build_teacher_cache(cfg, overwrite)
+    if summary.get("teacher_cache"):  # rank 0 (under torchrun the other ranks print nothing)
+        click.echo(f"teacher cache {summary['teacher_cache']}: {summary['samples']} samples ({summary['computed_now']} "
+                   f"computed now), {summary['kd_positions']} KD positions, k = {summary['k']}, {summary['bytes']} bytes "
+                   f"= {summary['bytes_per_kd_position']} bytes per KD position; {summary['samples_per_s']} samples/s",
+                   err=True)
+        click.echo(json.dumps(summary, indent=2))
 
 
 @main.command("eval")

@@ -1,4 +1,5 @@
-"""Artifact size and export time per format × quantization (parity gate included in a separate column).
+"""Artifact size and export time per format × quantization, tiny or trained student (parity gate in its own
+column). The full 1.7B shape: benchmarks/export_full_shape.py.
 
     python benchmarks/export_size.py                       # tiny student (random weights)
     python benchmarks/export_size.py --checkpoint DIR      # a trained student, e.g. runs/easyvqa/alignkd
@@ -15,9 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from alignkd.export.base import ExportOptions
-from alignkd.export.exporter import get_target, parity_inputs, thresholds
-from alignkd.export.parity import check_parity
+from alignkd.export.base import ExportOptions, get_target
+from alignkd.export.parity import gate, parity_inputs
 from alignkd.model import build_model, load_model
 from alignkd.model.tokenizer import load_tokenizer, tiny_tokenizer_dir
 
@@ -37,8 +37,6 @@ def main() -> None:
     for fmt in a.formats.split(","):
         target = get_target(fmt)
         for quant in target.quants:
-            if quant in ("f32", "f16"):  # aliases of fp32/fp16
-                continue
             with tempfile.TemporaryDirectory() as d:
                 opts = ExportOptions(quant=quant, threads=2)
                 t0 = time.perf_counter()
@@ -46,8 +44,7 @@ def main() -> None:
                 export_s = time.perf_counter() - t0
                 size = sum(f.stat().st_size for f in files)
                 t0 = time.perf_counter()
-                rep = check_parity(target.load(Path(d), opts), target.reference(model, opts), ids, pixels,
-                                   thresholds(fmt, quant))
+                rep = gate(target, model, Path(d), opts, ids, pixels)
                 rows.append({"format": fmt, "quant": quant, "size_bytes": size, "export_s": round(export_s, 2),
                              "parity_s": round(time.perf_counter() - t0, 2), "parity_passed": rep["passed"],
                              "logits_rel": rep["logits_rel"], "top1": rep["top1_agreement"]})

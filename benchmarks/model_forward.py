@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from alignkd.model import IMAGE_TOKEN_INDEX, build_model, get_preset
+from alignkd.model import IMAGE_TOKEN_INDEX, build_model
 
 
 def bench(preset: str, batch: int, text_len: int, repeats: int) -> dict:

@@ -11,7 +11,8 @@ GGUF Q4_0 through our runtime (embeddings fed to llama.cpp's C API) and llama.cp
 llama-cpp-python). Each path runs in its own process,
 timed in interleaved rounds; the reference of each round is the faster llama.cpp path in it. Also the
 memory-bandwidth bound: bytes of weights read per decoded token over a measured one-thread read bandwidth.
-Text-only prompt (the LM is what differs between paths; the vision encoder is measured by `bench`).
+Text-only prompt (the LM is what differs between paths; image encode and time to first token at the full
+shape: `ttft.py`).
 Prints a table and writes JSON. Weights are random: speed only, parity is the exporter's job.
 """
 
@@ -30,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from alignkd.export.base import ExportOptions
-from alignkd.export.exporter import get_target
 import torch
+
+from alignkd.export.base import ExportOptions, get_target, option_names
 
 from alignkd.model import MobileVLM, get_preset
 from alignkd.model.tokenizer import load_tokenizer, tiny_tokenizer_dir
@@ -154,9 +155,12 @@ def main() -> None:
     artifacts = {}
     for fmt, group in formats:  # export everything first, then free the eager model before timing
         target = get_target(fmt)
-        opts = ExportOptions(quant=QUANT[fmt], max_seq_len=n_ctx, group_size=group, threads=a.threads,
-                             embedding_quant="4" if fmt == "pte" else None)
-        label = f"{fmt} {QUANT[fmt]}" + ("" if fmt == "gguf" else f" g{opts.group(target.default_group_size)}")
+        if group is not None and "group_size" not in option_names(target):
+            ap.error(f"--formats {fmt}:{group}: {fmt} has no group size")
+        # the targets' defaults otherwise (ExecuTorch: 4-bit embedding table beside 8da4w)
+        opts = ExportOptions(quant=QUANT[fmt], max_seq_len=n_ctx, threads=a.threads,
+                             extra={} if group is None else {"group_size": group})
+        label = f"{fmt} {QUANT[fmt]}" + ("" if fmt == "gguf" else f" g{target.options(opts).group_size}")
         if label in artifacts:
             ap.error(f"--formats names {label} twice")
         d = work / label.replace(" ", "_")

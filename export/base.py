@@ -1,46 +1,60 @@
-"""The one small interface every export target implements (gpt-fast style), and the eager reference.
+"""The one small interface every export target implements (gpt-fast style), its registry, and the eager reference.
 
 A target turns a `MobileVLM` student into artifact files (`export`) and loads them back into a
 `Runtime` (`load`): three calls, exactly the ones the Android app makes — `encode_image` (pixels →
 image tokens), `embed` (ids → embeddings) and `decode` (embeddings at a start position → logits, with the
-runtime's own KV cache). `EagerRuntime` is the same interface over the PyTorch model: the reference of the
-parity gate and of the desktop emulator. The decoding loop over a `Runtime` is written once, in
-`alignkd.export.runtime`.
+runtime's own KV cache) — and `close`. `EagerRuntime` is the same interface over the PyTorch model: the
+reference of the parity gate and of the desktop emulator. The decoding loop over a `Runtime` is written
+once, in `alignkd.export.runtime`; the gate, in `alignkd.export.parity`.
+
+What differs between targets is carried by the interface, with defaults in `TargetBase`: the target's own
+options (a dataclass, filled from `ExportOptions.extra`), its parity thresholds, its reference, an optional
+same-quantization reference and an optional extra report. `get_target(name)` imports a target on use, so
+one target's heavy runtime loads only when asked.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import importlib
+import itertools
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 from transformers import DynamicCache
 
+from alignkd.errors import ConfigError
 from alignkd.model.mobilevlm import MobileVLM
+
+if TYPE_CHECKING:
+    from .parity import Thresholds
+
+# format name → (module, class)
+TARGETS: dict[str, tuple[str, str]] = {
+    "pte": ("alignkd.export.executorch", "ExecuTorchTarget"),
+    "onnx": ("alignkd.export.onnx_export", "OnnxTarget"),
+    "gguf": ("alignkd.export.gguf.target", "GgufTarget"),
+}
 
 
 @dataclass
 class ExportOptions:
-    """What a target needs besides the model. Each target documents which fields it reads."""
+    """What every target reads besides the model; a target's own knobs are in `extra`."""
 
     quant: str = "fp32"
-    """Weight quantization; each target lists what it supports in `quants`."""
+    """Weight quantization of the LM; each target lists what it supports in `quants`."""
     max_seq_len: int = 512
-    """Static KV-cache length (ExecuTorch), context length (GGUF), max positions (ONNX metadata)."""
-    group_size: int | None = None
-    """Group / block size of 4-bit weights; None: the target's `default_group_size` (see `group`)."""
-    embedding_quant: str | None = None
-    """ExecuTorch only: "8" or "4" bit embedding table (None keeps it in the weight dtype)."""
+    """Static KV-cache length (ExecuTorch), context length (GGUF), max positions (ONNX)."""
     threads: int = 2
     """CPU threads of the runtime when an artifact is loaded for parity or benchmarks."""
     extra: dict = field(default_factory=dict)
-    """Target-specific knobs, documented by the target."""
-
-    def group(self, default: int) -> int:
-        """The group size in effect: `group_size`, or the reading target's default when it is None."""
-        return default if self.group_size is None else self.group_size
+    """The target's own options by name (the fields of its `Options` dataclass). Values may be strings, as
+    typed on the command line (`--opt key=value`): `target.options(...)` converts and checks them."""
 
 
 class Runtime(Protocol):
@@ -59,15 +73,25 @@ class Runtime(Protocol):
         starts a new sequence.
         """
 
+    def close(self) -> None:
+        """Free what the runtime holds (sessions, native contexts, model copies); it is not used again."""
+
 
 class ExportTarget(Protocol):
     name: str
     """Format name used on the command line: "pte", "onnx" or "gguf"."""
     quants: tuple[str, ...]
     """Supported values of ExportOptions.quant."""
-    default_group_size: int
-    """4-bit group size when ExportOptions.group_size is None: the fastest of the runtime's kernels at
-    the accuracy we gate (README, Results)."""
+    default_quant: str
+    """The quant of an export that names none."""
+    Options: type
+    """Dataclass of the target's own options (`ExportOptions.extra`), each field documented."""
+
+    def options(self, options: ExportOptions):
+        """`ExportOptions.extra` converted and checked into `Options`, defaults resolved for options.quant."""
+
+    def check(self, model: MobileVLM, options: ExportOptions) -> None:
+        """Refuse a bad request (quant, options, max_seq_len for this model) before anything is written."""
 
     def export(self, model: MobileVLM, tokenizer, out_dir: Path, options: ExportOptions) -> list[Path]:
         """Write the artifacts into out_dir (which exists) and return their paths."""
@@ -76,13 +100,119 @@ class ExportTarget(Protocol):
         """Load what `export` wrote into its desktop runtime."""
 
     def reference(self, model: MobileVLM, options: ExportOptions) -> Runtime:
-        """The eager runtime the artifact must match (usually `EagerRuntime(model)`)."""
+        """The eager runtime the artifact is gated against; its image tokens are the fp32 encoder's."""
 
-    # Optional: `thresholds(options) -> Thresholds` when the gate depends on more than the quant, and
-    # `quantized_reference(model, options, out_dir) -> Runtime`, the eager model with the artifact's own
-    # (de-)quantized weights, reported beside the gate to separate runtime error from quantization error.
+    def thresholds(self, options: ExportOptions) -> Thresholds:
+        """The parity gate of this export (LM quant, vision quant and any other quantized part combined)."""
+
+    def quantized_reference(self, model: MobileVLM, options: ExportOptions, out_dir: Path) -> Runtime | None:
+        """The eager model with the artifact's own (de-)quantized weights, reported beside the gate to
+        separate runtime error from quantization error; None when there is nothing to separate."""
+
+    def extra_report(self, model: MobileVLM, artifact: Runtime, prompt_ids: list[int], pixels: np.ndarray) -> dict:
+        """What else the parity report states for this target (e.g. GGUF's divergence from the faithful model)."""
 
 
+class TargetBase:
+    """The defaults of `ExportTarget`; each target subclasses it and overrides what differs."""
+
+    name: str
+    quants: tuple[str, ...]
+    default_quant: str
+
+    @dataclass(frozen=True)
+    class Options:
+        """No options of its own."""
+
+    def options(self, options: ExportOptions):
+        return parse_options(self.Options, options.extra, self.name)
+
+    def check(self, model: MobileVLM, options: ExportOptions) -> None:
+        if options.quant not in self.quants:
+            raise ConfigError(f"{self.name}: quant {options.quant!r} is not supported (supported: {', '.join(self.quants)})")
+        self.options(options)
+        limit = model.config.text.max_position_embeddings
+        need = model.config.num_image_tokens + 1
+        if not need <= options.max_seq_len <= limit:
+            raise ConfigError(f"{self.name}: max_seq_len {options.max_seq_len} must be between {need} (the image plus "
+                              f"one token) and the model's context of {limit}")
+
+    def reference(self, model: MobileVLM, options: ExportOptions) -> Runtime:
+        return EagerRuntime(model)
+
+    def quantized_reference(self, model: MobileVLM, options: ExportOptions, out_dir: Path) -> Runtime | None:
+        return None
+
+    def extra_report(self, model: MobileVLM, artifact: Runtime, prompt_ids: list[int], pixels: np.ndarray) -> dict:
+        return {}
+
+
+def get_target(name: str) -> ExportTarget:
+    if name not in TARGETS:
+        raise ConfigError(f"unknown export format {name!r} (supported: {', '.join(TARGETS)})")
+    module, cls = TARGETS[name]
+    return getattr(importlib.import_module(module), cls)()
+
+
+def option_names(target: ExportTarget) -> list[str]:
+    return [f.name for f in dataclasses.fields(target.Options)]
+
+
+# ---- options from strings --------------------------------------------------------------------------
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _convert(value, typ, where: str):
+    """A value of `typ` (str, int, bool, or one of them | None) from a Python value or a command-line string."""
+    args = typing.get_args(typ)
+    if type(None) in args:  # X | None
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "")):
+            return None
+        (typ,) = [a for a in args if a is not type(None)]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+            return value.lower() in _TRUE
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be an integer, got {value!r}") from None
+    if typ is str and isinstance(value, (str, int)) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"{where}: cannot use {value!r}")
+
+
+def parse_options(cls: type, extra: dict, target: str):
+    """`cls(**extra)` with every value converted to its field's type; unknown names are one error listing the known."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(extra) - set(known))
+    if unknown:
+        raise ConfigError(f"{target}: unknown option(s) {', '.join(unknown)} (known: {', '.join(known) or 'none'})")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _convert(v, hints[k], f"{target} option {k}") for k, v in extra.items()})
+
+
+def check_choice(target: str, key: str, value, supported: tuple) -> None:
+    if value not in supported:
+        raise ConfigError(f"{target}: {key} {value!r} is not supported (supported: {', '.join(map(str, supported))})")
+
+
+def float_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A float32 copy of `module`'s structure that shares its float32 parameters and buffers.
+
+    Quantizers and reference transforms swap submodules and parameters of the copy (and load with
+    assign=True), never writing into a tensor, so the original stays intact without a second copy of its
+    weights (7 GB for a 1.7B model in float32)."""
+    shared = {id(t): t for t in itertools.chain(module.parameters(), module.buffers()) if t.dtype == torch.float32}
+    return copy.deepcopy(module, shared).float()
+
+
+# ---- the eager reference ---------------------------------------------------------------------------
 class EagerRuntime:
     """`Runtime` over the PyTorch model: the reference every artifact is checked against."""
 
@@ -110,3 +240,7 @@ class EagerRuntime:
         logits = self.model.run_lm(x, position_ids=positions, cache=self.cache)  # (1, T, V)
         self.pos = start_pos + x.shape[1]
         return logits[0, -1].float().numpy()  # (V,)
+
+    def close(self) -> None:
+        """Drops the KV cache; the model belongs to the caller."""
+        self.cache = None

@@ -11,12 +11,14 @@ Layout (paths relative to the bundle root; the manifest lists every file with sh
     parity_report.json       the parity gate's full report
 
 Every reader (`read_manifest`, the emulator, the Android app) refuses a bundle whose manifest has an
-unknown format version, names a path outside the bundle, or lists a file that is missing or whose
-size/sha256 differ. The bundle is built in a temp dir beside the target and renamed into place.
+unknown format version or a field of the wrong type, names a path outside the bundle, or lists a file
+that is missing or whose size/sha256 differ; each refusal carries a category (`Refusal`, the same ids as
+the app's `BundleRefusal`). The bundle is built in a temp dir beside the target and renamed into place.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 from pathlib import Path, PurePosixPath
@@ -28,6 +30,38 @@ from alignkd.fileio import atomic_write
 FORMAT = "alignkd-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+DEVICE_DIR = "/data/local/tmp/alignkd"
+"""Where bundles are pushed on a phone (`export --push`) and where the app's benchmark mode reads them."""
+
+
+class Refusal(enum.Enum):
+    """Why a bundle is refused; the values are the ids of the Android app's `BundleRefusal`."""
+
+    MISSING_MANIFEST = "missing_manifest"
+    BAD_JSON = "bad_json"
+    WRONG_FORMAT = "wrong_format"
+    UNKNOWN_VERSION = "unknown_version"
+    MISSING_FIELD = "missing_field"
+    INVALID_FIELD = "invalid_field"
+    PATH_OUTSIDE = "path_outside"
+    MISSING_FILE = "missing_file"
+    SIZE_MISMATCH = "size_mismatch"
+    CHECKSUM_MISMATCH = "checksum_mismatch"
+    ARTIFACT_NOT_LISTED = "artifact_not_listed"
+
+
+class BundleError(DataError):
+    """A refused bundle: one line naming the bundle and the field or file, and its `refusal` category."""
+
+    def __init__(self, refusal: Refusal, message: str):
+        super().__init__(message)
+        self.refusal = refusal
+
+
+# manifest["model"]: what every reader (emulator, bench, the app) takes from it, and the type of each
+MODEL_FIELDS: tuple[str, ...] = ("hidden_size", "vocab_size", "num_image_tokens", "image_size", "bos_id", "pad_id",
+                                 "max_seq_len")
+ARTIFACT_FIELDS: tuple[str, ...] = ("format", "quant", "dir")
 
 
 def sha256_file(path: Path) -> str:
@@ -42,10 +76,10 @@ def safe_relpath(root: Path, rel: str) -> Path:
     """`root / rel`, refusing absolute paths, `..` and anything that resolves outside root."""
     p = PurePosixPath(rel)
     if not rel or p.is_absolute() or ".." in p.parts or "\\" in rel or ":" in rel:
-        raise DataError(f"bundle {root}: manifest names a path outside the bundle: {rel!r}")
+        raise BundleError(Refusal.PATH_OUTSIDE, f"bundle {root}: manifest names a path outside the bundle: {rel!r}")
     full = (root / p).resolve()
     if not full.is_relative_to(root.resolve()):
-        raise DataError(f"bundle {root}: manifest names a path outside the bundle: {rel!r}")
+        raise BundleError(Refusal.PATH_OUTSIDE, f"bundle {root}: manifest names a path outside the bundle: {rel!r}")
     return full
 
 
@@ -66,46 +100,73 @@ def write_manifest(root: Path, manifest: dict) -> dict:
     return manifest
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_types(path: Path, m: dict) -> None:
+    """Every field a reader uses has its JSON type, so no reader fails later on a malformed manifest."""
+    def invalid(key: str, what: str) -> BundleError:
+        return BundleError(Refusal.INVALID_FIELD, f"{path}: invalid field {key!r}: {what}")
+
+    for entry in m["files"]:
+        if not (isinstance(entry, dict) and isinstance(entry.get("path"), str) and _is_int(entry.get("size"))
+                and isinstance(entry.get("sha256"), str)):
+            raise invalid("files", f"malformed entry {entry!r}")
+    for entry in m["artifacts"]:
+        if not (isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in ARTIFACT_FIELDS)
+                and isinstance(entry.get("files"), list) and all(isinstance(f, str) for f in entry["files"])):
+            raise invalid("artifacts", f"malformed entry {entry!r} (needs {', '.join(ARTIFACT_FIELDS)} as strings "
+                                       "and files as a list of paths)")
+    model = m["model"]
+    bad = [k for k in MODEL_FIELDS if not _is_int(model.get(k))]
+    eos = model.get("eos_ids")
+    if not (isinstance(eos, list) and eos and all(_is_int(i) for i in eos)):
+        bad.append("eos_ids")
+    if bad:
+        raise invalid("model", f"{', '.join(bad)} missing or not integers")
+
+
 def read_manifest(root: str | Path, verify: bool = True) -> dict:
-    """Read and verify a bundle's manifest: version, paths inside the bundle, sizes and checksums."""
+    """Read and verify a bundle's manifest: version, field types, paths inside the bundle, sizes and checksums.
+
+    Every refusal is a `BundleError` whose `refusal` says why."""
     root = Path(root)
     path = root / MANIFEST
     if not path.is_file():
-        raise DataError(f"{root} is not a complete bundle: {MANIFEST} is missing")
+        raise BundleError(Refusal.MISSING_MANIFEST, f"{root} is not a complete bundle: {MANIFEST} is missing")
     try:
         m = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON: {e}") from None
+        raise BundleError(Refusal.BAD_JSON, f"{path} is not valid JSON: {e}") from None
     if not isinstance(m, dict):
-        raise DataError(f"{path}: not an alignkd bundle (the manifest is not a JSON object)")
+        raise BundleError(Refusal.WRONG_FORMAT, f"{path}: not an alignkd bundle (the manifest is not a JSON object)")
     if m.get("format") != FORMAT:
-        raise DataError(f"{path}: not an alignkd bundle (format {m.get('format')!r})")
+        raise BundleError(Refusal.WRONG_FORMAT, f"{path}: not an alignkd bundle (format {m.get('format')!r})")
     if m.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{path}: unknown format_version {m.get('format_version')!r} (this reader knows {FORMAT_VERSION})")
-    for key, typ in (("files", list), ("artifacts", list), ("model", dict)):
+        raise BundleError(Refusal.UNKNOWN_VERSION,
+                          f"{path}: unknown format_version {m.get('format_version')!r} (this reader knows {FORMAT_VERSION})")
+    for key, typ, name in (("files", list, "list"), ("artifacts", list, "list"), ("model", dict, "object")):
         if key not in m:
-            raise DataError(f"{path}: missing field {key!r}")
+            raise BundleError(Refusal.MISSING_FIELD, f"{path}: missing field {key!r}")
         if not isinstance(m[key], typ):
-            raise DataError(f"{path}: invalid field {key!r}: expected a {typ.__name__}")
-    for entry in m["files"]:
-        if not (isinstance(entry, dict) and isinstance(entry.get("path"), str) and isinstance(entry.get("size"), int)
-                and isinstance(entry.get("sha256"), str)):
-            raise DataError(f"{path}: invalid field 'files': malformed entry {entry!r}")
+            raise BundleError(Refusal.INVALID_FIELD, f"{path}: invalid field {key!r}: expected a {name}")
+    _check_types(path, m)
     if verify:
         for entry in m["files"]:
             f = safe_relpath(root, entry["path"])
             if not f.is_file():
-                raise DataError(f"bundle {root}: file {entry['path']} listed in the manifest is missing")
+                raise BundleError(Refusal.MISSING_FILE, f"bundle {root}: file {entry['path']} listed in the manifest is missing")
             if f.stat().st_size != entry["size"]:
-                raise DataError(f"bundle {root}: {entry['path']} has size {f.stat().st_size}, the manifest says {entry['size']}")
+                raise BundleError(Refusal.SIZE_MISMATCH,
+                                  f"bundle {root}: {entry['path']} has size {f.stat().st_size}, the manifest says {entry['size']}")
             if sha256_file(f) != entry["sha256"]:
-                raise DataError(f"bundle {root}: checksum mismatch for {entry['path']}")
+                raise BundleError(Refusal.CHECKSUM_MISMATCH, f"bundle {root}: checksum mismatch for {entry['path']}")
         listed = {e["path"] for e in m["files"]}
         for a in m["artifacts"]:
             for rel in a["files"]:
                 safe_relpath(root, rel)
                 if rel not in listed:
-                    raise DataError(f"bundle {root}: artifact file {rel} is not in the manifest's file list")
+                    raise BundleError(Refusal.ARTIFACT_NOT_LISTED,
+                                      f"bundle {root}: artifact file {rel} is not in the manifest's file list")
     return m
-
-

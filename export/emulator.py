@@ -5,6 +5,11 @@ prompt from `template.json`, tokenizes with the bundle's tokenizer, and steps th
 (`encode_image` → `embed` → `decode` at increasing start positions) through the one decoding loop in
 `alignkd.export.runtime`. The same interface serves every format (ExecuTorch, ONNX, GGUF), so one
 test compares them all, and `alignkd-mobile run` / `bench` use it.
+
+Every image, whatever its size, goes through the bundle's one preprocessing (pad to square, resize, crop,
+normalise) to the encoder's (1, 3, S, S). The image tokens of the most recent images are kept
+(`ImageTokenCache`, keyed by the sha256 of the preprocessed pixels), as the app keeps them: a follow-up
+question about the same image skips the vision encoder.
 """
 
 from __future__ import annotations
@@ -18,13 +23,12 @@ import numpy as np
 
 from alignkd.data.image import ImageProcessingConfig, load_image, preprocess
 from alignkd.data.tokenize import tokenize_prompt
-from alignkd.errors import ConfigError
+from alignkd.errors import ConfigError, DataError
 from alignkd.model.tokenizer import load_tokenizer
 
-from .base import ExportOptions, Runtime
+from .base import ExportOptions, Runtime, get_target
 from .bundle import read_manifest, safe_relpath
-from .exporter import get_target
-from .runtime import Generation, check_fits, generate
+from .runtime import Generation, ImageTokenCache, check_decoding, check_fits, generate
 
 
 @dataclass
@@ -35,9 +39,16 @@ class Answer:
 
 
 class BundleRunner:
-    """One artifact of a bundle, loaded in its desktop runtime, behind the app's steps."""
+    """One artifact of a bundle, loaded in its desktop runtime, behind the app's steps.
 
-    def __init__(self, bundle: str | Path, fmt: str | None = None, quant: str | None = None, threads: int = 2):
+    image_cache_size: how many images' tokens to keep (0: none, every question encodes its image).
+    """
+
+    def __init__(self, bundle: str | Path, fmt: str | None = None, quant: str | None = None, threads: int = 2,
+                 image_cache_size: int = ImageTokenCache.DEFAULT_CAPACITY):
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ConfigError(f"threads (--threads) must be at least 1, got {threads}")
+        self.image_cache = ImageTokenCache(image_cache_size)
         self.root = Path(bundle)
         self.manifest = read_manifest(self.root)  # refuses bad versions, paths, checksums
         arts = [a for a in self.manifest["artifacts"] if (fmt is None or a["format"] == fmt)
@@ -50,8 +61,12 @@ class BundleRunner:
         self.max_seq_len = m["max_seq_len"]
         self.eos_ids = list(m["eos_ids"])
         self.num_image_tokens = m["num_image_tokens"]
+        self.image_size = m["image_size"]
         self.preprocessing = ImageProcessingConfig.from_dict(
             json.loads(safe_relpath(self.root, self.manifest["preprocessing"]).read_text()))
+        if self.preprocessing.image_size != self.image_size:  # the app refuses such a bundle at open too
+            raise DataError(f"bundle {self.root}: preprocessing image_size {self.preprocessing.image_size} != model "
+                            f"image_size {self.image_size}")
         self.template = json.loads(safe_relpath(self.root, self.manifest["template"]).read_text())
         self.tokenizer = load_tokenizer(safe_relpath(self.root, self.manifest["tokenizer"]).parent)
         opts = ExportOptions(quant=self.artifact["quant"], max_seq_len=self.max_seq_len, threads=threads)
@@ -68,15 +83,22 @@ class BundleRunner:
         return tokenize_prompt(self.template["prompt_format"].replace("{question}", question), self.tokenizer)
 
     def pixels(self, image) -> np.ndarray:
+        """An image file or PIL image of any size → (1, 3, S, S) float32, the bundle's preprocessing."""
         img = image if hasattr(image, "convert") else load_image(image)
         return preprocess(img, self.preprocessing)[None].numpy()  # (1, 3, S, S)
 
     def answer(self, image, question: str, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
                seed: int = 0, stop_at_eos: bool = True) -> Answer:
         """stop_at_eos False decodes exactly max_new_tokens tokens (what `bench` times)."""
+        check_decoding(max_new_tokens, temperature, top_p)
         ids = self.prompt_ids(question)
         check_fits(ids, max_new_tokens, self.max_seq_len, self.num_image_tokens)  # before any compute
         eos = self.eos_ids[0] if stop_at_eos else None
         gen = generate(self.runtime, ids, self.pixels(image), max_new_tokens, eos, self.max_seq_len,
-                       self.num_image_tokens, temperature, top_p, seed)
+                       self.num_image_tokens, temperature, top_p, seed, image_cache=self.image_cache,
+                       image_size=self.image_size)
         return Answer(self.tokenizer.decode(gen.tokens, skip_special_tokens=True).strip(), gen.tokens, gen)
+
+    def close(self) -> None:
+        """Free the runtime (native memory: the weights, the KV cache)."""
+        self.runtime.close()

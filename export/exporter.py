@@ -7,65 +7,33 @@ fails the export (non-zero exit) and the bundle is left without `manifest.json`,
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
 import subprocess
+import time
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
+import torch
 
-from alignkd.data import easyvqa
-from alignkd.data.image import image_config, load_image, preprocess
+from alignkd.data.image import image_config
 from alignkd.data.templates import IMAGE_TOKEN, build_prompt, get_template
-from alignkd.data.tokenize import tokenize_prompt
 from alignkd.errors import AlignKDError, ConfigError, DataError
+from alignkd.fileio import StagedDir
 from alignkd.model.checkpoint import load_model
 from alignkd.model.config import IMAGE_TOKEN_INDEX
 from alignkd.model.tokenizer import COPIED_FILES, load_tokenizer
 
-from .base import ExportOptions, ExportTarget
-from alignkd.fileio import StagedDir
+from .base import TARGETS, ExportOptions, get_target, option_names
+from .bundle import DEVICE_DIR, write_manifest
+from .parity import PARITY_QUESTION, gate, parity_inputs
 
-from .bundle import write_manifest
-from .parity import Thresholds, check_parity
-
-# The comparison with the same-quantization eager model is reported, not gated: its tolerances depend on
-# kernel details (e.g. XNNPACK keeps int4 group scales in bf16).
-REPORT_ONLY = Thresholds(image_cos=-1.0, logits_rel=float("inf"), top1=0.0, exact_tokens=False)
-
-# format name → (module, class): imported on use, so one target's heavy runtime loads only when asked
-TARGETS: dict[str, tuple[str, str]] = {
-    "pte": ("alignkd.export.executorch", "ExecuTorchTarget"),
-    "onnx": ("alignkd.export.onnx_export", "OnnxTarget"),
-    "gguf": ("alignkd.export.gguf_export", "GgufTarget"),
-}
-DEFAULT_QUANT = {"pte": "8da4w", "onnx": "int4", "gguf": "q4_0"}
-PARITY_QUESTION = "What shape is in the image?"
-DEVICE_DIR = "/data/local/tmp/alignkd"
+ANDROID_FORMAT = "pte"  # the app runs the .pte
 
 
 class ExportFailed(AlignKDError):
     """The parity gate failed for at least one artifact."""
-
-
-def get_target(name: str) -> ExportTarget:
-    if name not in TARGETS:
-        raise ConfigError(f"unknown export format {name!r} (supported: {', '.join(TARGETS)})")
-    module, cls = TARGETS[name]
-    return getattr(importlib.import_module(module), cls)()
-
-
-def parity_image() -> "Image.Image":
-    """A fixed real image: the first easy-vqa test image (ships in the easy-vqa package)."""
-    return load_image(easyvqa.first_test_image())
-
-
-def parity_inputs(model, tokenizer, template: str = "v1") -> tuple[list[int], np.ndarray]:
-    ids = tokenize_prompt(build_prompt(template, PARITY_QUESTION), tokenizer)
-    pixels = preprocess(parity_image(), image_config(model.config))[None].numpy()  # (1, 3, S, S)
-    return ids, pixels
 
 
 def sentencepiece_vocab(model_file: Path) -> dict:
@@ -86,72 +54,102 @@ def sentencepiece_vocab(model_file: Path) -> dict:
     }
 
 
+def _unique(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
 def _parse_jobs(formats: list[str], quants: list[str] | None) -> list[tuple[str, str]]:
     """`--format pte,gguf --quant 8da4w,q4_0` → [(pte, 8da4w), (gguf, q4_0)]; a quant applies to every
     format that supports it; a format with none of the given quants uses its default."""
+    targets = {f: get_target(f) for f in formats}
+    if quants is not None and not quants:
+        raise ConfigError("--quant names no quantization (leave it out for each format's default)")
+    quants = _unique(quants or [])
+    unknown = [q for q in quants if not any(q in t.quants for t in targets.values())]
+    if unknown:
+        raise ConfigError(f"quantization {', '.join(unknown)} is not supported by {', '.join(formats)}; "
+                          + "; ".join(f"{f}: {', '.join(t.quants)}" for f, t in targets.items()))
     jobs = []
-    for fmt in formats:
-        target = get_target(fmt)
-        if not quants:
-            jobs.append((fmt, DEFAULT_QUANT[fmt]))
-            continue
-        mine = [q for q in quants if q in target.quants]
-        unknown = [q for q in quants if not any(q in get_target(f).quants for f in formats)]
-        if unknown:
-            raise ConfigError(f"quantization {', '.join(unknown)} is not supported by {', '.join(formats)}; "
-                              + "; ".join(f"{f}: {', '.join(get_target(f).quants)}" for f in formats))
+    for fmt, target in targets.items():
+        mine = [q for q in quants if q in target.quants] if quants else [target.default_quant]
         if not mine:
             raise ConfigError(f"none of --quant {','.join(quants)} applies to {fmt} (supported: {', '.join(target.quants)})")
         jobs.extend((fmt, q) for q in mine)
     return jobs
 
 
+def split_options(formats: list[str], options: dict) -> dict[str, dict]:
+    """{"key" or "fmt.key": value} → {fmt: {key: value}}: a bare key goes to every format that has that option,
+    "fmt.key" to that format only (which refuses a key it does not know)."""
+    per: dict[str, dict] = {f: {} for f in formats}
+    for key, value in options.items():
+        fmt, _, name = key.rpartition(".")
+        if fmt:
+            if fmt not in per:
+                raise ConfigError(f"option {key}: format {fmt!r} is not exported here (formats: {', '.join(formats)})")
+            per[fmt][name] = value
+            continue
+        takers = [f for f in formats if name in option_names(get_target(f))]
+        if not takers:
+            known = "; ".join(f + ": " + (", ".join(option_names(get_target(f))) or "none") for f in formats)
+            raise ConfigError(f"option {name!r} belongs to none of the formats exported ({known})")
+        for f in takers:
+            per[f][name] = value
+    return per
+
+
 def export_bundle(checkpoint: str | Path, out_dir: str | Path, formats: list[str], quants: list[str] | None = None,
-                  target: str = "android", overwrite: bool = False, max_seq_len: int = 512, group_size: int | None = None,
-                  threads: int = 2, template: str = "v1", embedding_quant: str | None = None, log=print) -> dict:
-    """Export, gate, and write the bundle. Returns the manifest."""
+                  target: str = "android", overwrite: bool = False, max_seq_len: int = 512, threads: int = 2,
+                  template: str = "v1", options: dict | None = None, log=print) -> dict:
+    """Export, gate, and write the bundle. Returns the manifest.
+
+    options: the targets' own options (`split_options`), e.g. {"group_size": 64, "pte.vision_quant": "fp32"}.
+    Every request is checked (formats, quants, options, max_seq_len against the model) before anything is
+    exported. The model is loaded in float32: every target quantizes from it and the references compute in it.
+    """
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if target not in ("android", "desktop"):
         raise ConfigError(f"--target must be android or desktop, got {target!r}")
-    if target == "android" and "pte" not in formats:
-        raise ConfigError("--target android needs the ExecuTorch format (pte): the app runs the .pte")
+    formats = _unique(formats)
+    if not formats:
+        raise ConfigError(f"no export format given (supported: {', '.join(TARGETS)})")
+    if target == "android" and ANDROID_FORMAT not in formats:
+        raise ConfigError(f"--target android needs the ExecuTorch format ({ANDROID_FORMAT}): the app runs the .pte")
     jobs = _parse_jobs(formats, quants)
-    model = load_model(checkpoint)
+    extra = split_options(formats, options or {})
+    if max_seq_len < 1:
+        raise ConfigError(f"--max-seq-len must be positive, got {max_seq_len}")
+    model = load_model(checkpoint, dtype=torch.float32)
     tokenizer = load_tokenizer(checkpoint)
+    plans = [(fmt, quant, get_target(fmt), ExportOptions(quant, max_seq_len, threads, extra[fmt])) for fmt, quant in jobs]
+    for _, _, t, opts in plans:
+        t.check(model, opts)
     prompt_ids, pixels = parity_inputs(model, tokenizer, template)
     report: dict = {"prompt_ids": prompt_ids, "question": PARITY_QUESTION, "artifacts": {}}
     artifacts = []
     failed = []
     staged = StagedDir(out_dir, overwrite, exists_error=DataError)
     with staged as stage:
-        for fmt, quant in jobs:
-            t = get_target(fmt)
-            opts = ExportOptions(quant=quant, max_seq_len=max_seq_len, group_size=group_size, threads=threads,
-                                 embedding_quant=embedding_quant if fmt == "pte" else None)
+        for fmt, quant, t, opts in plans:
             sub = stage / fmt / quant
             sub.mkdir(parents=True)
             log(f"export {fmt} {quant} ...")
+            t0 = time.perf_counter()
             files = t.export(model, tokenizer, sub, opts)
-            gate = t.thresholds(opts) if hasattr(t, "thresholds") else thresholds(fmt, quant)
-            rep = check_parity(t.load(sub, opts), t.reference(model, opts), prompt_ids, pixels, gate)
-            if quant != "fp32" and hasattr(t, "quantized_reference"):
-                same = check_parity(t.load(sub, opts), t.quantized_reference(model, opts, sub), prompt_ids, pixels,
-                                    REPORT_ONLY)
-                rep["same_quant_reference"] = {k: same[k] for k in
-                                               ("logits_rel", "logits_cos", "top1_agreement", "greedy_identical")}
-            if fmt == "gguf":
-                from .gguf_export import faithful_divergence
-
-                rep["faithful_divergence"] = faithful_divergence(model, t.load(sub, opts), prompt_ids, pixels)
-            report["artifacts"][f"{fmt}/{quant}"] = rep
-            log(f"  parity {'PASS' if rep['passed'] else 'FAIL'}: logits rel {rep['logits_rel']:.2e}, "
-                f"top-1 {rep['top1_agreement']:.3f}, greedy identical {rep['greedy_identical']}"
+            t1 = time.perf_counter()
+            rep = gate(t, model, sub, opts, prompt_ids, pixels)
+            resolved = asdict(t.options(opts))
+            timing = {"export_s": round(t1 - t0, 1), "gate_s": round(time.perf_counter() - t1, 1)}
+            report["artifacts"][f"{fmt}/{quant}"] = {"options": resolved, **timing, **rep}
+            log(f"  {sum(f.stat().st_size for f in files) / 2**20:.1f} MiB in {timing['export_s']:.0f} s; parity "
+                f"{'PASS' if rep['passed'] else 'FAIL'} ({timing['gate_s']:.0f} s): image cos {rep['image_cos']:.5f}, logits rel "
+                f"{rep['logits_rel']:.2e}, top-1 {rep['top1_agreement']:.3f}, greedy identical {rep['greedy_identical']}"
                 + ("" if rep["passed"] else f"  ({'; '.join(rep['failures'])})"))
             if not rep["passed"]:
                 failed.append(f"{fmt}/{quant}")
             artifacts.append({"format": fmt, "quant": quant, "dir": f"{fmt}/{quant}",
                               "files": sorted(p.relative_to(stage).as_posix() for p in files),
-                              "parity_passed": rep["passed"]})
+                              "options": resolved, "parity_passed": rep["passed"]})
         write_bundle_metadata(stage, model, tokenizer, checkpoint, template)
         (stage / "parity_report.json").write_text(json.dumps(report, indent=2))
         if failed:
@@ -173,18 +171,12 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, formats: list[str
             "tokenizer": "tokenizer/tokenizer.model",
             "vocab": "tokenizer/vocab.json",
             "artifacts": artifacts,
-            "parity": {k: {"passed": v["passed"], "logits_rel": v["logits_rel"], "top1_agreement": v["top1_agreement"],
-                           "greedy_identical": v["greedy_identical"], **({"image_cos": v["image_cos"]} if "image_cos" in v else {})}
+            "parity": {k: {key: v[key] for key in ("passed", "image_cos", "image_rel", "logits_rel", "top1_agreement",
+                                                   "greedy_identical")}
                        for k, v in report["artifacts"].items()},
         })
         staged.publish()
     return manifest
-
-
-def thresholds(fmt: str, quant: str):
-    module, _ = TARGETS[fmt]
-    table = importlib.import_module(module).THRESHOLDS
-    return table[quant]
 
 
 def write_bundle_metadata(stage: Path, model, tokenizer, checkpoint: Path, template: str) -> None:

@@ -7,10 +7,15 @@ SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization (RMSNorm, the re
 one packed QKV MatMul per layer, com.microsoft GroupQueryAttention with the rotary embedding applied
 inside it and a KV cache that may share one buffer between past and present, and MatMulNBits for int4.
 The vision graph runs once per image and is exported with `torch.onnx.export(dynamo=True)`; the
-embedding graph is a single Gather. Quantization: "fp16" stores every graph's weights in fp16 and computes
-in fp16 (public tensors stay float32); "int8" (dynamic, MatMulInteger) and "int4" (MatMulNBits, block =
-group_size, default 64) quantize the MatMul weights of the decoder (lm_head included) and of the vision graph; for
-both the embedding table is stored in fp16 (Gather + Cast: half its fp32 size, 125 MiB saved at 1.7B).
+embedding graph is a single Gather. Quantization (of the decoder: `quant`; of the vision graph: the
+`vision_quant` option, by default the same): "fp16" stores the graph's weights in fp16 and computes in
+fp16 (public tensors stay float32); "int8" quantizes the MatMul weights (lm_head included) to int8 per
+tensor with dynamically quantized int8 activations (`quantize_dynamic`: DynamicQuantizeLinear +
+MatMulInteger + Mul, which onnxruntime's CPU graph optimizer fuses at load into its int8 GEMM kernels:
+DynamicQuantizeMatMul, or MatMulIntegerToFloat where q, k and v share one quantized input — the profile of
+the vision graph shows no MatMulInteger left, tests/export/test_onnx.py);
+"int4" to int4 blocks of `group_size` (MatMulNBits, int8 activations at accuracy_level 4). For int8 and int4
+LMs the embedding table is stored in fp16 (Gather + Cast: half its fp32 size).
 
 Decoder contract (batch and sequence axes dynamic):
   inputs_embeds (B, T, H) float32, attention_mask (B, P+T) int64 (ones over the real positions),
@@ -24,14 +29,14 @@ Decoder contract (batch and sequence axes dynamic):
   present outputs keep length C while attention_mask keeps length P+T; `OnnxRuntime` runs it that way.
   The KV cache dtype is the decoder's compute dtype (float16 for quant "fp16", else float32).
 
-ExportOptions read: quant, group_size (int4 block size), max_seq_len (rotary tables = context length),
-threads (runtime); `extra` keys are listed in EXTRA_DEFAULTS.
+ExportOptions read: quant, max_seq_len (rotary tables = context length), threads (runtime), and the
+target's own options (`OnnxOptions`, from `extra`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -45,11 +50,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from alignkd.data.image import image_config
 from alignkd.errors import CheckpointError, ConfigError, DataError
+from alignkd.fileio import writing
 from alignkd.model.mobilevlm import IMAGE_TOKEN_INDEX, MobileVLM
 from alignkd.model.tokenizer import check_tokenizer_matches
 
-from .base import EagerRuntime, ExportOptions
-from .parity import Thresholds
+from .base import EagerRuntime, ExportOptions, TargetBase, check_choice, float_copy
+from .parity import Thresholds, combine, lm_gate
 
 CONFIG_FILE = "onnx_model.json"
 GRAPH_FILES = {"vision": "vision.onnx", "embedding": "embedding.onnx", "decoder": "decoder.onnx"}
@@ -60,53 +66,72 @@ _EXTERNAL_DATA_BYTES = 1 << 30
 # Compute dtype of the decoder and embedding table; int8 / int4 quantize an fp32 graph.
 _FLOAT_TYPE = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "int8": TensorProto.FLOAT, "int4": TensorProto.FLOAT}
 
-EXTRA_DEFAULTS: dict[str, object] = {
-    # MatMulNBits compute type: 0 = unset (fp32), 1 fp32, 2 fp16, 3 bf16, 4 = int8 activations (fastest on
-    # CPU; what DESIGN.md §3 measured).
-    "accuracy_level": 4,
-    # int4 without zero points (onnxruntime-genai's default).
-    "int4_symmetric": True,
-    # Give the vision MatMuls the decoder's int8 / int4 quantization (False keeps them fp32).
-    "quantize_vision": True,
-    # Runtime: one past/present buffer per layer, max_seq_len long, bound as both with IOBinding.
-    "share_buffer": True,
-    # int8 / int4: store the token-embedding table in fp16 (False keeps fp32). The Gather reads one row
-    # per token, so this is size, not speed; its rounding (at most 4.9e-4 relative) is far below the weights'.
-    "embedding_fp16": True,
-}
-# int4 block when ExportOptions.group_size is None. onnxruntime's int8-activation kernel costs more per block
-# than llama.cpp's: the 1.7B decoder decodes at 0.78-0.85x llama.cpp Q4_0 at block 32, 1.03x at 64, 1.23x at
-# 128 (README, Results). Block 64 stores 4.5 bits per weight (an fp32 scale per 64), as Q4_0 does.
+# int4 block when the `group_size` option is not given. onnxruntime's int8-activation kernel costs more per
+# block than llama.cpp's: at the 1.7B widths block 64 decodes as fast as llama.cpp's Q4_0 and block 32
+# slower (README, Results). Block 64 stores 4.5 bits per weight (an fp32 scale per 64), as Q4_0 does.
 DEFAULT_GROUP_SIZE = 64
+VISION_QUANTS = ("fp32", "fp16", "int8", "int4")
 
-# Parity gate per quantization, against the eager fp32 model. Measured on the tiny student (random
+
+@dataclass(frozen=True)
+class OnnxOptions:
+    """The ONNX target's own options (`ExportOptions.extra`)."""
+
+    group_size: int = DEFAULT_GROUP_SIZE
+    """int4 block size (a power of 2, at least 16)."""
+    accuracy_level: int = 4
+    """MatMulNBits compute type: 0 = unset (fp32), 1 fp32, 2 fp16, 3 bf16, 4 = int8 activations (fastest on
+    CPU; what DESIGN.md §3 measured)."""
+    int4_symmetric: bool = True
+    """int4 without zero points (onnxruntime-genai's default)."""
+    vision_quant: str = "auto"
+    """The vision graph's quantization: fp32, fp16, int8 or int4; "auto" = the decoder's quant."""
+    share_buffer: bool = True
+    """Runtime: one past/present buffer per layer, max_seq_len long, bound as both with IOBinding."""
+    embedding_fp16: bool = True
+    """int8 / int4: store the token-embedding table in fp16 (False keeps fp32). The Gather reads one row per
+    token, so this is size, not speed; its rounding (at most 4.9e-4 relative) is far below the weights'."""
+
+    def __post_init__(self):
+        g = self.group_size
+        if g < 16 or g & (g - 1):
+            raise ConfigError(f"onnx: int4 group_size must be a power of 2 and at least 16, got {g}")
+        check_choice("onnx", "accuracy_level", self.accuracy_level, (0, 1, 2, 3, 4))
+        check_choice("onnx", "vision_quant", self.vision_quant, ("auto",) + VISION_QUANTS)
+
+    def resolved(self, quant: str) -> OnnxOptions:
+        return dataclasses.replace(self, vision_quant=quant if self.vision_quant == "auto" else self.vision_quant)
+
+
+# Parity gate per decoder quantization, against the eager fp32 model. Measured on the tiny student (random
 # weights: flat logits spanning ~1, so near-ties make top-1 the most fragile number; real checkpoints have
-# peakier logits). Each bound sits above the measurement in its comment, with room for deeper real models.
+# peakier logits), with the vision graph quantized as the decoder (the default). Each bound sits above the
+# measurement in its comment, with room for deeper real models. The image tokens are the vision graph's part
+# of the gate (VISION_THRESHOLDS, `combine`).
 THRESHOLDS: dict[str, Thresholds] = {
-    # the same fp32 math, only kernel summation order differs: image cos 1.0, logits rel 1e-7.
-    "fp32": Thresholds(image_cos=0.99999, logits_rel=1e-4, top1=1.0, exact_tokens=True),
-    # fp16 weights and activations (11-bit mantissa, ~5e-4 per op): image cos 0.9999999, rel 2.7e-4, top-1 1.0.
-    "fp16": Thresholds(image_cos=0.9995, logits_rel=1e-2, top1=0.9, exact_tokens=False),
-    # dynamic int8 (per-tensor weights, per-call activations): image cos 0.99997, rel 9.8e-3, top-1 1.0.
-    "int8": Thresholds(image_cos=0.999, logits_rel=5e-2, top1=0.85, exact_tokens=False),
-    # int4 weights (+ int8 activations at accuracy_level 4), block 64 (default): image cos 0.998, rel 0.10,
-    # top-1 0.94; block 32: cos 0.998, rel 8.3e-2, top-1 0.875-0.94. One flipped near-tie changes every
-    # later greedy token, so only top-1 is gated. At the 1.7B widths (4 LM layers, random init, 336 px):
-    # block 64 cos 0.997, rel 0.157, top-1 0.94; block 32 cos 0.997, rel 0.17-0.18, top-1 1.0 in one run and
-    # 0.19 in another (random init: near-flat logits, so top-1 flips on ties; real checkpoints are peakier).
-    "int4": Thresholds(image_cos=0.99, logits_rel=2e-1, top1=0.75, exact_tokens=False),
+    # the same fp32 math, only kernel summation order differs: logits rel 1e-7.
+    "fp32": lm_gate(1e-4),
+    # fp16 weights and activations (11-bit mantissa, ~5e-4 per op): rel 2.7e-4, top-1 1.0.
+    "fp16": lm_gate(1e-2, top1=0.9, exact_tokens=False),
+    # dynamic int8 (per-tensor weights, per-call activations): rel 9.8e-3, top-1 1.0.
+    "int8": lm_gate(5e-2, top1=0.85, exact_tokens=False),
+    # int4 weights (+ int8 activations at accuracy_level 4), block 64 (default): rel 0.10, top-1 0.94; block
+    # 32: rel 8.3e-2, top-1 0.875-0.94. One flipped near-tie changes every later greedy token, so only top-1
+    # is gated. At the 1.7B widths (4 LM layers, random init, 336 px): block 64 rel 0.157, top-1 0.94; block
+    # 32 rel 0.17-0.18, top-1 1.0 in one run and 0.19 in another (random init: near-flat logits, so top-1
+    # flips on ties; real checkpoints are peakier).
+    "int4": lm_gate(2e-1, top1=0.75, exact_tokens=False),
 }
-# The runtime's own error: the artifact against `dequantized_reference` (an eager model holding the
-# graphs' de-quantized weights), i.e. with the weight-quantization error taken out.
-RUNTIME_THRESHOLDS: dict[str, Thresholds] = {
-    "fp32": THRESHOLDS["fp32"],
-    # fp16 activations remain: rel 2.5e-4.
-    "fp16": Thresholds(image_cos=0.9999, logits_rel=2e-3, top1=1.0, exact_tokens=True),
-    # int8 activations remain: image cos 0.99998, rel 5.2e-3.
-    "int8": Thresholds(image_cos=0.9999, logits_rel=3e-2, top1=1.0, exact_tokens=True),
-    # accuracy_level 4 quantizes activations to int8 per block: image cos 0.99999, rel 3.8e-3 (block 64),
-    # 4.6e-3 (block 32); with accuracy_level 0 (fp32 compute) it is the fp32 case: rel 2e-7.
-    "int4": Thresholds(image_cos=0.9999, logits_rel=3e-2, top1=1.0, exact_tokens=True),
+# The vision gate: image tokens against the fp32 eager encoder, and what their error adds to the logits.
+# Measured with an fp32 decoder, on the parity image / on random pixels: fp32 (summation order only) image
+# cos 1.0, rel 2e-7; fp16 cos 0.9999999, rel 4.9e-4 / 4.4e-4, logits rel 1.5e-4 / 1.1e-4; int8 cos 0.99994 /
+# 0.99997, rel 1.1e-2 / 7.8e-3, logits rel 5.2e-3 / 1.1e-3; int4 (block 64) cos 0.9944 / 0.9977, rel 0.121 /
+# 0.069, logits rel 5.9e-2 / 2.7e-2.
+VISION_THRESHOLDS: dict[str, Thresholds] = {
+    "fp32": Thresholds(image_cos=0.99999, image_rel=1e-3, logits_rel=0.0),
+    "fp16": Thresholds(image_cos=0.9995, image_rel=5e-3, logits_rel=1e-3, top1=0.9, exact_tokens=False),
+    "int8": Thresholds(image_cos=0.999, image_rel=4e-2, logits_rel=2e-2, top1=0.9, exact_tokens=False),
+    "int4": Thresholds(image_cos=0.98, image_rel=2.5e-1, logits_rel=1e-1, top1=0.75, exact_tokens=False),
 }
 
 
@@ -149,20 +174,26 @@ def decoder_weight_table(num_layers: int) -> list[_Weight]:
 
 
 class _Graph:
-    """A small node/initializer accumulator so the decoder reads top to bottom like the model."""
+    """Builds a model node by node, so the decoder reads top to bottom like the model. Weights go straight
+    into the model's graph: one copy of them (make_graph + make_model would hold three, 16 GB at 1.7B)."""
 
-    def __init__(self) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
+    def __init__(self, name: str, domains: tuple[str, ...] = ("",)) -> None:
+        self.model = helper.make_model(helper.make_graph([], name, [], []), producer_name="alignkd",
+                                       opset_imports=[helper.make_opsetid(d, OPSET if d == "" else 1) for d in domains])
 
     def const(self, name: str, value: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(value, name))
+        self.model.graph.initializer.append(numpy_helper.from_array(value, name))
         return name
 
     def op(self, op_type: str, inputs: list[str], outputs: list[str] | str, name: str, domain: str = "", **attrs) -> list[str]:
         outs = [outputs] if isinstance(outputs, str) else outputs
-        self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, domain=domain, **attrs))
+        self.model.graph.node.append(helper.make_node(op_type, inputs, outs, name=name, domain=domain, **attrs))
         return outs
+
+    def finish(self, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto]) -> onnx.ModelProto:
+        self.model.graph.input.extend(inputs)
+        self.model.graph.output.extend(outputs)
+        return self.model
 
 
 def _rotary_tables(model: MobileVLM, max_seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -181,7 +212,7 @@ def build_decoder(model: MobileVLM, max_seq_len: int, float_type: int = TensorPr
     t = model.config.text
     np_dtype = helper.tensor_dtype_to_np_dtype(float_type)
     state = {k: v.detach().float() for k, v in model.lm.state_dict().items()}
-    g = _Graph()
+    g = _Graph("mobilevlm_decoder", ("", MS))
     for w in decoder_weight_table(t.num_layers):
         value = torch.cat([state[s] for s in w.sources], 0)  # (out, in) or (H,)
         g.const(w.onnx, (value.T if w.matmul else value).contiguous().numpy().astype(np_dtype, copy=False))
@@ -252,28 +283,23 @@ def build_decoder(model: MobileVLM, max_seq_len: int, float_type: int = TensorPr
         for kv in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", float_type, kv_shape))
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", float_type, present_shape))
-    graph = helper.make_graph(g.nodes, "mobilevlm_decoder", inputs, outputs, g.inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
-                             producer_name="alignkd")
+    return g.finish(inputs, outputs)
 
 
 def build_embedding(model: MobileVLM, float_type: int = TensorProto.FLOAT) -> onnx.ModelProto:
     """input_ids (B, T) int64 → inputs_embeds (B, T, H) float32: one Gather over the token table."""
     t = model.config.text
     table = model.lm.get_input_embeddings().weight.detach().float().numpy()  # (V, H)
-    g = _Graph()
+    g = _Graph("mobilevlm_embedding")
     g.const(EMBEDDING_WEIGHT.onnx, table.astype(helper.tensor_dtype_to_np_dtype(float_type)))
     gathered = "inputs_embeds" if float_type == TensorProto.FLOAT else "inputs_embeds_raw"
     g.op("Gather", [EMBEDDING_WEIGHT.onnx, "input_ids"], gathered, "model.embed_tokens.Gather", axis=0)
     if gathered != "inputs_embeds":
         g.op("Cast", [gathered], "inputs_embeds", "inputs_embeds_cast", to=TensorProto.FLOAT)
-    graph = helper.make_graph(
-        g.nodes, "mobilevlm_embedding",
+    return g.finish(
         [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])],
         [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, ["batch_size", "sequence_length", t.hidden_size])],
-        g.inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="alignkd")
 
 
 class _VisionGraph(torch.nn.Module):
@@ -288,7 +314,7 @@ class _VisionGraph(torch.nn.Module):
 def export_vision(model: MobileVLM) -> onnx.ModelProto:
     """pixel_values (1, 3, S, S) float32 → image_features (1, N, H) float32, via torch.onnx.export(dynamo)."""
     if any(p.dtype != torch.float32 for p in model.parameters()):
-        model = copy.deepcopy(model).float()
+        model = float_copy(model)
     side = model.config.vision.image_size
     wrapper = _VisionGraph(model).eval()
     with torch.no_grad():
@@ -331,15 +357,19 @@ def _quiet_logging(level: int = logging.INFO):
         logging.disable(before)
 
 
-def quantize(proto: onnx.ModelProto, quant: str, options: ExportOptions) -> onnx.ModelProto:
-    """Weight quantization of every MatMul with a constant weight: int8 dynamic or int4 block-wise."""
-    extra = {**EXTRA_DEFAULTS, **options.extra}
+def quantize(proto: onnx.ModelProto, quant: str, o: OnnxOptions) -> onnx.ModelProto:
+    """Weight quantization of every MatMul with a constant weight: int8 dynamic or int4 block-wise; fp16
+    converts the whole graph (public tensors stay float32); fp32 leaves it."""
     with _quiet_logging(logging.WARNING):  # quantize_dynamic's advice to run its pre-processing
+        if quant == "fp16":
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+
+            return convert_float_to_float16(proto, keep_io_types=True)
         if quant == "int4":
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-            q = MatMulNBitsQuantizer(proto, bits=4, block_size=options.group(DEFAULT_GROUP_SIZE), is_symmetric=bool(extra["int4_symmetric"]),
-                                     accuracy_level=int(extra["accuracy_level"]))
+            q = MatMulNBitsQuantizer(proto, bits=4, block_size=o.group_size, is_symmetric=o.int4_symmetric,
+                                     accuracy_level=o.accuracy_level)
             q.process()
             return q.model.model
         if quant == "int8":
@@ -365,11 +395,13 @@ def _weight_bytes(proto: onnx.ModelProto) -> int:
 def _save(proto: onnx.ModelProto, path: Path) -> list[Path]:
     """Write one graph; past the protobuf limit its weights go to `<name>.data` beside it."""
     if _weight_bytes(proto) <= _EXTERNAL_DATA_BYTES:
-        onnx.save_model(proto, path)
+        with writing(path):
+            onnx.save_model(proto, path)
         return [path]
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)  # external data is appended to: never mix with an older export
-    onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
+    with writing(data):
+        onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
     return [path, data]
 
 
@@ -414,24 +446,26 @@ def dequantized_reference(model: MobileVLM, out_dir: Path) -> MobileVLM:
 
     Comparing an artifact with this model isolates the runtime's own error (activation quantization,
     fp16 compute, kernel order) from the weight-quantization error. Vision biases, norms and the conv
-    keep the model's values (the exporter names them anonymously): exact for fp32 / int8 / int4.
+    keep the model's values (the exporter names them anonymously): exact for fp32 / int8 / int4. The copy
+    shares every other tensor with `model` (`float_copy`); the graphs' weights are assigned, never copied
+    into a shared tensor.
     """
-    ref = copy.deepcopy(model).float()
-    ref.lm.lm_head.weight = torch.nn.Parameter(ref.lm.lm_head.weight.clone())  # untie: the graphs may differ
-    t = model.config.text
-    lm_state = ref.lm.state_dict()
+    ref = float_copy(model)
+    shapes = ref.state_dict()
+    state: dict[str, torch.Tensor] = {}  # our names → the graphs' weights, (out, in) views
     decoder = read_weights(onnx.load(out_dir / GRAPH_FILES["decoder"]))
     embedding = read_weights(onnx.load(out_dir / GRAPH_FILES["embedding"]))
-    for w, graph in [(w, decoder) for w in decoder_weight_table(t.num_layers)] + [(EMBEDDING_WEIGHT, embedding)]:
+    for w, graph in [(w, decoder) for w in decoder_weight_table(model.config.text.num_layers)] + [(EMBEDDING_WEIGHT, embedding)]:
         value = torch.from_numpy(graph[w.onnx])
         value = value.T if w.matmul else value  # (out, in) or (H,)
-        sizes = [lm_state[s].shape[0] for s in w.sources]
-        for s, part in zip(w.sources, value.split(sizes, 0)):
-            lm_state[s].copy_(part)
+        names = ["lm." + s for s in w.sources]
+        state.update(zip(names, value.split([shapes[n].shape[0] for n in names], 0)))
+    del decoder, embedding
     for name, value in read_weights(onnx.load(out_dir / GRAPH_FILES["vision"])).items():
         if name.endswith(_MATMUL_WEIGHT):
-            linear = ref.get_submodule(name.removesuffix(_MATMUL_WEIGHT))
-            linear.weight.copy_(torch.from_numpy(value.T))  # (out, in)
+            state[name.removesuffix(_MATMUL_WEIGHT) + ".weight"] = torch.from_numpy(value).T  # (out, in)
+    # lm_head and the token table get their own tensors: untied, as the graphs may store them differently
+    ref.load_state_dict(state, strict=False, assign=True)
     return ref.eval()
 
 
@@ -447,7 +481,7 @@ def _graph_entry(proto: onnx.ModelProto, filename: str) -> dict:
 
 def model_config(model: MobileVLM, protos: dict[str, onnx.ModelProto], options: ExportOptions) -> dict:
     """onnx_model.json: what an app needs to drive the three graphs (genai_config.json-like)."""
-    t, extra = model.config.text, {**EXTRA_DEFAULTS, **options.extra}
+    t, o = model.config.text, OnnxTarget().options(options)
     decoder = _graph_entry(protos["decoder"], GRAPH_FILES["decoder"])
     decoder.update({
         "hidden_size": t.hidden_size, "num_hidden_layers": t.num_layers, "num_attention_heads": t.num_heads,
@@ -463,12 +497,10 @@ def model_config(model: MobileVLM, protos: dict[str, onnx.ModelProto], options: 
         },
     })
     quant = {"quant": options.quant}
-    if options.quant == "int4":
-        quant.update(block_size=options.group(DEFAULT_GROUP_SIZE), accuracy_level=int(extra["accuracy_level"]),
-                     symmetric=bool(extra["int4_symmetric"]))
-    if options.quant in ("int8", "int4"):
-        quant["vision_quantized"] = bool(extra["quantize_vision"])
-        quant["embedding_dtype"] = "float16" if extra["embedding_fp16"] else "float32"
+    if "int4" in (options.quant, o.vision_quant):
+        quant.update(block_size=o.group_size, accuracy_level=o.accuracy_level, symmetric=o.int4_symmetric)
+    quant["vision_quant"] = o.vision_quant
+    quant["embedding_dtype"] = str(helper.tensor_dtype_to_np_dtype(_embedding_type(options.quant, o)))
     return {
         "format": "alignkd-onnx/1",
         "model": {
@@ -515,6 +547,7 @@ class OnnxRuntime:
         self.pos = 0
         self.past: dict[str, np.ndarray] = {}
         self.buffers: dict[str, ort.OrtValue] = {}
+        self.binding = None
 
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         if tuple(pixels.shape) != self.image_shape:
@@ -569,70 +602,54 @@ class OnnxRuntime:
         self.pos = start_pos + t
         return logits[0, -1].astype(np.float32)  # (V,)
 
+    def close(self) -> None:
+        self.sessions, self.buffers, self.past, self.binding = {}, {}, {}, None
+
 
 # ---- the target --------------------------------------------------------------------------------------
-def _check_options(model: MobileVLM | None, options: ExportOptions, quants: tuple[str, ...]) -> dict:
-    if options.quant not in quants:
-        raise ConfigError(f"onnx: quant {options.quant!r} is not supported (supported: {', '.join(quants)})")
-    unknown = sorted(set(options.extra) - set(EXTRA_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"onnx: unknown extra option(s) {unknown} (known: {', '.join(EXTRA_DEFAULTS)})")
-    extra = {**EXTRA_DEFAULTS, **options.extra}
-    group = options.group(DEFAULT_GROUP_SIZE)
-    if options.quant == "int4" and (group < 16 or group & (group - 1)):
-        raise ConfigError(f"onnx: int4 group_size must be a power of 2 and at least 16, got {group}")
-    if extra["accuracy_level"] not in (0, 1, 2, 3, 4):
-        raise ConfigError(f"onnx: accuracy_level must be 0..4, got {extra['accuracy_level']!r}")
-    if model is not None:
-        limit = model.config.text.max_position_embeddings
-        need = model.config.num_image_tokens + 1
-        if not need <= options.max_seq_len <= limit:
-            raise ConfigError(f"onnx: max_seq_len {options.max_seq_len} must be between {need} (the image plus one "
-                              f"token) and the model's context of {limit}")
-    return extra
+def _embedding_type(quant: str, o: OnnxOptions) -> int:
+    return TensorProto.FLOAT16 if quant in ("int8", "int4") and o.embedding_fp16 else _FLOAT_TYPE[quant]
 
 
-class OnnxTarget:
+class OnnxTarget(TargetBase):
     name = "onnx"
     quants = ("fp32", "fp16", "int8", "int4")
-    default_group_size = DEFAULT_GROUP_SIZE
+    default_quant = "int4"
+    Options = OnnxOptions
+
+    def options(self, options: ExportOptions) -> OnnxOptions:
+        return super().options(options).resolved(options.quant)
 
     def export(self, model: MobileVLM, tokenizer, out_dir: Path, options: ExportOptions) -> list[Path]:
         with _quiet_logging():
             return self._export(model, tokenizer, Path(out_dir), options)
 
     def _export(self, model: MobileVLM, tokenizer, out_dir: Path, options: ExportOptions) -> list[Path]:
-        extra = _check_options(model, options, self.quants)
+        self.check(model, options)
+        o = self.options(options)
         t = model.config.text
         if tokenizer is not None:
             check_tokenizer_matches(tokenizer, t.vocab_size, t.bos_token_id, t.eos_token_id, "the exported model")
         model = model.eval()
-        float_type = _FLOAT_TYPE[options.quant]
-        quantized = options.quant in ("int8", "int4")
-        table_type = TensorProto.FLOAT16 if quantized and extra["embedding_fp16"] else float_type
-        protos = {"vision": export_vision(model), "embedding": build_embedding(model, table_type),
-                  "decoder": build_decoder(model, options.max_seq_len, float_type)}
-        if options.quant == "fp16":
-            from onnxruntime.transformers.float16 import convert_float_to_float16
-
-            # fp32 pixels in and image features out, like the other graphs' public tensors
-            protos["vision"] = convert_float_to_float16(protos["vision"], keep_io_types=True)
-        elif quantized:
-            protos["decoder"] = quantize(protos["decoder"], options.quant, options)
-            if extra["quantize_vision"]:
-                protos["vision"] = quantize(protos["vision"], options.quant, options)
+        protos = {"vision": quantize(export_vision(model), o.vision_quant, o),
+                  "embedding": build_embedding(model, _embedding_type(options.quant, o)),
+                  "decoder": build_decoder(model, options.max_seq_len, _FLOAT_TYPE[options.quant])}
+        if options.quant in ("int8", "int4"):
+            protos["decoder"] = quantize(protos["decoder"], options.quant, o)
         paths = [p for part, proto in protos.items() for p in _save(proto, out_dir / GRAPH_FILES[part])]
         config = out_dir / CONFIG_FILE
-        config.write_text(json.dumps(model_config(model, protos, options), indent=2) + "\n")
+        with writing(config):
+            config.write_text(json.dumps(model_config(model, protos, options), indent=2) + "\n")
         return paths + [config]
 
     def load(self, out_dir: Path, options: ExportOptions) -> OnnxRuntime:
-        extra = _check_options(None, options, self.quants)
-        return OnnxRuntime(Path(out_dir), options.threads, bool(extra["share_buffer"]))
+        return OnnxRuntime(Path(out_dir), options.threads, self.options(options).share_buffer)
 
-    def reference(self, model: MobileVLM, options: ExportOptions) -> EagerRuntime:
-        return EagerRuntime(model)
+    def thresholds(self, options: ExportOptions) -> Thresholds:
+        return combine(THRESHOLDS[options.quant], VISION_THRESHOLDS[self.options(options).vision_quant])
 
-    def quantized_reference(self, model: MobileVLM, options: ExportOptions, out_dir: Path) -> EagerRuntime:
+    def quantized_reference(self, model: MobileVLM, options: ExportOptions, out_dir: Path) -> EagerRuntime | None:
         """The eager model on the graphs' de-quantized weights: isolates runtime error from weight quantization."""
+        if (options.quant, self.options(options).vision_quant) == ("fp32", "fp32"):
+            return None
         return EagerRuntime(dequantized_reference(model, Path(out_dir)))

@@ -1,4 +1,5 @@
-"""`alignkd-mobile export` bundles: verified by every reader, refusing bad bundles; emulator; run; bench; adb."""
+"""`alignkd-mobile export` bundles: verified by every reader, refusing bad bundles with a category; bad requests
+and faults (full disk, killed exports, umask) as one error; emulator; run; bench; adb."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from alignkd.errors import CheckpointError, ConfigError, DataError
-from alignkd.export.bundle import read_manifest
+from alignkd.export.bundle import BundleError, Refusal, read_manifest
 from alignkd.export.exporter import ExportFailed, export_bundle
 from alignkd.model import build_model, save_model
 from alignkd.model.tokenizer import load_tokenizer, tiny_tokenizer_dir
@@ -51,25 +52,48 @@ def test_bundle_is_complete_and_verified(bundle):
             "parity_report.json"} <= paths
     report = json.loads((bundle / "parity_report.json").read_text())
     assert "faithful_divergence" in report["artifacts"]["gguf/fp32"]
+    arts = {a["format"]: a for a in m["artifacts"]}
+    assert arts["gguf"]["options"] == {"vision_quant": "fp32"} and arts["onnx"]["options"]["vision_quant"] == "fp32"
+    assert all(0 <= v["image_rel"] < 1e-3 and v["image_cos"] > 0.99999 for v in m["parity"].values())
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda b: (b / "template.json").write_text("{}"), "size|checksum"),
-    (lambda b: (b / "preprocessing.json").unlink(), "is missing"),
-    (lambda b: _edit(b, lambda m: m["files"].append({"path": "../../etc/passwd", "sha256": "0", "size": 1})), "outside the bundle"),
-    (lambda b: _edit(b, lambda m: m["files"].append({"path": "/etc/passwd", "sha256": "0", "size": 1})), "outside the bundle"),
-    (lambda b: _edit(b, lambda m: m.update(format_version=99)), "unknown format_version 99"),
-    (lambda b: (b / "manifest.json").unlink(), "not a complete bundle"),
+@pytest.mark.parametrize("damage, refusal, message", [
+    (lambda b: (b / "template.json").write_text("{}"), Refusal.SIZE_MISMATCH, "size"),
+    (lambda b: (b / "preprocessing.json").unlink(), Refusal.MISSING_FILE, "is missing"),
+    (lambda b: _edit(b, lambda m: m["files"].append({"path": "../../etc/passwd", "sha256": "0", "size": 1})),
+     Refusal.PATH_OUTSIDE, "outside the bundle"),
+    (lambda b: _edit(b, lambda m: m["files"].append({"path": "/etc/passwd", "sha256": "0", "size": 1})),
+     Refusal.PATH_OUTSIDE, "outside the bundle"),
+    (lambda b: _edit(b, lambda m: m.update(format_version=99)), Refusal.UNKNOWN_VERSION, "unknown format_version 99"),
+    (lambda b: (b / "manifest.json").unlink(), Refusal.MISSING_MANIFEST, "not a complete bundle"),
+    # mistyped fields: one error naming the field, in every reader (issue 17)
+    (lambda b: _edit(b, lambda m: m.update(artifacts=["onnx/fp32/decoder.onnx"])), Refusal.INVALID_FIELD,
+     "invalid field 'artifacts': malformed entry 'onnx/fp32/decoder.onnx'"),
+    (lambda b: _edit(b, lambda m: m.update(artifacts=[{}, {}])), Refusal.INVALID_FIELD, "invalid field 'artifacts'"),
+    (lambda b: _edit(b, lambda m: m.update(model={})), Refusal.INVALID_FIELD,
+     "invalid field 'model': hidden_size, .*, max_seq_len, eos_ids missing or not integers"),
+    (lambda b: _edit(b, lambda m: m["model"].update(max_seq_len="512")), Refusal.INVALID_FIELD,
+     "invalid field 'model': max_seq_len missing or not integers"),
+    (lambda b: _edit(b, lambda m: m["model"].update(eos_ids=[])), Refusal.INVALID_FIELD, "eos_ids"),
 ])
-def test_bad_bundles_are_refused(bundle, tmp_path, damage, message):
+def test_bad_bundles_are_refused(bundle, tmp_path, damage, refusal, message):
     from alignkd.export.emulator import BundleRunner
 
     b = _copy(bundle, tmp_path)
     damage(b)
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(BundleError, match=message) as e:
         read_manifest(b)
-    with pytest.raises(DataError, match=message):
+    assert e.value.refusal is refusal
+    with pytest.raises(BundleError, match=message):
         BundleRunner(b)
+
+
+def test_a_mistyped_manifest_is_one_error_line_in_the_cli(bundle, tmp_path):
+    b = _copy(bundle, tmp_path)
+    _edit(b, lambda m: m.update(model={}))
+    r = subprocess.run([CLI, "run", str(b), "--image", "x.png", "--prompt", "?"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"error: {b / 'manifest.json'}: invalid field 'model': hidden_size")
 
 
 def _edit(b: Path, fn) -> None:
@@ -80,9 +104,9 @@ def _edit(b: Path, fn) -> None:
 
 def test_every_format_gives_the_eager_greedy_tokens(bundle, ckpt):
     """fp32 bundles through the emulator = the eager model (GGUF: its llama.cpp-semantics reference)."""
-    from alignkd.export.base import EagerRuntime, ExportOptions
+    from alignkd.export.base import EagerRuntime, ExportOptions, get_target
     from alignkd.export.emulator import BundleRunner
-    from alignkd.export.exporter import get_target, parity_image
+    from alignkd.export.parity import parity_image
     from alignkd.export.runtime import generate
     from alignkd.model import load_model
 
@@ -113,7 +137,60 @@ def test_export_refuses_bad_requests(ckpt, bundle, tmp_path):
         export_bundle(ckpt, tmp_path / "x", ["onnx"], None, target="android", **QUIET)
     with pytest.raises(CheckpointError, match="does not exist"):
         export_bundle(tmp_path / "nope", tmp_path / "x", ["onnx"], ["fp32"], target="desktop", **QUIET)
-    assert not (tmp_path / "x").exists()
+    with pytest.raises(ConfigError, match="no export format given"):
+        export_bundle(ckpt, tmp_path / "x", [], None, target="desktop", **QUIET)
+    with pytest.raises(ConfigError, match="--quant names no quantization"):
+        export_bundle(ckpt, tmp_path / "x", ["gguf"], [], target="desktop", **QUIET)
+    with pytest.raises(ConfigError, match="--max-seq-len must be positive, got -1"):
+        export_bundle(ckpt, tmp_path / "x", ["gguf"], None, target="desktop", max_seq_len=-1, **QUIET)
+    with pytest.raises(ConfigError, match="gguf: max_seq_len 1024 must be between 145 .* context of 512"):
+        export_bundle(ckpt, tmp_path / "x", ["gguf"], None, target="desktop", max_seq_len=1024, **QUIET)
+    # every format is checked before the first export: pte's refusal comes before gguf's export
+    with pytest.raises(ConfigError, match=r"vision_quant 'q8_0' is not supported \(supported: auto, fp32, 8da8w, 8da4w\)"):
+        export_bundle(ckpt, tmp_path / "x", ["gguf", "pte"], None, target="desktop", options={"vision_quant": "q8_0"}, **QUIET)
+    with pytest.raises(ConfigError, match="option 'accuracy_level' belongs to none of the formats exported "
+                                          r"\(pte: group_size, embedding_quant, vision_quant; gguf: vision_quant\)"):
+        export_bundle(ckpt, tmp_path / "x", ["pte", "gguf"], None, target="desktop", options={"accuracy_level": 0}, **QUIET)
+    with pytest.raises(ConfigError, match="option onnx.accuracy_level: format 'onnx' is not exported here"):
+        export_bundle(ckpt, tmp_path / "x", ["gguf"], None, target="desktop", options={"onnx.accuracy_level": 0}, **QUIET)
+    with pytest.raises(ConfigError, match=r"gguf: unknown option\(s\) group_size \(known: vision_quant\)"):
+        export_bundle(ckpt, tmp_path / "x", ["gguf"], None, target="desktop", options={"gguf.group_size": 32}, **QUIET)
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.tmp-*"))
+
+
+def test_options_go_to_the_formats_that_have_them():
+    from alignkd.export.exporter import split_options
+
+    got = split_options(["pte", "onnx", "gguf"], {"group_size": "64", "vision_quant": "fp32", "onnx.accuracy_level": "0"})
+    assert got == {"pte": {"group_size": "64", "vision_quant": "fp32"},
+                   "onnx": {"group_size": "64", "vision_quant": "fp32", "accuracy_level": "0"},
+                   "gguf": {"vision_quant": "fp32"}}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--format", ","], "error: no export format given (supported: pte, onnx, gguf)"),
+    (["--format", "gguf", "--max-seq-len", "-1"], "error: Invalid value for '--max-seq-len': -1 is not in the range x>=1."),
+    (["--format", "onnx", "--vision-quant", "8da8w"], "error: onnx: vision_quant '8da8w' is not supported "
+                                                      "(supported: auto, fp32, fp16, int8, int4)"),
+    (["--format", "onnx", "--opt", "accuracy_level"], "error: Invalid value for '--opt': expected KEY=VALUE"),
+])
+def test_cli_refuses_bad_export_requests_in_one_line(ckpt, tmp_path, args, message):
+    out = tmp_path / "b"
+    r = subprocess.run([CLI, "export", str(ckpt), "--target", "desktop", "--output-dir", str(out), *args],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith(message) and r.stderr.count("\n") == 1, r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".b.*"))
+
+
+def test_export_help_lists_every_option_of_every_target():
+    from alignkd.export.base import TARGETS, get_target, option_names
+
+    r = subprocess.run([CLI, "export", "--help"], capture_output=True, text=True)
+    text = " ".join(r.stdout.split())
+    for fmt in TARGETS:
+        assert f"{fmt}:" in text
+        for name in option_names(get_target(fmt)):
+            assert name in text, (fmt, name)
 
 
 def test_disk_full_mid_export_leaves_no_bundle(ckpt, tmp_path, monkeypatch):
@@ -138,11 +215,59 @@ def test_cli_turns_a_full_disk_into_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         writes()
     assert e.value.code == 2
-    assert capsys.readouterr().err == "error: disk full while writing /out/model.pte: No space left on device\n"
+    assert capsys.readouterr().err == "error: disk full while writing /out/model.pte: no space left on device\n"
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (root only, as CI runs): a real full disk."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root and mount to make a small tmpfs")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_full_disk_during_a_gguf_export_is_one_error_naming_the_file(ckpt, small_disk):
+    """The tiny student's F32 GGUF pair (1.5 MB) does not fit in 1 MiB: gguf-py's short write becomes one
+    line naming the file, and the disk holds no bundle and no temp folder afterwards."""
+    out = small_disk / "b"
+    r = subprocess.run([CLI, "export", str(ckpt), "--target", "desktop", "--format", "gguf", "--quant", "fp32",
+                        "--output-dir", str(out)], capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith(f"error: disk full while writing {small_disk}/.b.tmp-") and ".gguf" in r.stderr
+    assert list(small_disk.iterdir()) == []
+
+
+def test_stale_temp_folders_of_a_killed_export_are_removed_at_the_next(ckpt, tmp_path):
+    """A kill -9 leaves `.<bundle>.tmp-<pid>-*`; the next export to the same place removes it (not a live one's)."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".b.tmp-{dead.pid}-xyz"
+    (stale / "gguf").mkdir(parents=True)
+    (stale / "gguf" / "model-f32.gguf").write_bytes(b"half written")
+    live = tmp_path / f".b.tmp-{os.getpid()}-abc"
+    live.mkdir()
+    export_bundle(ckpt, tmp_path / "b", ["gguf"], ["fp32"], target="desktop", **QUIET)
+    assert not stale.exists() and live.exists() and (tmp_path / "b" / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_bundle_honours_the_umask(ckpt, tmp_path, umask):
+    code = (f"import os; os.umask({umask}); from alignkd.export.exporter import export_bundle; "
+            f"export_bundle({str(ckpt)!r}, {str(tmp_path / 'b')!r}, ['gguf'], ['fp32'], target='desktop', log=print)")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    paths = [tmp_path / "b", *(tmp_path / "b").rglob("*")]
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in paths}
+    want_dir, want_file = 0o777 & ~umask, 0o666 & ~umask
+    assert all(m == (want_dir if (tmp_path / p).is_dir() else want_file) for p, m in modes.items()), modes
 
 
 def test_failed_parity_fails_the_export_and_marks_nothing_complete(ckpt, tmp_path, monkeypatch):
-    import alignkd.export.gguf_export as gx
+    import alignkd.export.gguf.target as gx
     from alignkd.export.parity import Thresholds
 
     monkeypatch.setitem(gx.THRESHOLDS, "fp32", Thresholds(logits_rel=0.0, image_cos=1.1))
@@ -179,7 +304,7 @@ def test_push_and_adb_bench_with_a_fake_adb(bundle, tmp_path):
     r = subprocess.run([CLI, "bench", str(bundle), "--device", "adb"], capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "no Android device ready for adb" in r.stderr
     row = {"bundle": "bundle", "format": "pte", "quant": "8da4w", "n_runs": 3, "load_s": 0.5, "image_encode_s": 0.2,
-           "ttft_s": 0.6, "prefill_tok_s": 400.0, "decode_tok_s": 30.0, "peak_rss_mb": 900.0}
+           "ttft_s": 0.6, "ttft_warm_s": 0.1, "prefill_tok_s": 400.0, "decode_tok_s": 30.0, "peak_rss_mb": 900.0}
     (tmp_path / "2").mkdir()
     env, log = _fake_adb(tmp_path / "2", device=True, bench_json=row)
     out = tmp_path / "benchout"
@@ -205,7 +330,7 @@ def test_push_without_adb_is_one_clear_error(bundle, tmp_path):
 
 
 def test_run_and_host_bench_commands(bundle, tmp_path):
-    from alignkd.export.exporter import parity_image
+    from alignkd.export.parity import parity_image
 
     img = tmp_path / "img.png"
     parity_image().save(img)

@@ -17,8 +17,8 @@ from transformers import LlamaForCausalLM
 from alignkd.errors import ConfigError, DataError
 from alignkd.export.base import EagerRuntime, ExportOptions
 from alignkd.export.executorch import (
-    PTE_NAME, QUANTS, THRESHOLDS, ExecuTorchTarget, ModuleRuntime, build_modules, build_text_decoder,
-    cancel_transpose_pairs, read_metadata, thresholds_for,
+    PTE_NAME, QUANTS, THRESHOLDS, VISION_THRESHOLDS, ExecuTorchTarget, ModuleRuntime, build_modules,
+    build_text_decoder, cancel_transpose_pairs, thresholds_for,
 )
 from alignkd.export.parity import Thresholds, check_parity
 from alignkd.export.runtime import generate
@@ -56,13 +56,13 @@ def fp32_dir(tiny_student, tmp_path_factory):
     return out
 
 
-def _opts(**kw) -> ExportOptions:
-    return ExportOptions(max_seq_len=MAX_SEQ, **kw)
+def _opts(quant: str = "fp32", **extra) -> ExportOptions:
+    return ExportOptions(quant=quant, max_seq_len=MAX_SEQ, extra=extra)
 
 
 def test_fp32_pte_matches_eager(tiny_student, fp32_dir, px):
     target = ExecuTorchTarget()
-    rep = check_parity(target.load(fp32_dir, _opts()), target.reference(tiny_student, _opts()), PROMPT, px, THRESHOLDS["fp32"])
+    rep = check_parity(target.load(fp32_dir, _opts()), target.reference(tiny_student, _opts()), PROMPT, px, thresholds_for(_opts()))
     assert rep["passed"], rep["failures"]
     # measured: logits rel ~1e-7, image cosine 1 - 2e-14, 16/16 greedy tokens identical
     assert rep["logits_rel"] < 1e-5 and rep["image_cos"] > 0.99999 and rep["greedy_identical"]
@@ -70,11 +70,11 @@ def test_fp32_pte_matches_eager(tiny_student, fp32_dir, px):
 
 
 def test_metadata_methods(tiny_student, fp32_dir):
-    meta = read_metadata(fp32_dir / PTE_NAME)
+    rt = ExecuTorchTarget().load(fp32_dir, _opts())
     t = tiny_student.config.text
-    assert meta == {"max_seq_len": MAX_SEQ, "bos_id": t.bos_token_id, "eos_ids": [t.eos_token_id],
-                    "vocab_size": t.vocab_size, "use_kv_cache": True, "enable_dynamic_shape": True}
-    names = ExecuTorchTarget().load(fp32_dir, _opts()).program.method_names
+    assert rt.metadata == {"max_seq_len": MAX_SEQ, "bos_id": t.bos_token_id, "eos_ids": [t.eos_token_id],
+                           "vocab_size": t.vocab_size, "use_kv_cache": True, "enable_dynamic_shape": True}
+    names = rt.program.method_names
     assert {"vision_encoder", "token_embedding", "text_decoder", "get_max_context_len"} <= set(names)
 
 
@@ -107,7 +107,7 @@ def test_perturbed_artifact_fails_the_gate(tiny_student, fp32_dir, px, tmp_path)
     w = tiny_student.lm.model.layers[1].mlp.up_proj.weight
     (tmp_path / PTE_NAME).write_bytes(_scaled_copy((fp32_dir / PTE_NAME).read_bytes(), w, 1.5))
     target = ExecuTorchTarget()
-    rep = check_parity(target.load(tmp_path, _opts()), target.reference(tiny_student, _opts()), PROMPT, px, THRESHOLDS["fp32"])
+    rep = check_parity(target.load(tmp_path, _opts()), target.reference(tiny_student, _opts()), PROMPT, px, thresholds_for(_opts()))
     assert not rep["passed"] and any("relative error" in f for f in rep["failures"])
     assert rep["image_cos"] > 0.99999  # only the decoder was touched
 
@@ -130,7 +130,7 @@ def test_executorch_multimodal_runner_agrees(fp32_dir, px):
 def test_eager_modules_match_transformers(tiny_student, px):
     """The ExecuTorch decoder (custom cache + SDPA ops) in eager: the name table, RoPE and norms are right."""
     rep = check_parity(ModuleRuntime(build_modules(tiny_student, _opts()), MAX_SEQ), EagerRuntime(tiny_student),
-                       PROMPT, px, THRESHOLDS["fp32"])
+                       PROMPT, px, thresholds_for(_opts()))
     assert rep["passed"] and rep["logits_rel"] < 1e-5, rep
 
 
@@ -149,23 +149,53 @@ def test_decoder_handles_gqa_and_rope_theta(tiny_student):
 def test_bad_options_are_config_errors(tiny_student, tmp_path):
     target = ExecuTorchTarget()
     with pytest.raises(ConfigError, match="supported: fp32, 8da4w, 8da8w, int8"):
-        target.export(tiny_student, None, tmp_path, _opts(quant="q4_0"))
+        target.export(tiny_student, None, tmp_path, _opts("q4_0"))
     with pytest.raises(ConfigError, match="embedding_quant '3'"):
         target.export(tiny_student, None, tmp_path, _opts(embedding_quant="3"))
-    with pytest.raises(ConfigError, match="vision_quant"):
-        target.export(tiny_student, None, tmp_path, _opts(extra={"vision_quant": "int8"}))
-    with pytest.raises(ConfigError, match="LM's context"):
+    with pytest.raises(ConfigError, match=r"vision_quant 'int8' is not supported \(supported: auto, fp32, 8da8w, 8da4w\)"):
+        target.export(tiny_student, None, tmp_path, _opts(vision_quant="int8"))
+    with pytest.raises(ConfigError, match="unknown option\\(s\\) accuracy_level \\(known: group_size, embedding_quant"):
+        target.export(tiny_student, None, tmp_path, _opts(accuracy_level=4))
+    with pytest.raises(ConfigError, match="group_size must be an integer, got 'x'"):
+        target.export(tiny_student, None, tmp_path, _opts(group_size="x"))
+    with pytest.raises(ConfigError, match="model's context of 512"):
         target.export(tiny_student, None, tmp_path, ExportOptions(max_seq_len=4096))
     with pytest.raises(DataError, match="no ExecuTorch program"):
-        read_metadata(tmp_path / PTE_NAME)
+        target.load(tmp_path, _opts())
     assert not list(tmp_path.iterdir())
 
 
-def test_thresholds_cover_every_quant_and_loosen_with_embedding_quant():
+def test_options_follow_the_lm_quant_unless_given():
+    """A quantized LM gets an 8-bit vision encoder (8da8w) and an embedding table of its own weight bits."""
+    target = ExecuTorchTarget()
+    o = target.options(_opts("8da4w"))
+    assert (o.vision_quant, o.embedding_quant, o.group_size) == ("8da8w", "4", 32)
+    assert (target.options(_opts("int8")).vision_quant, target.options(_opts("int8")).embedding_quant) == ("8da8w", "8")
+    assert (target.options(_opts()).vision_quant, target.options(_opts()).embedding_quant) == ("fp32", "fp32")
+    o = target.options(_opts("8da4w", vision_quant="fp32", embedding_quant="8", group_size="64"))  # strings: the CLI's
+    assert (o.vision_quant, o.embedding_quant, o.group_size) == ("fp32", "8", 64)
+
+
+def test_thresholds_cover_every_quant_and_loosen_with_quantized_parts():
     assert set(THRESHOLDS) == set(QUANTS) == set(LOWERING_THRESHOLDS)
-    assert thresholds_for(_opts()) == THRESHOLDS["fp32"]
-    t = thresholds_for(_opts(quant="8da8w", embedding_quant="4"))
+    # the fp32 gate: fp32 LM (logits) + fp32 vision encoder (image tokens)
+    assert thresholds_for(_opts()) == Thresholds(image_cos=0.9999, image_rel=1e-3, logits_rel=1e-4, top1=1.0)
+    t = thresholds_for(_opts("8da8w", embedding_quant="4", vision_quant="fp32"))
     assert t.logits_rel >= THRESHOLDS["8da8w"].logits_rel and not t.exact_tokens
+    assert t.image_cos == VISION_THRESHOLDS["fp32"].image_cos  # an fp32 vision encoder keeps the tight image bound
+    v = thresholds_for(_opts("8da4w"))  # the android default: 8da8w vision, 4-bit table
+    assert v.image_cos == VISION_THRESHOLDS["8da8w"].image_cos and v.image_rel == VISION_THRESHOLDS["8da8w"].image_rel
+
+
+def test_build_modules_leaves_the_model_untouched(tiny_student):
+    """The modules share the model's fp32 tensors until a quantizer replaces them: it must never write into them."""
+    before = {k: v.clone() for k, v in tiny_student.state_dict().items()}
+    modules = build_modules(tiny_student, _opts("8da4w", vision_quant="8da4w"))
+    decoder = modules["text_decoder"].transformer
+    assert type(decoder.layers[0].attention.wq.weight) is not torch.nn.Parameter  # replaced by a quantized tensor
+    assert decoder.norm.weight.data_ptr() == tiny_student.lm.model.norm.weight.data_ptr()  # shared, not copied
+    for k, v in tiny_student.state_dict().items():
+        assert v.dtype == torch.float32 and torch.equal(v, before[k]), k
 
 
 def _export_and_check(model, opts: ExportOptions, out, px, lowering: Thresholds) -> tuple[dict, dict]:
@@ -173,14 +203,16 @@ def _export_and_check(model, opts: ExportOptions, out, px, lowering: Thresholds)
     target = ExecuTorchTarget()
     target.export(model, None, out, opts)
     vs_fp32 = check_parity(target.load(out, opts), target.reference(model, opts), PROMPT, px, thresholds_for(opts))
-    vs_same = check_parity(target.load(out, opts), target.quantized_reference(model, opts), PROMPT, px, lowering)
+    vs_same = check_parity(target.load(out, opts), target.quantized_reference(model, opts, out), PROMPT, px, lowering)
     return vs_fp32, vs_same
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("quant", ["8da4w", "8da8w", "int8"])
 def test_quantized_pte(tiny_student, px, tmp_path, quant):
-    vs_fp32, vs_same = _export_and_check(tiny_student, _opts(quant=quant), tmp_path, px, LOWERING_THRESHOLDS[quant])
+    # the LM alone quantized (vision and table fp32): the lowering bounds are the LM's
+    opts = _opts(quant, vision_quant="fp32", embedding_quant="fp32")
+    vs_fp32, vs_same = _export_and_check(tiny_student, opts, tmp_path, px, LOWERING_THRESHOLDS[quant])
     assert vs_fp32["passed"], vs_fp32["failures"]
     assert vs_same["passed"], vs_same["failures"]
     assert (tmp_path / PTE_NAME).stat().st_size < 1.3e6  # fp32 is ~1.38 MB, the fp32 vision encoder ~0.8 MB of it
@@ -195,12 +227,18 @@ def test_quantized_embedding(tiny_student, px, tmp_path, bits):
 
 
 @pytest.mark.slow
-def test_quantized_vision_encoder(tiny_student, px, tmp_path):
+@pytest.mark.parametrize("vision_quant, image_cos", [
     # XNNPACK's int8 conv-free ViT GEMMs vs torchao's eager simulation: measured image cos 1 - 4e-7, rel 5e-5
-    lowering = Thresholds(image_cos=0.99999, logits_rel=1e-3)
-    vs_fp32, vs_same = _export_and_check(tiny_student, _opts(extra={"vision_quant": "8da8w"}), tmp_path, px, lowering)
+    ("8da8w", 0.99999),
+    # int4 groups: XNNPACK keeps the group scales in bf16, torchao in fp32: measured image cos 0.999988
+    ("8da4w", 0.9999),
+])
+def test_quantized_vision_encoder(tiny_student, px, tmp_path, vision_quant, image_cos):
+    lowering = Thresholds(image_cos=image_cos, image_rel=1e-2, logits_rel=1e-3)
+    vs_fp32, vs_same = _export_and_check(tiny_student, _opts(vision_quant=vision_quant), tmp_path, px, lowering)
     assert vs_fp32["passed"], vs_fp32["failures"]
     assert vs_same["passed"], vs_same["failures"]
+    assert vs_fp32["image_cos"] < 0.99999  # really quantized: against the fp32 encoder
 
 
 def test_cancel_transpose_pairs_leaves_no_double_transpose_and_the_same_outputs(tiny_student):

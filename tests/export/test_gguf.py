@@ -1,6 +1,7 @@
 """GGUF target: the files hold what llama.cpp expects, llama.cpp matches the llama.cpp-semantics reference per
-quant, a broken artifact fails the gate, the upstream class-token fault is measured, and llama.cpp's own
-prompt / chat path produces the greedy tokens of our Runtime path."""
+quant and mmproj quant, a broken artifact fails the gate, the upstream class-token fault is measured, a full
+disk is one error naming the file, and llama.cpp's own prompt / chat path produces the greedy tokens of our
+Runtime path."""
 
 from __future__ import annotations
 
@@ -20,22 +21,24 @@ from alignkd.data.templates import build_prompt
 from alignkd.data.tokenize import tokenize_prompt
 from alignkd.errors import ConfigError, DataError
 from alignkd.export.base import ExportOptions
-from alignkd.export.gguf_export import (
-    THRESHOLDS, GgufTarget, chat_v1, faithful_divergence, llamacpp_image_features, lm_names, parity_report, permute_qk,
-    to_uint8_image, unpermute_qk, vision_layers_run, vision_names,
-)
-from alignkd.export.parity import check_parity
+from alignkd.export.gguf.names import lm_names, permute_qk, unpermute_qk, vision_layers_run, vision_names
+from alignkd.export.gguf.reference import llamacpp_image_features
+from alignkd.export.gguf.runtime import to_uint8_image
+from alignkd.export.gguf.target import VISION_THRESHOLDS, GgufTarget, faithful_divergence
+from alignkd.export.parity import check_parity, gate
 from alignkd.export.runtime import generate
+from alignkd.fileio import DiskFull
 from alignkd.model import MobileVLM
 from alignkd.model.tokenizer import PROBES, load_tokenizer, tiny_tokenizer_dir
+from llamacpp_native import chat_v1, generate_native
 
 PROMPT = [1, 17, -200, 23, 9, 40]
 QUESTION = "What shape is in the image?"
 
 
-def _opts(quant: str) -> ExportOptions:
+def _opts(quant: str, **extra) -> ExportOptions:
     # one llama.cpp thread: its spinning worker threads crawl when the two cores are shared with other tests
-    return ExportOptions(quant=quant, threads=1)
+    return ExportOptions(quant=quant, threads=1, extra=extra)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +135,7 @@ def test_pixels_round_trip_to_the_uint8_bitmap(px, image, tiny_student):
 
 def test_fp32_matches_the_llamacpp_semantics_reference(fp32_runtime, tiny_student, px):
     ref = GgufTarget().reference(tiny_student, _opts("fp32"))
-    rep = check_parity(fp32_runtime, ref, PROMPT, px, THRESHOLDS["fp32"])
+    rep = check_parity(fp32_runtime, ref, PROMPT, px, GgufTarget().thresholds(_opts("fp32")))
     assert rep["passed"], rep["failures"]
     assert rep["greedy_identical"] and rep["embed_max_abs"] == 0.0
     assert rep["logits_rel"] < 1e-5 and rep["image_cos"] > 0.999999  # measured 1.2e-6, 1 − 4e-10
@@ -145,16 +148,36 @@ def test_quantized_gguf_passes_its_thresholds(quant, tiny_student, tokenizer, px
     _, types = _fields(lm_file)
     if quant != "fp16":
         assert types["blk.0.attn_q.weight"] not in (T.F32, T.F16)  # really quantized
-        assert _fields(mm_file)[1]["v.blk.0.ffn_up.weight"] == T.Q8_0
+        assert mm_file.name == "mmproj-q8_0.gguf" and _fields(mm_file)[1]["v.blk.0.ffn_up.weight"] == T.Q8_0
     assert types["output_norm.weight"] == T.F32
     if quant in ("q8_0", "q4_0"):
         assert types["blk.0.ffn_down.weight"] == T.F16  # rows of 176 are not a multiple of the 32-block
-    rt = target.load(tmp_path, opts)
-    try:
-        rep = check_parity(rt, target.reference(tiny_student, opts), PROMPT, px, THRESHOLDS[quant])
-    finally:
-        rt.close()
+    rep = gate(target, tiny_student, tmp_path, opts, PROMPT, px)
     assert rep["passed"], rep["failures"]
+
+
+@pytest.mark.parametrize("vision_quant, stored, image_cos", [("fp16", T.F16, 0.99999), ("q8_0", T.Q8_0, 0.9999)])
+def test_mmproj_quant_is_gated_against_the_fp32_encoder(vision_quant, stored, image_cos, tiny_student, tokenizer, px,
+                                                        fp32_runtime, tmp_path):
+    """An F32 LM beside an F16 / Q8_0 mmproj: its image tokens against the fp32 encoder (llama.cpp semantics)."""
+    target, opts = GgufTarget(), _opts("fp32", vision_quant=vision_quant)
+    _, mm_file = target.export(tiny_student, tokenizer, tmp_path, opts)
+    assert _fields(mm_file)[1]["v.blk.0.attn_q.weight"] == stored
+    assert target.thresholds(opts).image_cos == VISION_THRESHOLDS[vision_quant].image_cos
+    rep = gate(target, tiny_student, tmp_path, opts, PROMPT, px)
+    assert rep["passed"], rep["failures"]
+    exact = check_parity(fp32_runtime, target.reference(tiny_student, _opts("fp32")), PROMPT, px,
+                         target.thresholds(_opts("fp32")))
+    # measured: F16 cos 1 − 1e-7, rel 3e-4; Q8_0 cos 0.99997, rel 8e-3 (the F32 mmproj: rel 3e-5)
+    assert image_cos < rep["image_cos"] < 1.0 and rep["image_rel"] > 3 * exact["image_rel"]
+
+
+def test_reference_shares_but_never_writes_the_model(tiny_student):
+    before = {k: v.clone() for k, v in tiny_student.state_dict().items()}
+    ref = GgufTarget().reference(tiny_student, _opts("q4_0"))
+    assert not torch.equal(ref.model.lm.model.layers[0].mlp.up_proj.weight, tiny_student.lm.model.layers[0].mlp.up_proj.weight)
+    assert ref.model.lm.model.norm.weight.data_ptr() == tiny_student.lm.model.norm.weight.data_ptr()  # F32: shared
+    assert all(torch.equal(v, before[k]) for k, v in tiny_student.state_dict().items())
 
 
 def test_k_quants_on_a_256_wide_lm(tiny_student, tokenizer, px, tmp_path):
@@ -167,11 +190,7 @@ def test_k_quants_on_a_256_wide_lm(tiny_student, tokenizer, px, tmp_path):
     lm_file, _ = target.export(model, tokenizer, tmp_path, opts)
     types = _fields(lm_file)[1]
     assert (types["token_embd.weight"], types["blk.0.attn_q.weight"], types["output.weight"]) == (T.Q4_K, T.Q4_K, T.Q6_K)
-    rt = target.load(tmp_path, opts)
-    try:
-        rep = check_parity(rt, target.reference(model, opts), PROMPT, px, THRESHOLDS["q4_k_m"])
-    finally:
-        rt.close()
+    rep = gate(target, model, tmp_path, opts, PROMPT, px)
     assert rep["passed"], rep["failures"]
 
 
@@ -184,7 +203,7 @@ def test_a_broken_artifact_fails_the_gate(tiny_student, tokenizer, px, tmp_path)
     del reader, w
     rt = target.load(tmp_path, opts)
     try:
-        rep = check_parity(rt, target.reference(tiny_student, opts), PROMPT, px, THRESHOLDS["fp32"])
+        rep = check_parity(rt, target.reference(tiny_student, opts), PROMPT, px, target.thresholds(opts))
     finally:
         rt.close()
     assert not rep["passed"] and any("relative error" in f for f in rep["failures"])
@@ -208,14 +227,14 @@ def test_faithful_divergence_measures_the_upstream_class_token_fault(fp32_runtim
     div = faithful_divergence(tiny_student, fp32_runtime, PROMPT, px)
     assert div["image_cos"] < 0.99  # measured 0.918: patch 0 lost, grid shifted by one
     assert {"logits_rel", "top1_agreement", "greedy_identical", "greedy_reference", "greedy_artifact"} <= set(div)
-    report = parity_report(tiny_student, fp32_dir, _opts("fp32"), PROMPT, px)
+    report = gate(GgufTarget(), tiny_student, fp32_dir, _opts("fp32"), PROMPT, px)
     assert report["passed"] and report["faithful_divergence"]["image_cos"] == pytest.approx(div["image_cos"])
 
 
 def test_llamacpp_own_prompt_and_chat_paths_give_our_greedy_tokens(fp32_runtime, fp32_dir, tokenizer, image, px):
     prompt = build_prompt("v1", QUESTION)
     ours = generate(fp32_runtime, tokenize_prompt(prompt, tokenizer), px, 12, eos_id=2).tokens
-    assert fp32_runtime.generate_native(prompt, image, 12, eos_id=2) == ours
+    assert generate_native(fp32_runtime, prompt, image, 12, eos_id=2) == ours
     text = chat_v1(fp32_dir, QUESTION, image, _opts("f32"), max_new_tokens=len(ours))
     assert text == fp32_runtime.llm.detokenize(ours).decode("utf-8", errors="ignore")
 
@@ -223,7 +242,24 @@ def test_llamacpp_own_prompt_and_chat_paths_give_our_greedy_tokens(fp32_runtime,
 def test_bad_requests_raise_user_errors(tiny_student, tokenizer, tmp_path):
     with pytest.raises(ConfigError, match="supported: fp32, fp16, q8_0, q4_0, q4_k_m"):
         GgufTarget().export(tiny_student, tokenizer, tmp_path, _opts("int4"))
+    with pytest.raises(ConfigError, match="vision_quant 'int8' is not supported \\(supported: fp32, fp16, q8_0"):
+        GgufTarget().export(tiny_student, tokenizer, tmp_path, _opts("q4_0", vision_quant="int8"))
+    with pytest.raises(ConfigError, match="max_seq_len 513 must be between 145 .* context of 512"):
+        GgufTarget().export(tiny_student, tokenizer, tmp_path, ExportOptions(quant="q4_0", max_seq_len=513))
     with pytest.raises(ConfigError, match="tokenizer.model"):
         GgufTarget().export(tiny_student, tmp_path, tmp_path, _opts("fp32"))
     with pytest.raises(DataError, match="not found"):
         GgufTarget().load(tmp_path, _opts("q8_0"))
+    assert not list(tmp_path.iterdir())
+
+
+def test_full_disk_while_writing_is_one_error_naming_the_file(tiny_student, tokenizer, tmp_path, monkeypatch):
+    """gguf-py writes tensors with numpy's tofile, which reports a full disk as a short write without errno."""
+    import gguf
+
+    def short_write(self, *a, **k):
+        raise OSError("262144 requested and 4096 written")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", short_write)
+    with pytest.raises(DiskFull, match=f"disk full while writing {tmp_path / 'mmproj-f32.gguf'}"):
+        GgufTarget().export(tiny_student, tokenizer, tmp_path, _opts("fp32"))

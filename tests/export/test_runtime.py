@@ -49,7 +49,7 @@ def test_parity_gate_passes_on_itself_and_fails_on_a_perturbed_model(tiny_studen
 
 def test_no_eos_id_decodes_every_requested_token():
     """Speed runs (bench) must time decode steps even when the model answers EOS at once."""
-    from alignkd.export.vectors import FakeRuntime
+    from fake_runtime import FakeRuntime
 
     stops = generate(FakeRuntime(512, 8, eos_id=2, eos_after=1), [1, 5, 6], None, 12, eos_id=2)
     assert stops.tokens == [] and stops.timings["decode_steps"] == 0

@@ -17,11 +17,13 @@ import numpy as np
 import pytest
 
 from alignkd.data.image import load_image, preprocess
-from alignkd.export.bundle import read_manifest
-from alignkd.export.vectors import CATEGORIES, CONFIGS, FakeRuntime, apply_ops, verdict, write_vectors
+from alignkd.export.bundle import Refusal, read_manifest
+from export_vectors import CONFIGS, apply_ops, verdict, write_vectors
+from fake_runtime import FakeRuntime
 
 COMMITTED = Path(__file__).resolve().parents[2] / "android_demo" / "core" / "src" / "test" / "resources" / "vectors"
-REGENERATE = "python -m alignkd.export.vectors android_demo/core/src/test/resources/vectors (after removing it)"
+REGENERATE = ".venv/bin/python tests/export/helpers/export_vectors.py android_demo/core/src/test/resources/vectors " \
+             "(after removing it)"
 
 
 def _files(root: Path) -> dict[str, Path]:
@@ -57,8 +59,8 @@ def test_bundle_verdicts_are_the_python_readers(tmp_path):
         assert verdict(root) == v["verdict"], v["name"]
         seen.add(v["verdict"])
     # every refusal the reader has is covered, and some accepted variants too
-    assert seen == {"ok"} | {category for _, category in CATEGORIES}
-    assert len(CATEGORIES) == 11
+    assert seen == {"ok"} | {r.value for r in Refusal}
+    assert len(Refusal) == 11
 
 
 def test_image_vectors_are_the_preprocessing_output():

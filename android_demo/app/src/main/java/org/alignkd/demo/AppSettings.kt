@@ -3,6 +3,7 @@ package org.alignkd.demo
 import android.content.Context
 import android.net.Uri
 import android.provider.DocumentsContract
+import org.alignkd.core.ImageTokenCache
 import java.io.File
 
 /** The settings screen's values (SharedPreferences) and where bundles are looked for. */
@@ -24,6 +25,11 @@ class AppSettings(context: Context) {
     var threads: Int
         get() = prefs.getInt("threads", 0)
         set(v) = prefs.edit().putInt("threads", v.coerceIn(0, 64)).apply()
+
+    /** How many images' tokens the session keeps (0: none); see org.alignkd.core.ImageTokenCache. */
+    var imageCacheSize: Int
+        get() = prefs.getInt("image_cache_size", ImageTokenCache.DEFAULT_CAPACITY)
+        set(v) = prefs.edit().putInt("image_cache_size", v.coerceIn(0, 64)).apply()
 
     companion object {
         /** Where `alignkd-mobile export --target android --push` puts bundles. */

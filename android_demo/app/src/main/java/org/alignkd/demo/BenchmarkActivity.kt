@@ -9,7 +9,7 @@ import org.alignkd.core.LoadedBundle
 import java.io.File
 
 /**
- * Headless benchmark, started by `alignkd-mobile bench --device adb` (export/bench.py `bench_adb`) or by hand:
+ * Headless benchmark, started by `alignkd-mobile bench --device adb` (alignkd/bench.py `bench_adb`) or by hand:
  *
  *   adb shell am start -W -n org.alignkd.demo/.BenchmarkActivity \
  *       --es bundle /data/local/tmp/alignkd/<bundle> --ei n_runs 3 [--es out bench.json] \
@@ -17,9 +17,11 @@ import java.io.File
  *       [--ei max_new_tokens 32] [--ei threads 0] [--es quant 8da4w]
  *
  * Loads the bundle (manifest verified), runs the fixed image + prompt once to warm up and then n_runs
- * times (greedy), and writes files/<out> (default bench.json) with the fields and definitions of
- * `alignkd-mobile bench --device host`: bundle, format, quant, n_runs, load_s, image_encode_s, ttft_s,
- * prefill_tok_s, decode_tok_s, peak_rss_mb. On failure the same file holds {"error": "..."}. Then it
+ * times (greedy; each run with an empty image-token cache, then once more about the same image with its
+ * tokens cached), and writes files/<out> (default bench.json) with the fields and definitions of
+ * `alignkd-mobile bench --device host` (BenchmarkResult.FIELDS): bundle, format, quant, n_runs, load_s,
+ * image_encode_s, ttft_s, ttft_warm_s, prefill_tok_s, decode_tok_s, peak_rss_mb. On failure the same file
+ * holds {"error": "..."}. Then it
  * finishes. Read it with `adb exec-out run-as org.alignkd.demo cat files/bench.json` (debug build).
  * The default image and prompt are the export parity gate's: easy-vqa test image 0 (assets/bench.png)
  * and "What shape is in the image?".

@@ -3,10 +3,13 @@ package org.alignkd.core
 import java.io.File
 
 /**
- * The JSON row that `alignkd-mobile bench --device host` writes (export/bench.py `bench_artifact`),
+ * The JSON row that `alignkd-mobile bench --device host` writes (alignkd/bench.py `bench_artifact`),
  * produced on the phone by the headless benchmark (BenchmarkActivity) into the app's files directory, for
- * `bench --device adb` to pull. Same fields, same definitions: medians over n_runs after one warm-up run;
- * ttft_s = image_encode_s + median prefill time; prefill_tok_s = prompt positions / median prefill time;
+ * `bench --device adb` to pull. Same fields ([FIELDS] = the Python FIELDS, checked by
+ * tests/test_bench.py), same definitions: medians over n_runs after one warm-up run; each run asks with an
+ * empty image-token cache (cold) and then again about the same image (warm);
+ * ttft_s = image_encode_s + median prefill time (cold); ttft_warm_s = median of image (cache lookup) +
+ * prefill time of the warm asks; prefill_tok_s = prompt positions / median prefill time;
  * decode_tok_s = median over runs of decode steps / decode time, every run decoding max_new_tokens tokens
  * with EOS ignored (null when no run had a decode step: max_new_tokens 1);
  * times rounded to 4 decimals, rates and MiB to 1; peak_rss_mb is the process's peak resident set (VmHWM).
@@ -19,6 +22,7 @@ class BenchmarkResult(
     val loadS: Double,
     val imageEncodeS: Double,
     val ttftS: Double,
+    val ttftWarmS: Double,
     val prefillTokS: Double,
     val decodeTokS: Double?,
     val peakRssMb: Double
@@ -32,6 +36,7 @@ class BenchmarkResult(
         m["load_s"] = round(loadS, 4)
         m["image_encode_s"] = round(imageEncodeS, 4)
         m["ttft_s"] = round(ttftS, 4)
+        m["ttft_warm_s"] = round(ttftWarmS, 4)
         m["prefill_tok_s"] = round(prefillTokS, 1)
         m["decode_tok_s"] = decodeTokS?.let { round(it, 1) }
         m["peak_rss_mb"] = round(peakRssMb, 1)
@@ -49,7 +54,7 @@ class BenchmarkResult(
     }
 
     companion object {
-        val FIELDS = listOf("bundle", "format", "quant", "n_runs", "load_s", "image_encode_s", "ttft_s",
+        val FIELDS = listOf("bundle", "format", "quant", "n_runs", "load_s", "image_encode_s", "ttft_s", "ttft_warm_s",
             "prefill_tok_s", "decode_tok_s", "peak_rss_mb")
 
         /** Python's statistics.median. */
@@ -65,14 +70,15 @@ class BenchmarkResult(
             if (x.isNaN() || x.isInfinite()) x
             else java.math.BigDecimal(x).setScale(digits, java.math.RoundingMode.HALF_EVEN).toDouble()
 
-        /** The row from the measured runs (warm-up excluded), as bench_artifact aggregates them. */
+        /** The row from the measured cold and warm asks (warm-up excluded), as bench_artifact aggregates them. */
         fun fromRuns(bundle: String, format: String, quant: String, loadS: Double, runs: List<Generation>,
-                     peakRssMb: Double): BenchmarkResult {
-            require(runs.isNotEmpty()) { "no benchmark runs" }
+                     warmRuns: List<Generation>, peakRssMb: Double): BenchmarkResult {
+            require(runs.isNotEmpty() && warmRuns.isNotEmpty()) { "no benchmark runs" }
             val imageS = median(runs.map { it.timings.imageS })
             val prefillS = median(runs.map { it.timings.prefillS })
+            val warmS = median(warmRuns.map { it.timings.imageS + it.timings.prefillS })
             val decode = runs.filter { it.timings.decodeSteps > 0 }.map { it.timings.decodeSteps / it.timings.decodeS }
-            return BenchmarkResult(bundle, format, quant, runs.size, loadS, imageS, imageS + prefillS,
+            return BenchmarkResult(bundle, format, quant, runs.size, loadS, imageS, imageS + prefillS, warmS,
                 runs[0].promptLen / prefillS, if (decode.isEmpty()) null else median(decode), peakRssMb)
         }
     }
@@ -94,7 +100,9 @@ object MemoryStats {
 
 /**
  * The headless benchmark: load (timed, [load] builds the runtime), one warm-up run, then [nRuns] runs of
- * the same image and question, greedy, at most [maxNewTokens] new tokens; each run starts a new sequence.
+ * the same image and question, greedy; each run empties the image-token cache, asks for [maxNewTokens]
+ * new tokens with EOS ignored (cold), then asks again about the same image for one token (warm: the
+ * image tokens come from the cache). Each ask starts a new sequence.
  */
 object Benchmark {
     fun run(
@@ -107,16 +115,21 @@ object Benchmark {
         quant: String
     ): BenchmarkResult {
         require(nRuns >= 1) { "n_runs must be at least 1, got $nRuns" }
+        require(maxNewTokens >= 1) { "max_new_tokens must be at least 1, got $maxNewTokens" }
         val t0 = System.nanoTime()
         val runtime = load()
         val loadS = (System.nanoTime() - t0) * 1e-9
         val session = VlmSession(bundle, runtime)
         val runs = ArrayList<Generation>()
+        val warm = ArrayList<Generation>()
         for (i in 0..nRuns) {
+            session.imageCache.clear()
             // EOS ignored, as the host bench and llama-bench: a one-word answer leaves no decode step to time
             val g = session.ask(image, question, maxNewTokens, stopAtEos = false).generation
-            if (i > 0) runs.add(g)
+            val w = session.ask(image, question, 1).generation
+            check(!g.timings.imageCached && w.timings.imageCached) { "the image-token cache did not miss then hit" }
+            if (i > 0) { runs.add(g); warm.add(w) }
         }
-        return BenchmarkResult.fromRuns(bundle.name, "pte", quant, loadS, runs, MemoryStats.peakRssMb())
+        return BenchmarkResult.fromRuns(bundle.name, "pte", quant, loadS, runs, warm, MemoryStats.peakRssMb())
     }
 }

@@ -45,14 +45,18 @@ interface VlmRuntime {
 
 class GenerationException(message: String) : Exception(message)
 
-/** Seconds, as export/runtime.py `generate` measures them, plus the time to the first token. */
+/**
+ * Seconds, as export/runtime.py `generate` measures them, plus the time to the first token; [imageCached]:
+ * the image tokens came from the [ImageTokenCache] (the encoder did not run).
+ */
 class Timings(
     val imageS: Double,
     val prefillS: Double,
     val decodeS: Double,
     val decodeSteps: Int,
     val ttftS: Double,
-    val promptPositions: Int
+    val promptPositions: Int,
+    val imageCached: Boolean = false
 ) {
     val prefillTokS: Double get() = if (prefillS > 0) promptPositions / prefillS else 0.0
     val decodeTokS: Double get() = if (decodeS > 0) decodeSteps / decodeS else 0.0
@@ -108,16 +112,18 @@ class Sampler(val config: SamplingConfig) {
 }
 
 /**
- * The decoding loop of export/runtime.py `generate`, call for call: encode the image, embed the prompt
- * before and after the image token, splice, prefill at position 0, then one token at a time at
- * start positions promptLen, promptLen + 1, ...; stop at an EOS id (not emitted) or after maxNewTokens.
+ * The decoding loop of export/runtime.py `generate`, call for call: encode the image (or take its tokens
+ * from [imageCache]), embed the prompt before and after the image token, splice, prefill at position 0,
+ * then one token at a time at start positions promptLen, promptLen + 1, ...; stop at an EOS id (not
+ * emitted) or after maxNewTokens. Pixels must be the (1, 3, S, S) of the bundle's preprocessing.
  */
 class Generator(
     val runtime: VlmRuntime,
     val numImageTokens: Int,
     val imageTokenIndex: Int = -200,
     val maxSeqLen: Int? = null,
-    private val clock: () -> Long = { System.nanoTime() }
+    private val clock: () -> Long = { System.nanoTime() },
+    val imageCache: ImageTokenCache? = null
 ) {
     /** How many positions a prompt occupies once its image token expands. */
     fun promptPositions(promptIds: IntArray): Int =
@@ -143,17 +149,27 @@ class Generator(
             throw GenerationException(if (nImg == 1) "the prompt has an image token but no image was given"
                                       else "an image was given but the prompt has no <image> token")
         }
+        if (pixels != null && pixels.size != 3 * imageSize * imageSize) {
+            // a runtime could take other-sized pixels silently; only the bundle's preprocessing makes them
+            throw GenerationException("${pixels.size} pixel values, the encoder takes 3 x $imageSize x $imageSize: " +
+                "preprocess the image with the bundle's preprocessing")
+        }
         val sampler = Sampler(sampling)
         val t0 = clock()
         val embeds: Embeddings
+        var cached = false
         if (nImg == 0) {
             embeds = runtime.embed(promptIds.toLongArrays())
         } else {
             val k = promptIds.indexOf(imageTokenIndex)
-            val image = runtime.encodeImage(pixels!!, imageSize)
+            val key = if (imageCache != null) ImageTokenCache.key(pixels!!) else null
+            val hit = if (key != null) imageCache!!.get(key) else null
+            cached = hit != null
+            val image = hit ?: runtime.encodeImage(pixels!!, imageSize)
             if (image.rows != numImageTokens) {
                 throw GenerationException("the vision encoder returned ${image.rows} tokens, the bundle says $numImageTokens")
             }
+            if (key != null && !cached) imageCache!!.put(key, image)
             val parts = ArrayList<Embeddings>()
             val before = promptIds.copyOfRange(0, k)
             val after = promptIds.copyOfRange(k + 1, promptIds.size)
@@ -184,7 +200,8 @@ class Generator(
         val t3 = clock()
         if (ttft < 0) ttft = t3
         val s = 1e-9
-        val timings = Timings((t1 - t0) * s, (t2 - t1) * s, (t3 - t2) * s, maxOf(tokens.size - 1, 0), (ttft - t0) * s, nPrompt)
+        val timings = Timings((t1 - t0) * s, (t2 - t1) * s, (t3 - t2) * s, maxOf(tokens.size - 1, 0), (ttft - t0) * s, nPrompt,
+            cached)
         return Generation(tokens.toIntArray(), nPrompt, timings, eos)
     }
 

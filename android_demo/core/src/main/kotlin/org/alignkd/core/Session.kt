@@ -55,12 +55,19 @@ interface AnswerListener {
     fun onText(text: String, tokens: Int): Boolean
 }
 
-/** The app's one question → answer path over a bundle and a runtime (no Android types). */
-class VlmSession(val bundle: LoadedBundle, val runtime: VlmRuntime) {
-    private val generator = Generator(runtime, bundle.model.numImageTokens, bundle.template.imageTokenIndex, bundle.model.maxSeqLen)
+/**
+ * The app's one question → answer path over a bundle and a runtime (no Android types). Every image, of
+ * any size, goes through the bundle's preprocessing; the tokens of the last [imageCacheSize] images are
+ * kept ([ImageTokenCache]), so a follow-up question about the same image skips the encoder.
+ */
+class VlmSession(val bundle: LoadedBundle, val runtime: VlmRuntime, imageCacheSize: Int = ImageTokenCache.DEFAULT_CAPACITY) {
+    val imageCache = ImageTokenCache(imageCacheSize)
+    private val generator = Generator(runtime, bundle.model.numImageTokens, bundle.template.imageTokenIndex,
+        bundle.model.maxSeqLen, imageCache = imageCache)
 
     class Answer(val text: String, val generation: Generation, val preprocessS: Double)
 
+    /** Any image → (1, 3, S, S) CHW float pixels, S the bundle's image size. */
     fun pixels(image: RgbImage): FloatArray = ImagePreprocessor.preprocess(image, bundle.preprocessing)
 
     fun ask(

@@ -6,13 +6,14 @@ import org.junit.Assert.assertTrue
 import org.junit.Test
 import java.io.File
 
-/** The Kotlin reader refuses (or accepts) every bundle variant exactly as the Python reader does. */
+/** The app refuses (or accepts) every bundle variant exactly as the Python reader does. */
 class BundleVectorsTest {
     private val spec = Vectors.json("bundles.json")
     private val base = File(Vectors.dir, J.str(spec, "base"))
 
+    /** As the app opens a bundle: the manifest ([BundleReader]), then the fields and files it reads. */
     private fun verdict(root: File): String = try {
-        BundleReader.read(root)
+        LoadedBundle.open(root)
         "ok"
     } catch (e: BundleException) {
         e.refusal.id

@@ -73,7 +73,7 @@ class SamplerTest {
 class BenchmarkTest {
     @Test
     fun writesTheBenchFields() {
-        val r = BenchmarkResult("tiny", "pte", "8da4w", 3, 0.5, 0.01, 0.2, 300.0, 25.0, 512.0)
+        val r = BenchmarkResult("tiny", "pte", "8da4w", 3, 0.5, 0.01, 0.2, 0.15, 300.0, 25.0, 512.0)
         val tmp = Vectors.tempDir("bench")
         try {
             val f = File(tmp, "bench.json")
@@ -82,6 +82,7 @@ class BenchmarkTest {
             assertEquals(BenchmarkResult.FIELDS, m.keys.toList())
             assertEquals(3L, m["n_runs"])
             assertEquals(25.0, m["decode_tok_s"])
+            assertEquals(0.15, m["ttft_warm_s"])
         } finally {
             tmp.deleteRecursively()
         }
@@ -96,13 +97,15 @@ class BenchmarkTest {
     fun aggregatesAsTheHostBench() {
         fun g(image: Double, prefill: Double, decode: Double, steps: Int) =
             Generation(IntArray(steps + 1), 100, Timings(image, prefill, decode, steps, 0.0, 100), false)
+        val warm = listOf(g(0.001, 0.5, 0.0, 0), g(0.003, 0.4, 0.0, 0), g(0.002, 0.2, 0.0, 0))
         val r = BenchmarkResult.fromRuns("b", "pte", "8da4w", 1.5,
-            listOf(g(0.1, 0.5, 1.0, 10), g(0.3, 0.25, 1.0, 20), g(0.2, 1.0, 1.0, 0)), 300.0)
+            listOf(g(0.1, 0.5, 1.0, 10), g(0.3, 0.25, 1.0, 20), g(0.2, 1.0, 1.0, 0)), warm, 300.0)
         assertEquals(0.2, r.imageEncodeS, 1e-12)
         assertEquals(0.2 + 0.5, r.ttftS, 1e-12)
+        assertEquals(0.403, r.ttftWarmS, 1e-12) // median of the warm asks' image + prefill
         assertEquals(200.0, r.prefillTokS, 1e-9)
         assertEquals(15.0, r.decodeTokS!!, 1e-9) // median of 10 and 20; the run without steps is left out
-        val none = BenchmarkResult.fromRuns("b", "pte", "q", 0.0, listOf(g(0.1, 0.5, 1.0, 0)), 1.0)
+        val none = BenchmarkResult.fromRuns("b", "pte", "q", 0.0, listOf(g(0.1, 0.5, 1.0, 0)), warm, 1.0)
         assertEquals(null, none.decodeTokS)
         assertTrue(none.toMap().containsKey("decode_tok_s"))
     }
@@ -115,8 +118,11 @@ class BenchmarkTest {
         var fake: DecodeVectorsTest.FakeRuntime? = null
         val r = Benchmark.run(bundle, { DecodeVectorsTest.FakeRuntime(512, bundle.model.numImageTokens, 2, 1).also { fake = it } },
             image, "What shape is in the image?", 2, 8, "fp32")
-        assertEquals(3 * 8, fake!!.calls.count { it[0] == -3 }) // warm-up + 2 runs: prefill + 7 steps each
+        // warm-up + 2 runs: a cold ask (prefill + 7 steps) and a warm one (prefill) each; the image encoded once per run
+        assertEquals(3 * (8 + 1), fake!!.calls.count { it[0] == -3 })
+        assertEquals(3, fake!!.calls.count { it[0] == -1 })
         assertEquals(2, r.nRuns)
+        assertTrue(r.ttftWarmS > 0)
         assertEquals("base", r.bundle)
         assertTrue(r.decodeTokS!! > 0 && r.ttftS > 0 && r.loadS >= 0)
         assertTrue("peak RSS read from /proc", r.peakRssMb > 0)

@@ -9,7 +9,8 @@ import kotlin.system.exitProcess
 object TestMain {
     val CLASSES: Array<Class<*>> = arrayOf(
         JsonTest::class.java, BundleVectorsTest::class.java, ImageVectorsTest::class.java,
-        TokenizerVectorsTest::class.java, DecodeVectorsTest::class.java, SamplerTest::class.java, BenchmarkTest::class.java
+        TokenizerVectorsTest::class.java, DecodeVectorsTest::class.java, SamplerTest::class.java, BenchmarkTest::class.java,
+        ImageTokenCacheTest::class.java
     )
 
     @JvmStatic

@@ -2,7 +2,8 @@
 (android_demo/core) is tested against, so that the phone preprocesses, tokenizes, verifies bundles and
 decodes exactly as the Python emulator does.
 
-    python -m alignkd.export.vectors OUT_DIR      # the committed copy: android_demo/core/src/test/resources/vectors
+    .venv/bin/python tests/export/helpers/export_vectors.py OUT_DIR
+                                                  # the committed copy: android_demo/core/src/test/resources/vectors
 
 Everything is deterministic; tests/export/test_vectors.py regenerates the vectors into a temp dir and
 requires them to equal the committed files byte for byte, so they cannot go stale.
@@ -16,8 +17,8 @@ Layout of OUT_DIR:
     tokenizer.json          raw texts -> SentencePiece ids; v1 prompts -> ids from tokenize_prompt
     bundles/base/           a valid bundle (dummy artifact, real manifest/tokenizer/template/preprocessing)
     bundles.json            variants: file operations applied to a copy of bundles/base, and the verdict
-                            of export.bundle.read_manifest ("ok" or an error category)
-    decode.json             a fake deterministic runtime (integer arithmetic) and what
+                            of export.bundle.read_manifest ("ok" or the refusal's category)
+    decode.json             a fake deterministic runtime (integer arithmetic, fake_runtime.py) and what
                             export.runtime.generate does over it: tokens, prompt length, every call
 """
 
@@ -39,10 +40,10 @@ from alignkd.data import easyvqa
 from alignkd.data.image import ImageProcessingConfig, load_image, preprocess
 from alignkd.data.templates import build_prompt
 from alignkd.data.tokenize import tokenize_prompt
-from alignkd.errors import AlignKDError, DataError
+from alignkd.errors import DataError
+from alignkd.export.bundle import MANIFEST, BundleError, read_manifest, write_manifest
 from alignkd.model.config import IMAGE_TOKEN_INDEX
-
-from .bundle import MANIFEST, read_manifest, write_manifest
+from fake_runtime import FakeRuntime
 
 # ---------------------------------------------------------------------------------------------- images
 
@@ -189,31 +190,12 @@ def tokenizer_vectors() -> dict:
 
 # --------------------------------------------------------------------------------------------- bundles
 
-# read_manifest's messages -> the category both readers report
-CATEGORIES = [
-    ("is not a complete bundle", "missing_manifest"),
-    ("is not valid JSON", "bad_json"),
-    ("not an alignkd bundle", "wrong_format"),
-    ("unknown format_version", "unknown_version"),
-    ("missing field", "missing_field"),
-    ("invalid field", "invalid_field"),
-    ("path outside the bundle", "path_outside"),
-    ("listed in the manifest is missing", "missing_file"),
-    (" has size ", "size_mismatch"),
-    ("checksum mismatch", "checksum_mismatch"),
-    ("is not in the manifest's file list", "artifact_not_listed"),
-]
-
-
 def verdict(root: str | Path) -> str:
-    """"ok", or the category of the DataError that export.bundle.read_manifest raises."""
+    """"ok", or the category of the refusal that export.bundle.read_manifest raises."""
     try:
         read_manifest(root)
-    except DataError as e:
-        for needle, cat in CATEGORIES:
-            if needle in str(e):
-                return cat
-        raise AssertionError(f"uncategorised read_manifest error: {e}") from None
+    except BundleError as e:
+        return e.refusal.value
     return "ok"
 
 
@@ -225,7 +207,7 @@ def _write_base_bundle(root: Path) -> dict:
     from alignkd.model.config import get_preset
     from alignkd.model.tokenizer import load_tokenizer, tiny_tokenizer_dir
 
-    from .exporter import write_bundle_metadata
+    from alignkd.export.exporter import write_bundle_metadata
 
     config = get_preset("tiny-student")
     tok = load_tokenizer(tiny_tokenizer_dir())
@@ -319,6 +301,10 @@ def _variants(m: dict) -> list[tuple[str, list[dict]]]:
         ("artifact_not_listed", [{"op": "write", "path": "pte/fp32/extra.bin", "base64": _b64(b"x")},
                                  manifest(artifacts=arts_unlisted)]),
         ("artifact_path_outside", [manifest(artifacts=arts_outside)]),
+        ("artifacts_of_strings", [manifest(artifacts=["pte/fp32/model.pte"])]),
+        ("artifacts_of_empty_objects", [manifest(artifacts=[{}])]),
+        ("model_empty_object", [manifest(model={})]),
+        ("max_seq_len_as_string", [manifest(model=dict(m["model"], max_seq_len="512"))]),
     ]
 
 
@@ -350,52 +336,8 @@ def bundle_vectors(bundles_dir: Path) -> dict:
 # ---------------------------------------------------------------------------------------------- decode
 
 
-class FakeRuntime:
-    """A deterministic `Runtime` in integer arithmetic, so any language reproduces it exactly.
-
-    embed(ids):          row [id, (7*id) mod 13, 1, 0] per id (hidden size 4)
-    encode_image(px):    c = number of pixels > 0; row i of N: [1000 + (c + i) mod 97, i, 2, 0]
-    decode(rows, start): start must be 0 (new sequence: state s = 0, length 0) or the current length;
-                         for each row at position p: s = (31*s + 3*r0 + r1 + r2 + p) mod 1000003;
-                         logits[v] = (a*v + s) mod V with a = 2*(s mod (V/2)) + 1 (a permutation of 0..V-1,
-                         so the argmax is unique), and logits[eos] = V once length >= eos_after (if set).
-    Every call is logged: ["encode_image", N], ["embed", T], ["decode", start, T].
-    """
-
-    hidden = 4
-
-    def __init__(self, vocab_size: int, num_image_tokens: int, eos_id: int, eos_after: int | None):
-        self.v, self.n, self.eos, self.eos_after = vocab_size, num_image_tokens, eos_id, eos_after
-        self.s, self.length, self.calls = 0, 0, []
-
-    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
-        c = int(np.count_nonzero(pixels > 0))
-        self.calls.append(["encode_image", self.n])
-        return np.asarray([[1000 + (c + i) % 97, i, 2, 0] for i in range(self.n)], np.float32)
-
-    def embed(self, ids: np.ndarray) -> np.ndarray:
-        self.calls.append(["embed", int(len(ids))])
-        return np.asarray([[int(i), (7 * int(i)) % 13, 1, 0] for i in ids], np.float32).reshape(-1, 4)
-
-    def decode(self, embeds: np.ndarray, start_pos: int) -> np.ndarray:
-        self.calls.append(["decode", int(start_pos), int(embeds.shape[0])])
-        if start_pos == 0:
-            self.s, self.length = 0, 0
-        elif start_pos != self.length:
-            raise ValueError(f"decode at {start_pos}, cache holds {self.length}")
-        for j, row in enumerate(embeds):
-            r = [int(x) for x in row]
-            self.s = (31 * self.s + 3 * r[0] + r[1] + r[2] + start_pos + j) % 1000003
-        self.length = start_pos + embeds.shape[0]
-        a = 2 * (self.s % (self.v // 2)) + 1
-        logits = np.asarray([(a * v + self.s) % self.v for v in range(self.v)], np.float32)
-        if self.eos_after is not None and self.length >= self.eos_after:
-            logits[self.eos] = self.v
-        return logits
-
-
 def decode_vectors(tok_vectors: dict, img_dir: Path) -> dict:
-    from .runtime import generate, prompt_positions
+    from alignkd.export.runtime import generate, prompt_positions
 
     vocab, n_img, eos = 512, 8, 2
     img = {"file": "easyvqa_0.png", "config": "tiny48"}
@@ -416,11 +358,14 @@ def decode_vectors(tok_vectors: dict, img_dir: Path) -> dict:
         rt = FakeRuntime(vocab, n_img, eos, eos_after)
         case = {"name": name, "prompt_ids": ids, "image": img if use_img else None, "max_new_tokens": max_new,
                 "eos_after": eos_after, "max_seq_len": max_seq_len}
+        overflows = max_seq_len is not None and prompt_positions(ids, n_img) + max_new > max_seq_len
         try:
             g = generate(rt, ids, pixels if use_img else None, max_new, eos_id=eos, max_seq_len=max_seq_len,
                          num_image_tokens=n_img)
-        except AlignKDError as e:
-            case.update(error="exceeds_max_seq_len" if "exceeds max_seq_len" in str(e) else str(e), calls=rt.calls)
+        except DataError:
+            if not overflows:
+                raise
+            case.update(error="exceeds_max_seq_len", calls=rt.calls)
         else:
             case.update(tokens=g.tokens, prompt_len=g.prompt_len, calls=rt.calls,
                         first_logits_argmax=int(np.argmax(g.prompt_logits)))
@@ -462,7 +407,7 @@ def write_vectors(out_dir: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m alignkd.export.vectors OUT_DIR", file=sys.stderr)
+        print("usage: python tests/export/helpers/export_vectors.py OUT_DIR", file=sys.stderr)
         return 2
     out = write_vectors(argv[0])
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())

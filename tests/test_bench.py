@@ -1,0 +1,114 @@
+"""`alignkd-mobile bench` / `run`: the host and the app report the same fields, the report never lacks its
+chart, bad options are one `error:` line, and the export package does not reach up into eval."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from alignkd import bench
+from alignkd.fileio import DiskFull
+
+REPO = Path(__file__).resolve().parents[1]
+KOTLIN_BENCHMARK = REPO / "android_demo/core/src/main/kotlin/org/alignkd/core/Benchmark.kt"
+ROW = {"bundle": "b", "format": "pte", "quant": "8da4w", "n_runs": 3, "load_s": 0.5, "image_encode_s": 0.2,
+       "ttft_s": 0.6, "ttft_warm_s": 0.4, "prefill_tok_s": 400.0, "decode_tok_s": 30.0, "peak_rss_mb": 900.0}
+
+
+def test_host_and_app_report_the_same_fields_in_the_same_order():
+    m = re.search(r"val FIELDS = listOf\(([^)]*)\)", KOTLIN_BENCHMARK.read_text())
+    assert m, "BenchmarkResult.FIELDS not found in Benchmark.kt"
+    assert tuple(re.findall(r'"([a-z_]+)"', m.group(1))) == bench.FIELDS
+    assert tuple(ROW) == bench.FIELDS
+
+
+def test_the_chart_is_written_before_the_report(tmp_path, monkeypatch):
+    written = []
+    real = bench.atomic_write
+
+    def full_after_png(path, data):
+        if written:  # the chart went through; the disk is full for the report
+            raise DiskFull(f"disk full while writing {path}: no space left on device")
+        real(path, data)
+        written.append(Path(path).name)
+
+    monkeypatch.setattr(bench, "atomic_write", full_after_png)
+    with pytest.raises(DiskFull, match="bench.json"):
+        bench.write_outputs([ROW], tmp_path / "a")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["bench.png"]
+
+    def full(path, data):
+        raise DiskFull(f"disk full while writing {path}: no space left on device")
+
+    monkeypatch.setattr(bench, "atomic_write", full)
+    with pytest.raises(DiskFull, match="bench.png"):
+        bench.write_outputs([ROW], tmp_path / "b")
+    assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
+    monkeypatch.setattr(bench, "atomic_write", real)
+    paths = bench.write_outputs([ROW], tmp_path / "c")
+    assert json.loads(paths["json"].read_text())["rows"] == [ROW]
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG" and "ttft_warm_s" in paths["markdown"].read_text()
+
+
+@pytest.mark.parametrize("args, field", [
+    (["run", "B", "--image", "i.png", "--prompt", "q", "--temperature", "1", "--top-p", "0"], "--top-p"),
+    (["run", "B", "--image", "i.png", "--prompt", "q", "--temperature", "-1"], "--temperature"),
+    (["run", "B", "--image", "i.png", "--prompt", "q", "--max-new-tokens", "-5"], "--max-new-tokens"),
+    (["run", "B", "--image", "i.png", "--prompt", "q", "--threads", "0"], "--threads"),
+    (["bench", "B", "--n-runs", "0"], "--n-runs"),
+    (["bench", "B", "--threads", "0"], "--threads"),
+    (["bench", "B", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["bench", "B", "--accuracy-limit", "-1"], "--accuracy-limit"),
+    (["bench", "B", "--device", "phone"], "--device"),
+])
+def test_bad_options_are_one_error_line(args, field, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from alignkd.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and field in lines[0], r.stderr
+    assert r.stdout == "" and not (tmp_path / "runs").exists()  # refused before anything is written
+
+
+def test_export_never_imports_eval_or_train():
+    """Dependencies point one way: the CLI's bench scores with eval; the export package must not."""
+    for f in sorted((REPO / "export").rglob("*.py")):
+        depth = len(f.relative_to(REPO / "export").parts)  # export/x.py is alignkd.export.x: `..` is alignkd
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            elif isinstance(node, ast.ImportFrom) and node.level == depth + 1:
+                names = ["alignkd." + (node.module or "")]
+            else:
+                continue
+            bad = [n for n in names if n.startswith(("alignkd.eval", "alignkd.train", "alignkd.distill"))]
+            assert not bad, f"{f.relative_to(REPO)} imports {bad}"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    from alignkd.export.exporter import export_bundle
+    from alignkd.model import build_model, save_model
+    from alignkd.model.tokenizer import load_tokenizer, tiny_tokenizer_dir
+
+    ckpt = tmp_path_factory.mktemp("ck") / "student"
+    save_model(build_model("tiny-student", seed=0), ckpt, tokenizer=load_tokenizer(tiny_tokenizer_dir()))
+    out = tmp_path_factory.mktemp("b") / "bundle"
+    export_bundle(ckpt, out, ["gguf"], ["fp32"], target="desktop", log=lambda *_: None)
+    return out
+
+
+def test_host_worker_reports_every_field_cold_and_warm(bundle):
+    row = bench.bench_artifact(str(bundle), "gguf", "fp32", n_runs=1, threads=1, max_new_tokens=3)
+    assert tuple(row) == bench.FIELDS  # the warm asks hit the cache (bench_artifact raises otherwise)
+    assert row["n_runs"] == 1 and row["ttft_warm_s"] > 0 and row["ttft_s"] >= row["image_encode_s"] > 0
