@@ -33,7 +33,7 @@ from .fileio import atomic_write
 from .model.checkpoint import load_model, weights_digest
 from .model.tokenizer import load_tokenizer
 from .train.config import TrainConfig, check_values, load_config, run_differences
-from .train.recipe import checkpoint_differences, checkpoints, train
+from .train.recipe import build_teacher_cache, checkpoint_differences, checkpoints, train
 
 # Students the demo can train: name → (method, loss keys). The ablations switch single terms off.
 STUDENTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -43,6 +43,11 @@ STUDENTS: dict[str, tuple[str, dict[str, Any]]] = {
     "kd-v": ("alignkd", {"loss.att_weight": 0.0}),  # KD + V-all + V-focus
     "alignkd": ("alignkd", {}),
     "release": ("alignkd", {"loss.variant": "release"}),  # the public code's computation
+    # Align-KD with logit KD from an offline teacher cache (issue 15): the teacher's top 8 / 32 tokens, or every
+    # token. The cache (a folder in the teacher's, shared by every seed) is built before the student's first step.
+    "alignkd-cache-k8": ("alignkd", {"loss.kd_topk": 8, "teacher_cache": "cache-k8"}),
+    "alignkd-cache-k32": ("alignkd", {"loss.kd_topk": 32, "teacher_cache": "cache-k32"}),
+    "alignkd-cache-full": ("alignkd", {"teacher_cache": "cache-full"}),
 }
 
 
@@ -77,7 +82,8 @@ class DemoConfig:
     share one teacher)."""
     methods: str = "baseline,alignkd"
     """Students to train, comma-separated, baseline first: baseline, logit-kd, kd-att (KD + L_att), kd-v
-    (KD + L_v), alignkd, release (the public code's variant)."""
+    (KD + L_v), alignkd, release (the public code's variant), alignkd-cache-k8 / -k32 / -full (logit KD from
+    an offline teacher cache of the top 8 / 32 tokens / every token)."""
     curve_every: int = 0
     """Also score each student's checkpoint every N steps: a held-out learning curve in summary.json (0 = off)."""
     progress: bool = True
@@ -111,31 +117,59 @@ def student_recipe(d: DemoConfig, name: str) -> TrainConfig:
     teacher = str(Path(d.output_dir) / "teacher")
     # every curve_every steps, and the final step: ceil(steps / curve_every) checkpoints
     curve = {"save_every": d.curve_every, "keep_last": -(-d.student_steps // d.curve_every)} if d.curve_every else {}
+    if "teacher_cache" in loss:  # a folder in the teacher's
+        loss = {**loss, "teacher_cache": str(Path(teacher) / loss["teacher_cache"])}
     return _recipe(d, name, {"method": method, "student": d.student_preset, "init_vision_from": teacher,
                              "teacher": teacher if method != "baseline" else None, "steps": d.student_steps,
                              "lr": d.lr, "seed": d.seed, **curve, **loss})
 
 
-def train_or_reuse(recipe: TrainConfig) -> dict:
+def train_or_reuse(recipe: TrainConfig, inputs: dict[str, str] | None = None) -> dict:
     """A finished run of exactly this recipe is reused (the teacher is the expensive part); otherwise it
     trains, resuming a checkpoint of this recipe or replacing one of another. The checkpoint cadence counts
-    as part of the recipe here: the learning curve is read from the checkpoints."""
+    as part of the recipe here: the learning curve is read from the checkpoints.
+
+    inputs: what the run learns from beyond its config, e.g. {"teacher": weights digest}. The config names
+    the teacher's folder, not the model in it: a student of an earlier teacher in the same folder is
+    neither reused nor resumed but retrained. Recorded in `<output_dir>/train/inputs.json`."""
     out = Path(recipe.output_dir)
-    try:
-        done = json.loads((out / "train" / "summary.json").read_text())
-    except (OSError, ValueError):
-        done = None
+    marker = out / "train" / "inputs.json"
+    same_inputs = inputs is None or _read_json(marker) == inputs
+    done = _read_json(out / "train" / "summary.json")
     same = ("save_every",)
-    if isinstance(done, dict) and isinstance(done.get("config"), dict) and not run_differences(done["config"], recipe, same):
+    if (same_inputs and isinstance(done, dict) and isinstance(done.get("config"), dict)
+            and not run_differences(done["config"], recipe, same)):
         click.echo(f"reusing the finished run in {out}")
         return done
-    return train(recipe.replace(resume=not checkpoint_differences(recipe, also=same)))
+    if inputs is not None:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(marker, json.dumps(inputs))  # before training: a checkpoint it leaves is of these inputs
+    if recipe.teacher_cache and recipe.method != "baseline":  # the demo's own: one of an earlier teacher is replaced
+        click.echo(f"teacher cache: {json.dumps(build_teacher_cache(recipe, overwrite=True))}")
+    return train(recipe.replace(resume=same_inputs and not checkpoint_differences(recipe, also=same)))
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def teacher_identity(d: DemoConfig) -> dict[str, str]:
+    """The trained teacher's identity, for `train_or_reuse` of its students."""
+    return {"teacher": weights_digest(Path(d.output_dir) / "teacher")}
+
+
+def answers_file(ckpt: Path) -> Path:
+    """Where the easy-vqa answers of the model in `ckpt` are kept: named by its weights."""
+    return ckpt / "eval" / f"easyvqa-{weights_digest(ckpt)[:16]}.jsonl"
 
 
 def score(ckpt: Path, items: list[EvalItem], bench: EasyVQA, name: str, progress: bool) -> float:
     """Held-out accuracy of the model in `ckpt`, through an answer file keyed to its weights."""
-    digest = weights_digest(ckpt)[:16]
-    answers = ckpt / "eval" / f"easyvqa-{digest}.jsonl"
+    answers = answers_file(ckpt)
+    digest = answers.stem.split("-")[1]
     for stale in answers.parent.glob("easyvqa*.jsonl"):  # earlier models' answers
         if stale != answers:
             stale.unlink()
@@ -152,7 +186,7 @@ def run_demo(d: DemoConfig) -> dict:
     items, _ = bench.load(None, limit=d.eval_limit)
     results: dict[str, dict] = {}
     for name in d.students():
-        s = train_or_reuse(student_recipe(d, name))
+        s = train_or_reuse(student_recipe(d, name), teacher_identity(d))
         results[name] = {"steps": s["steps"], "wall_s": s["wall_s"],
                          "final_losses": {k: v for k, v in s["final"].items() if k not in ("step", "lr")}}
     teacher_acc = score(out / "teacher", items, bench, "teacher", d.progress)
@@ -179,10 +213,10 @@ def format_table(s: dict) -> str:
     for m, r in s["methods"].items():
         rows.append((m, r["accuracy"], r["delta_vs_baseline"], r["final_losses"], r["steps"], r["wall_s"]))
     lines = [f"easy-vqa held-out accuracy ({s['eval']['questions']} questions, eval_seed {s['eval']['eval_seed']})", "",
-             f"{'model':<12}{'accuracy %':>11}{'vs baseline':>12}{'steps':>7}{'wall s':>8}   final loss terms",
-             "-" * 100]
+             f"{'model':<19}{'accuracy %':>11}{'vs baseline':>12}{'steps':>7}{'wall s':>8}   final loss terms",
+             "-" * 107]
     for name, acc, delta, losses, steps, wall in rows:
         terms = " ".join(f"{k}={v:.3f}" for k, v in (losses or {}).items() if v and k != "grad_norm")
         shown = f"{delta:+.2f}" if delta is not None and name != "baseline" else ""
-        lines.append(f"{name:<12}{acc:>11.2f}{shown:>12}{steps:>7}{wall:>8.0f}   {terms}")
+        lines.append(f"{name:<19}{acc:>11.2f}{shown:>12}{steps:>7}{wall:>8.0f}   {terms}")
     return "\n".join(lines)

@@ -4,6 +4,10 @@
   logit-kd   plain + the frozen teacher's forward + KD (the cost of the teacher alone)
   alignkd    our Align-KD step: one shared CLIP forward, SDPA everywhere, layer-0 capture by hooks,
              KD on answer positions, teacher frozen in bf16
+  cached     Align-KD with logit KD from an offline teacher cache (top --cache-k log-probs per KD position,
+             looked up per step as `train` does): the teacher runs its vision tower, projector and layer 0
+             only, and only those tensors of it exist
+  logit-kd-cached   plain + KD from the cache: no teacher at all
   +compile   the same step with compile=true (each transformer block but LM layer 0 torch.compiled)
   release    the public release's computation: eager attention with attentions on every layer in both
              models, CLIP run twice, KD on every position
@@ -11,10 +15,15 @@
     python benchmarks/train_step.py                  # GPU: 1.7B student + 7B teacher, random weights, bf16
     python benchmarks/train_step.py --tiny           # CPU: tiny presets (what this machine can run)
     python benchmarks/train_step.py --layers 1 --batch 1 --text 32   # real widths, one layer: a smoke run
+    python benchmarks/train_step.py --kinds plain,alignkd,cached --rounds 5   # interleaved rounds, one process
+    python benchmarks/train_step.py --kinds plain+compile,alignkd+compile,cached+compile   # the GPU cache row
 
 Batch 8 × (144 image + 512 text) positions by default. Student: fp32 master weights + bf16 autocast +
-AdamW (as users train). Prints a table (time, tokens/s, MFU, peak memory) with ratios to the plain step,
-and writes JSON. The measured numbers are in the README (Results) and DESIGN.md §2.
+AdamW (as users train). Prints a table (time, tokens/s, MFU, peak memory) with ratios to the first kind,
+and writes JSON. --rounds R > 1 builds every kind first and then times them in R interleaved rounds (all
+models in memory at once: tiny presets, or a GPU that holds them), ratios the median of the per-round
+ratios; the default times one kind after the other, freeing each before the next. The measured numbers
+are in the README (Results) and DESIGN.md §2.
 """
 
 from __future__ import annotations
@@ -22,18 +31,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import hashlib
 import json
 import statistics
+import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 
-from alignkd.distill import DistillInputs
+from alignkd.distill import DistillInputs, teacher_topk
 from alignkd.distill.attention import capture_layer0_attention
 from torch.profiler import ProfilerActivity, profile, record_function
 from alignkd.model import IMAGE_TOKEN_INDEX, MobileVLM, get_preset
+from alignkd.model.checkpoint import keep_layers
 from alignkd.train.config import load_config
-from alignkd.train.recipe import Run, compile_blocks, make_loss, make_optimizer, micro_step
+from alignkd.train.recipe import Run, cached_teacher_rows, compile_blocks, make_loss, make_optimizer, micro_step
+from alignkd.train.teacher_cache import CacheSpec, CacheWriter, TeacherCache, finalize
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -45,14 +59,19 @@ def _config(name: str, layers: int | None):
     return cfg
 
 
-def _models(tiny: bool, device: torch.device, attn: str, with_teacher: bool, layers: int | None):
+def _models(tiny: bool, device: torch.device, attn: str, with_teacher: bool, layers: int | None,
+            teacher_prefix: bool = False):
+    """Student and teacher with random weights; teacher_prefix: only the teacher's layer-0 prefix is built
+    (`keep_layers`), as a cached run loads it."""
     s_name, t_name = ("tiny-student", "tiny-teacher") if tiny else ("mobilevlm-v2-1.7b", "mobilevlm-v2-7b")
     torch.manual_seed(0)
     with device:
         student = MobileVLM(_config(s_name, layers), attn_implementation=attn)
         if not with_teacher:
             return student, None
-        teacher = MobileVLM(_config(t_name, layers), attn_implementation=attn)
+        teacher = MobileVLM(_config(t_name, 1 if teacher_prefix else layers), attn_implementation=attn)
+    if teacher_prefix:
+        keep_layers(teacher, 1)
     teacher.vision_tower.load_state_dict(student.vision_tower.state_dict())  # one shared frozen CLIP
     teacher.to(torch.bfloat16 if device.type == "cuda" else torch.float32).requires_grad_(False).eval()
     return student, teacher
@@ -67,6 +86,22 @@ def _batch(model: MobileVLM, b: int, text: int, device: torch.device) -> dict:
     s = cfg.vision.image_size
     return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
             "pixel_values": torch.randn(b, 3, s, s, device=device)}
+
+
+def _synthetic_cache(root: str, batch: dict, k: int, vocab: int, temperature: float = 1.0) -> tuple[TeacherCache, list]:
+    """A teacher cache of the batch's samples (top-k of random teacher logits at their answer positions),
+    written and read back through the cache format, with one key per sample."""
+    spec = CacheSpec(teacher={"preset": "bench"}, k=k, temperature=temperature, kd_positions="text", template="v1",
+                     vocab_size=vocab)
+    writer = CacheWriter(root, spec)
+    keys = [hashlib.sha256(str(i).encode()).digest() for i in range(batch["labels"].shape[0])]
+    counts = (batch["labels"][:, 1:] != -100).sum(1).tolist()  # answer positions (the image's labels are -100)
+    g = torch.Generator().manual_seed(0)
+    for key, n in zip(keys, counts):
+        writer.add(key, *teacher_topk(torch.randn(n, vocab, generator=g) * 3, k, temperature))
+    writer.flush()
+    finalize(root, spec)
+    return TeacherCache(root, spec), keys
 
 
 def _release_micro_step(student, teacher, loss_fn, batch, amp):
@@ -101,67 +136,134 @@ def _profile(kind: str, one_step, device: torch.device, rows: int = 18) -> None:
     print(ev.table(sort_by=sort, row_limit=rows, max_name_column_width=60), flush=True)
 
 
-def measure(kind: str, tiny: bool, device: torch.device, b: int, text: int, steps: int, layers: int | None,
-            profile: bool = False) -> dict:
-    kind, compiled = kind.removesuffix("+compile"), kind.endswith("+compile")
-    attn = "eager" if kind == "release" else "sdpa"
-    student, teacher = _models(tiny, device, attn, with_teacher=kind != "plain", layers=layers)
+@dataclasses.dataclass
+class Prepared:
+    """One kind, built and ready: `one_step()` runs a full optimizer step."""
+
+    kind: str
+    one_step: Callable[[], None]
+    warmup: int
+    n_tok: int
+    flops: float
+    keep: tuple  # the models etc. (freed with this object)
+
+
+def prepare(kind: str, tiny: bool, device: torch.device, b: int, text: int, steps: int, layers: int | None,
+            cache_k: int, workdir: str) -> Prepared:
+    base_kind, compiled = kind.removesuffix("+compile"), kind.endswith("+compile")
+    attn = "eager" if base_kind == "release" else "sdpa"
+    cached = base_kind in ("cached", "logit-kd-cached")
+    student, teacher = _models(tiny, device, attn, with_teacher=base_kind not in ("plain", "logit-kd-cached"),
+                               layers=layers, teacher_prefix=cached)
     if compiled:  # as the recipe does with compile=true
         compile_blocks(student, teacher)
     ref = teacher or student
-    method = {"plain": "baseline", "logit-kd": "logit-kd"}.get(kind, "alignkd")
-    cfg = load_config(flags={"method": method, "teacher": "bench" if method != "baseline" else None, "steps": steps,
-                             "loss.variant": "release" if kind == "release" else "paper", "progress": False})
+    method = {"plain": "baseline", "logit-kd": "logit-kd", "logit-kd-cached": "logit-kd"}.get(base_kind, "alignkd")
+    flags = {"method": method, "teacher": "bench" if method != "baseline" else None, "steps": steps,
+             "loss.variant": "release" if base_kind == "release" else "paper", "progress": False}
+    if cached:
+        flags.update({"teacher_cache": workdir, "loss.kd_topk": cache_k})
+    cfg = load_config(flags=flags)
     loss_fn = make_loss(cfg, student, teacher).to(device)
     opt = make_optimizer(student, loss_fn, cfg, device)
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
-    run = Run(cfg, None, device, 0, 1, None, student, teacher, loss_fn, None, opt, None, True, amp_dtype)
     batch = _batch(student, b, text, device)
+    cache, keys = _synthetic_cache(f"{workdir}/{kind}", batch, cache_k, ref.config.text.vocab_size) if cached else (None, None)
+    run = Run(cfg, None, device, 0, 1, None, student, teacher, loss_fn, None, opt, None, True, amp_dtype,
+              cache=cache, cache_keys=keys)
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else torch.autocast(device.type, enabled=False)
-    times, warm_times = [], []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    index = list(range(b))
+
     def one_step():
         opt.zero_grad(set_to_none=True)
-        if kind == "release":
+        if base_kind == "release":
             _release_micro_step(student, teacher, loss_fn, batch, amp)
+        elif cached:  # the lookup and the copy to the device, as `train` does per micro-batch
+            rows = {k: v.to(device) for k, v in cached_teacher_rows(run, index).items()}
+            micro_step(run, {**batch, "index": torch.tensor(index, device=device), **rows}, 1.0)
         else:
             micro_step(run, batch, 1.0)
         with record_function("clip_and_optimizer"):
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             opt.step()
 
-    warmup = 3 if compiled else 1  # compiling takes the first steps (grad-mode and shape guards settle)
-    for i in range(steps + warmup):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        one_step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        (times if i >= warmup else warm_times).append(time.perf_counter() - t0)
-    t = statistics.median(times)
-    if profile:
-        _profile(kind, one_step, device)
     n_tok = b * (text + student.config.num_image_tokens)
     s_params = sum(p.numel() for p in student.lm.parameters()) + sum(p.numel() for p in student.mm_projector.parameters())
     v_params = sum(p.numel() for p in student.vision_tower.parameters())
     t_params = sum(p.numel() for p in ref.lm.parameters()) + sum(p.numel() for p in ref.mm_projector.parameters())
     patches = b * (student.config.vision.num_patches + 1)
-    flops = 6 * s_params * n_tok + 2 * v_params * patches * (1 if kind != "release" else 2)
-    if kind != "plain":
+    flops = 6 * s_params * n_tok + 2 * v_params * patches * (1 if base_kind != "release" else 2)
+    if base_kind not in ("plain", "logit-kd-cached"):
         flops += 2 * t_params * n_tok
+    return Prepared(kind, one_step, 3 if compiled else 1, n_tok, flops, (student, teacher, opt, run, loss_fn, batch))
+
+
+def timed(p: Prepared, n: int, device: torch.device) -> list[float]:
+    out = []
+    for _ in range(n):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        p.one_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def summarize(p: Prepared, times: list[float], warm_times: list[float], device: torch.device) -> dict:
+    t = statistics.median(times)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    row = {"step": kind + ("+compile" if compiled else ""), "seconds": round(t, 4), "tokens_per_s": round(n_tok / t, 1),
-           "tflops": round(flops / t / 1e12, 2), "mfu": round(flops / t / peak, 3) if peak else None,
-           "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 1) if device.type == "cuda" else None,
-           "warmup_s": round(sum(warm_times), 1)}
-    del student, teacher, ref, opt, run, loss_fn, batch
+    return {"step": p.kind, "seconds": round(t, 4), "tokens_per_s": round(p.n_tok / t, 1),
+            "tflops": round(p.flops / t / 1e12, 2), "mfu": round(p.flops / t / peak, 3) if peak else None,
+            "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 1) if device.type == "cuda" else None,
+            "warmup_s": round(sum(warm_times), 1), "steps_timed": len(times)}
+
+
+def _free(device: torch.device) -> None:
     gc.collect()  # module graphs hold cycles: free them before the next kind builds its models
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def measure(kind: str, tiny: bool, device: torch.device, b: int, text: int, steps: int, layers: int | None,
+            profile: bool = False, cache_k: int = 32, workdir: str = "") -> dict:
+    """One kind alone: build, warm up, time `steps` steps, free (peak memory is this kind's)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    p = prepare(kind, tiny, device, b, text, steps, layers, cache_k, workdir)
+    warm = timed(p, p.warmup, device)  # compiling takes the first steps (grad-mode and shape guards settle)
+    row = summarize(p, timed(p, steps, device), warm, device)
+    if profile:
+        _profile(kind, p.one_step, device)
+    del p
+    _free(device)
     return row
+
+
+def measure_interleaved(kinds: list[str], rounds: int, tiny: bool, device: torch.device, b: int, text: int,
+                        steps: int, layers: int | None, cache_k: int, workdir: str) -> list[dict]:
+    """Every kind built and warmed up first, then `rounds` rounds of `steps` steps of each kind in turn, so
+    that a slow phase of the machine falls on every kind alike. A row's ratio_median is the median over
+    rounds of its round's median step time over the first kind's."""
+    prepared = [prepare(k, tiny, device, b, text, steps, layers, cache_k, workdir) for k in kinds]
+    warm = [timed(p, p.warmup, device) for p in prepared]
+    per_round: list[list[list[float]]] = [[] for _ in prepared]
+    for _ in range(rounds):
+        for i, p in enumerate(prepared):
+            per_round[i].append(timed(p, steps, device))
+    rows = []
+    for i, p in enumerate(prepared):
+        row = summarize(p, [t for r in per_round[i] for t in r], warm[i], device)
+        ratios = [statistics.median(a) / statistics.median(ref) for a, ref in zip(per_round[i], per_round[0])]
+        row.update(ratio_median=round(statistics.median(ratios), 3), ratio_min=round(min(ratios), 3),
+                   ratio_max=round(max(ratios), 3), round_medians=[round(statistics.median(r), 4) for r in per_round[i]],
+                   peak_mem_gb=None)  # every kind was in memory at once: no peak of its own
+        rows.append(row)
+    del prepared
+    _free(device)
+    return rows
 
 
 def check_capture(tiny: bool, device: torch.device, b: int, text: int, layers: int | None) -> dict:
@@ -205,7 +307,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="cut both LMs to this many layers (smoke runs)")
     ap.add_argument("--profile", action="store_true", help="after timing, profile one step of each kind")
     ap.add_argument("--kinds", default="plain,logit-kd,alignkd,release,plain+compile,alignkd+compile",
-                    help="which steps, comma-separated (+compile: with compile=true)")
+                    help="which steps, comma-separated (+compile: with compile=true); ratios are to the first")
+    ap.add_argument("--cache-k", type=int, default=32, help="top-k log-probs per KD position of the cached kind")
+    ap.add_argument("--rounds", type=int, default=1, help="> 1: every kind built first, then timed in interleaved "
+                    "rounds of --steps steps")
     ap.add_argument("--json", default="benchmarks/train_step.json")
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -215,22 +320,36 @@ def main() -> None:
     print(f"layer-0 capture vs eager output_attentions ({'bf16 autocast' if device.type == 'cuda' else 'fp32'}): "
           f"max |diff| {check['max_abs']:.2e}, mean {check['mean_abs']:.2e}, row-sum error {check['row_sum_err']:.2e}, "
           f"q_proj grad norm {check['q_proj_grad_norm']:.3e}", flush=True)
-    rows = []
-    for k in a.kinds.split(","):
-        rows.append(measure(k, tiny, device, a.batch, text, a.steps, a.layers, a.profile))
-        print(f"  {k}: {rows[-1]['seconds']:.4f} s/step", flush=True)
-    base = rows[0]["seconds"]
+    kinds = a.kinds.split(",")
+    with tempfile.TemporaryDirectory(prefix="train-step-cache-") as workdir:  # the cached kind's cache
+        if a.rounds > 1:
+            rows = measure_interleaved(kinds, a.rounds, tiny, device, a.batch, text, a.steps, a.layers, a.cache_k,
+                                       workdir)
+        else:
+            rows = []
+            for k in kinds:
+                rows.append(measure(k, tiny, device, a.batch, text, a.steps, a.layers, a.profile, a.cache_k, workdir))
+                print(f"  {k}: {rows[-1]['seconds']:.4f} s/step", flush=True)
+    for r in rows:
+        r.setdefault("ratio_median", round(r["seconds"] / rows[0]["seconds"], 3))
     dev = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     shape = "tiny presets" if tiny else "1.7B student + 7B teacher" + (f" cut to {a.layers} layers" if a.layers else "")
     print(f"device: {dev}; {shape}; batch {a.batch} x "
           f"({text} text + 144 image)")
-    print(f"{'step':<16}{'seconds':>9}{'x plain':>9}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'peak GB':>9}{'warm-up s':>10}")
+    first = rows[0]["step"]
+    print(f"{'step':<18}{'seconds':>9}{'x ' + first:>{max(9, len(first) + 3)}}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>7}"
+          f"{'peak GB':>9}{'warm-up s':>10}")
     for r in rows:
-        print(f"{r['step']:<16}{r['seconds']:>9.4f}{r['seconds'] / base:>9.2f}{r['tokens_per_s']:>11.1f}{r['tflops']:>9.2f}"
-              f"{(r['mfu'] or 0):>7.3f}{(r['peak_mem_gb'] or 0):>9.1f}{r['warmup_s']:>10.1f}")
+        print(f"{r['step']:<18}{r['seconds']:>9.4f}{r['ratio_median']:>{max(9, len(first) + 3)}.3f}"
+              f"{r['tokens_per_s']:>11.1f}{r['tflops']:>9.2f}{(r['mfu'] or 0):>7.3f}{(r['peak_mem_gb'] or 0):>9.1f}"
+              f"{r['warmup_s']:>10.1f}")
+    if a.rounds > 1:
+        print(f"{a.rounds} interleaved rounds of {a.steps} steps; ratio = median over rounds of the per-round ratio "
+              "(min-max: " + ", ".join(f"{r['step']} {r['ratio_min']}-{r['ratio_max']}" for r in rows[1:]) + ")")
     with open(a.json, "w") as f:
         json.dump({"device": dev, "tiny": tiny, "layers": a.layers, "batch": a.batch, "text": text,
-                   "torch": torch.__version__, "capture_check": check, "rows": rows}, f, indent=2)
+                   "rounds": a.rounds, "steps": a.steps, "cache_k": a.cache_k, "torch": torch.__version__,
+                   "capture_check": check, "rows": rows}, f, indent=2)
     print(f"wrote {a.json}")
 
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from alignkd.demo import STUDENTS, DemoConfig, run_demo, score, student_recipe
+from alignkd.demo import STUDENTS, DemoConfig, run_demo, score, student_recipe, train_or_reuse
 from alignkd.errors import ConfigError
 from alignkd.eval.benchmarks import EasyVQA
 from alignkd.eval.runner import answer_items
@@ -37,6 +37,31 @@ def test_a_retrained_checkpoint_is_never_scored_with_the_previous_models_answers
     fresh = answer_items(model, tok, items, batch_size=32, max_new_tokens=4, progress=False)  # no answer file
     assert got == bench.score(items, fresh)["accuracy"] < 100.0
     assert [p.name for p in (tmp_path / "ckpt" / "eval").iterdir()] != [first.name] and not first.exists()
+
+
+def test_a_student_of_another_teacher_is_retrained_neither_reused_nor_resumed(tmp_path, capsys):
+    cfg = load_config(flags={"method": "baseline", "steps": 2, "batch_size": 4, "data.limit": 16, "lr": 1e-3,
+                             "save_every": 1, "output_dir": str(tmp_path / "student"), "progress": False})
+    marker = tmp_path / "student" / "train" / "inputs.json"
+    marker.parent.mkdir(parents=True)
+    marker.write_text(json.dumps({"teacher": "aaaa"}))
+    train(cfg, stop_after=1)  # killed after step 1, a student of teacher aaaa
+    capsys.readouterr()
+    train_or_reuse(cfg, {"teacher": "aaaa"})
+    assert "resuming from" in capsys.readouterr().err  # same teacher: the checkpoint is resumed
+    capsys.readouterr()
+    done = train_or_reuse(cfg, {"teacher": "aaaa"})
+    assert "reusing the finished run" in capsys.readouterr().out  # and the finished run reused
+    # the same folder now names a retrained teacher: the student starts over
+    again = train_or_reuse(cfg, {"teacher": "bbbb"})
+    log = capsys.readouterr()
+    assert "reusing" not in log.out and "resuming" not in log.err and "starting fresh" in log.err
+    assert again["steps"] == 2 and done["steps"] == 2
+    assert json.loads(marker.read_text()) == {"teacher": "bbbb"}
+    train(cfg.replace(resume=False), stop_after=1)  # killed again, now without a marker of its teacher
+    marker.unlink()
+    train_or_reuse(cfg, {"teacher": "bbbb"})
+    assert "starting fresh" in capsys.readouterr().err  # a checkpoint of an unknown teacher is not resumed
 
 
 @pytest.mark.slow  # five tiny trainings on the whole easy-vqa split, three demos: ~40 s on 2 cores
@@ -73,7 +98,9 @@ def test_student_recipes_switch_terms_through_the_loss_group():
     weights = {n: (lambda c: (c.kd_weight, c.att_weight, c.v_weight, c.variant))(loss_config(student_recipe(d, n)))
                for n in STUDENTS}
     assert weights == {"baseline": (0, 0, 0, "paper"), "logit-kd": (1, 0, 0, "paper"), "kd-att": (1, 1, 0, "paper"),
-                       "kd-v": (1, 0, 1, "paper"), "alignkd": (1, 1, 1, "paper"), "release": (1, 1, 1, "release")}
+                       "kd-v": (1, 0, 1, "paper"), "alignkd": (1, 1, 1, "paper"), "release": (1, 1, 1, "release"),
+                       "alignkd-cache-k8": (1, 1, 1, "paper"), "alignkd-cache-k32": (1, 1, 1, "paper"),
+                       "alignkd-cache-full": (1, 1, 1, "paper")}
     assert student_recipe(DemoConfig(curve_every=100), "alignkd").keep_last == 3  # 100, 200 and the final 300
     assert student_recipe(DemoConfig(curve_every=70), "alignkd").keep_last == 5  # 70, 140, 210, 280, 300
 

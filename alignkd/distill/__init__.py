@@ -18,6 +18,7 @@ from alignkd.distill.losses import (
     text_vision_block,
     vision_loss,
 )
+from alignkd.distill.topk import TAILS, teacher_topk, topk_kd_loss
 
 __all__ = [
     "AlignKDLoss",
@@ -35,6 +36,9 @@ __all__ = [
     "kd_loss",
     "kd_positions_mask",
     "release_vision_text_block",
+    "TAILS",
+    "teacher_topk",
     "text_vision_block",
+    "topk_kd_loss",
     "vision_loss",
 ]

@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from alignkd.distill.topk import TAILS, teacher_topk, topk_kd_loss
 from alignkd.errors import ConfigError
 from alignkd.model.config import IGNORE_INDEX
 
@@ -286,10 +287,23 @@ class AlignKDLossConfig:
     """Number of focus vision tokens for V-focus (paper and release: 16)."""
     variant: str = "paper"
     """"paper" (the method as published) or "release" (fqhank/Align-KD's computation, for ablation)."""
+    kd_topk: int | None = None
+    """KD over the teacher's k most likely tokens at each position (+ their tail, kd_tail) instead of its
+    whole distribution: what an offline teacher cache stores (teacher_cache=DIR; k must be the cache's), or,
+    without a cache, the same loss from the teacher's logits online. None: the full distribution (a cache
+    then holds every token)."""
+    kd_tail: str = "rest"
+    """The teacher's mass outside its top kd_topk: "rest" (one more bucket holding it; the student's bucket
+    is its own mass outside those tokens) or "renorm" (both sides renormalised over the k tokens). rest is
+    the default: its gradient follows full KD's, renorm's does not (benchmarks/topk_tail.py)."""
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ConfigError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.kd_tail not in TAILS:
+            raise ConfigError(f"kd_tail must be one of {', '.join(TAILS)}, got {self.kd_tail!r}")
+        if self.kd_topk is not None and self.kd_topk < 1:
+            raise ConfigError(f"kd_topk must be >= 1 (or null for the full distribution), got {self.kd_topk}")
         if self.kd_positions is None:
             self.kd_positions = "all" if self.variant == "release" else "text"
         if self.kd_positions not in KD_POSITIONS:
@@ -311,16 +325,19 @@ class DistillInputs:
     """One model's forward, as the losses need it (a dict with these keys works too).
 
     The teacher only needs logits, image_features and attn_probs: the layout (labels, masks) is the
-    student's, since both share tokenizer and template.
+    student's, since both share tokenizer and template. A teacher read from a cache gives, instead of its
+    logits, its top-k log-probs at the student's KD positions (`kd_positions_mask`), rows in batch order.
     """
 
-    logits: Tensor  # (B, T, V)
+    logits: Tensor | None = None  # (B, T, V)
     labels: Tensor | None = None  # (B, T), -100 where not scored
     attention_mask: Tensor | None = None  # (B, T), 1 for real tokens
     image_mask: Tensor | None = None  # (B, T) bool, True on vision tokens
     image_features: Tensor | None = None  # (B_img, N, D) projector output, samples with an image
     attn_probs: Tensor | None = None  # (B, H, T - attn_query_offset, T) layer-0 probabilities
     attn_query_offset: int = 0  # first query position held in attn_probs
+    topk_logprobs: Tensor | None = None  # (M, k) teacher log-probs at temperature T, M = the batch's KD positions
+    topk_ids: Tensor | None = None  # (M, k) their token ids
 
 
 def _as_inputs(x: DistillInputs | Mapping[str, Any]) -> DistillInputs:
@@ -374,7 +391,7 @@ class AlignKDLoss(nn.Module):
         out = {"ce": ce_loss(s.logits, s.labels), "kd": zero, "att": zero, "v_all": zero, "v_focus": zero}
 
         if cfg.kd_weight > 0:
-            out["kd"] = kd_loss(s.logits, t.logits, s.labels, s.attention_mask, cfg.temperature, cfg.kd_positions)
+            out["kd"] = self._kd(s, t)
 
         if cfg.att_weight > 0 or cfg.v_weight > 0:
             _require(s, "student", "image_mask")
@@ -393,6 +410,25 @@ class AlignKDLoss(nn.Module):
             + cfg.v_weight * (out["v_all"] + out["v_focus"])
         )
         return out
+
+    def _kd(self, s: DistillInputs, t: DistillInputs) -> Tensor:
+        """Full-distribution KD from the teacher's logits, or top-k KD from its cached top-k (or, with
+        kd_topk and no cache, from the top-k of its logits)."""
+        cfg = self.config
+        if t.topk_ids is None:
+            _require(t, "teacher", "logits")
+            if cfg.kd_topk is None:
+                return kd_loss(s.logits, t.logits, s.labels, s.attention_mask, cfg.temperature, cfg.kd_positions)
+        mask = kd_positions_mask(s.labels, s.attention_mask, cfg.kd_positions)  # (B, T)
+        s_rows = s.logits[mask]  # (M, V)
+        if t.topk_ids is None:
+            logp, ids = teacher_topk(t.logits[mask], cfg.kd_topk, cfg.temperature)  # (M, k) each
+        else:
+            logp, ids = t.topk_logprobs, t.topk_ids
+            if ids.shape[0] != s_rows.shape[0]:
+                raise ConfigError(f"the teacher's top-k has {ids.shape[0]} rows, the batch {s_rows.shape[0]} "
+                                  "KD positions")
+        return topk_kd_loss(s_rows, logp, ids, cfg.temperature, cfg.kd_tail)
 
     def _alignment(self, s: DistillInputs, t: DistillInputs) -> dict[str, Tensor]:
         cfg, out = self.config, {}

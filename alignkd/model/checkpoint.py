@@ -9,6 +9,7 @@ offline to a built-in config). We always write a `vision_tower/` folder so our c
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import pickle
@@ -16,8 +17,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from ..fileio import apply_umask, publish_dir, staged_dir, writing
@@ -115,12 +117,17 @@ def _weight_files(ckpt_dir: Path) -> list[Path]:
                           "or pytorch_model*.bin")
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+def _read_weights(path: Path, keep) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.Tensor]]:
+    """The shape of every tensor in one weight file, and the tensors whose (mtgv) name `keep` accepts.
+    Safetensors are read tensor by tensor and pickles memory-mapped, so the other tensors are never read."""
     try:
         if path.suffix == ".safetensors":
-            return load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                shapes = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
+                return shapes, {n: f.get_tensor(n) for n in shapes if keep(n)}
         # Pickled checkpoints can run arbitrary code: only ever load them with weights_only=True.
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return {n: tuple(t.shape) for n, t in state.items()}, {n: t for n, t in state.items() if keep(n)}
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"cannot read weights from {path}: it holds more than plain tensors and is refused "
                               f"(pickles are only loaded with weights_only=True): {str(e).splitlines()[0]}") from None
@@ -128,23 +135,27 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read weights from {path} (truncated or corrupt?): {e}") from None
 
 
-def read_mtgv_state_dict(ckpt_dir: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Read every weight file, map names to ours, and check names and shapes against `model`."""
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+def read_mtgv_state_dict(ckpt_dir: Path, model: torch.nn.Module,
+                         known: dict[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
+    """Read the weights `model` holds (names mapped to ours), every tensor of the files checked by name and
+    shape against `known` (our name → shape; default: `model`'s own). A tensor that `known` has and `model`
+    has not — the later layers and head that a prefix (`keep_layers`) leaves out — is checked from the file
+    header and never read."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    known = known or expected
     state: dict[str, torch.Tensor] = {}
-    where: dict[str, Path] = {}
     for f in _weight_files(ckpt_dir):
-        for name, tensor in _read_weights(f).items():
+        shapes, tensors = _read_weights(f, lambda name: from_mtgv_name(name) in expected)
+        for name, shape in shapes.items():
             if name.endswith(IGNORED_SUFFIXES):
                 continue
             ours = from_mtgv_name(name)
-            if ours is None or ours not in expected:
+            if ours is None or ours not in known:
                 raise CheckpointError(f"{f}: unexpected tensor {name!r} for this config")
-            if tuple(tensor.shape) != tuple(expected[ours]):
-                raise CheckpointError(f"{f}: tensor {name!r} has shape {tuple(tensor.shape)}, the config needs "
-                                      f"{tuple(expected[ours])}")
-            state[ours] = tensor
-            where[ours] = f
+            if shape != known[ours]:
+                raise CheckpointError(f"{f}: tensor {name!r} has shape {shape}, the config needs {known[ours]}")
+            if ours in expected:
+                state[ours] = tensors[name]
     missing = sorted(set(expected) - set(state))
     if missing:
         shown = ", ".join(to_mtgv_name(m) for m in missing[:5])
@@ -164,13 +175,37 @@ def _materialize_buffers(model: MobileVLM) -> None:
         raise RuntimeError(f"buffers left on the meta device: {left}")
 
 
-def load_model(ckpt_dir: str | Path, dtype: torch.dtype | None = None, attn_implementation: str = "sdpa") -> MobileVLM:
-    """Load an mtgv checkpoint directory. Built on the meta device: no random init, no double memory."""
+def keep_layers(model: MobileVLM, num_layers: int) -> MobileVLM:
+    """Cut `model`'s LM, in place, to its first `num_layers` decoder layers, without the final norm and the
+    LM head: the prefix that runs the vision tower, projector, embeddings and those layers only (Align-KD's
+    alignment terms read the teacher's projector output and layer-0 attention; with a teacher cache nothing
+    else of it is needed). `model.lm.model(inputs_embeds=...)` then returns the hidden state after layer
+    `num_layers`; the model has no logits, and its forward fails."""
+    lm = model.lm
+    if not 1 <= num_layers <= len(lm.model.layers):
+        raise ConfigError(f"num_layers={num_layers}: the LM has {len(lm.model.layers)} layers")
+    lm.model.layers = lm.model.layers[:num_layers]
+    lm.model.norm = nn.Identity()
+    del lm.lm_head  # never built into a tensor, never moved to a device
+    lm.config.num_hidden_layers = num_layers
+    model.config = model.config.replace(text=dataclasses.replace(model.config.text, num_layers=num_layers))
+    return model
+
+
+def load_model(ckpt_dir: str | Path, dtype: torch.dtype | None = None, attn_implementation: str = "sdpa",
+               num_layers: int | None = None) -> MobileVLM:
+    """Load an mtgv checkpoint directory. Built on the meta device: no random init, no double memory.
+
+    num_layers: load only the prefix `keep_layers(model, num_layers)`; the other tensors are checked (names,
+    shapes) but never read, so they take no memory and never reach a device."""
     ckpt_dir = Path(ckpt_dir)
     config = load_config(ckpt_dir)
     with torch.device("meta"):
         model = MobileVLM(config, attn_implementation)
-    state = read_mtgv_state_dict(ckpt_dir, model)
+    known = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if num_layers is not None:
+        keep_layers(model, num_layers)
+    state = read_mtgv_state_dict(ckpt_dir, model, known)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
@@ -178,12 +213,16 @@ def load_model(ckpt_dir: str | Path, dtype: torch.dtype | None = None, attn_impl
     return model.eval()
 
 
-def build_model(preset_or_dir: str, seed: int = 0, dtype: torch.dtype | None = None) -> MobileVLM:
-    """A preset with random weights (seeded), or a checkpoint directory."""
+def build_model(preset_or_dir: str, seed: int = 0, dtype: torch.dtype | None = None,
+                num_layers: int | None = None) -> MobileVLM:
+    """A preset with random weights (seeded), or a checkpoint directory; num_layers: only that prefix
+    (`keep_layers`; a preset is built whole first, so its prefix holds the whole model's weights)."""
     if preset_or_dir not in PRESETS:
-        return load_model(preset_or_dir, dtype)
+        return load_model(preset_or_dir, dtype, num_layers=num_layers)
     torch.manual_seed(seed)
     model = MobileVLM(get_preset(preset_or_dir))
+    if num_layers is not None:
+        keep_layers(model, num_layers)
     return (model.to(dtype) if dtype else model).eval()
 
 
@@ -246,8 +285,6 @@ def weights_digest(ckpt_dir: str | Path) -> str:
 
 
 def _without_select(v: VisionConfig) -> VisionConfig:
-    import dataclasses
-
     return dataclasses.replace(v, select_layer=VisionConfig.select_layer)
 
 

@@ -116,8 +116,18 @@ class TrainConfig:
     """Seeds init, data order and sampling."""
     loss: AlignKDLossConfig = field(default_factory=AlignKDLossConfig)
     """The distillation loss (loss.temperature, loss.kd_positions, ...). The method picks the terms: baseline
-    uses none of it, logit-kd only loss.kd_weight, temperature and kd_positions; a weight of 0 turns a
-    term off (alignkd with loss.v_weight=0 is KD + L_att)."""
+    uses none of it, logit-kd only loss.kd_weight, temperature, kd_positions, kd_topk and kd_tail; a weight
+    of 0 turns a term off (alignkd with loss.v_weight=0 is KD + L_att)."""
+    teacher_cache: str | None = None
+    """Folder of an offline teacher cache (`alignkd-mobile teacher-cache` with this config): logit KD reads
+    the teacher's top-k log-probs there instead of running the teacher. L_att and L_v still run the teacher,
+    but only its vision tower, projector, embeddings and layer 0 (its other tensors are never read); logit-kd
+    loads no teacher at all. The cache must have been made by `teacher` with this run's loss.kd_topk (null:
+    every token), loss.temperature, loss.kd_positions (text or tokens) and data.template, and hold every
+    training sample. Unused by method=baseline."""
+    teacher_cache_missing: str = "fail"
+    """A training sample that teacher_cache does not hold: fail (one error, with the count and an example,
+    before any step) or skip (the sample is dropped from training and counted)."""
 
     precision: str = "auto"
     """auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32. Master weights stay fp32."""
@@ -152,9 +162,13 @@ class TrainConfig:
                                      "log_every"),
                      non_negative=("weight_decay", "max_grad_norm", "seed", "num_workers", "save_every"),
                      fractions=("warmup_ratio", "min_lr_ratio"),
-                     choices={"method": METHODS, "precision": PRECISIONS, "teacher_dtype": TEACHER_DTYPES})
+                     choices={"method": METHODS, "precision": PRECISIONS, "teacher_dtype": TEACHER_DTYPES,
+                              "teacher_cache_missing": ("fail", "skip")})
         if self.method != "baseline" and not self.teacher:
             raise ConfigError(f"method {self.method} needs a teacher (teacher=DIR or --teacher DIR)")
+        if self.teacher_cache and self.method != "baseline" and self.loss.kd_positions == "all":
+            raise ConfigError("teacher_cache needs loss.kd_positions text or tokens: 'all' (the release variant's) "
+                              "also scores padding positions, which depend on the batch a sample is drawn in")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -294,7 +308,7 @@ def run_settings(cfg: TrainConfig, also: tuple[str, ...] = ()) -> dict[str, Any]
     flat = flatten(cfg.to_dict())
     unused: set[str] = set(RUN_INDEPENDENT) - set(also)
     if cfg.method == "baseline":
-        unused |= {"teacher"} | {k for k in flat if k.startswith("loss.")}
+        unused |= {"teacher", "teacher_cache", "teacher_cache_missing"} | {k for k in flat if k.startswith("loss.")}
     elif cfg.method == "logit-kd":
         unused |= {"loss.att_weight", "loss.v_weight", "loss.top_k"}
     return {k: v for k, v in flat.items() if k not in unused}

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from ..data.datasets import VQADataset, collate, easyvqa_dataset, llava_json_dataset
 from ..data.image import image_config
-from ..distill import AlignKDLoss, AlignKDLossConfig, DistillInputs, capture_layer0_attention
+from ..distill import AlignKDLoss, AlignKDLossConfig, DistillInputs, capture_layer0_attention, kd_positions_mask
 from ..errors import AlignKDError, CheckpointError, ConfigError
 from ..fileio import DiskFull, atomic_write, remove_stale_temps, writing
 from ..model.checkpoint import build_model, config_from_name, load_model, read_mtgv_state_dict, save_model
@@ -52,6 +52,8 @@ from ..model.config import PRESETS, MobileVLMConfig
 from ..model.mobilevlm import MobileVLM
 from ..model.tokenizer import check_tokenizer_matches, load_tokenizer, tiny_tokenizer_dir
 from .config import TrainConfig, dump_config, run_differences
+from .teacher_cache import (CacheError, CacheSpec, CacheWriter, TeacherCache, build, check_folder, clear, dataset_keys,
+                            exclusive, finalize, pending, teacher_fingerprint)
 
 LOSS_TERMS = ("ce", "kd", "att", "v_all", "v_focus", "total")
 
@@ -81,6 +83,9 @@ class Run:
     step: int = 0
     history: list[dict] = field(default_factory=list)
     batches: Iterator[dict] | None = None  # micro-batches from `step` on, made on the first train_step
+    cache: TeacherCache | None = None  # teacher_cache: the logit-KD side of the teacher
+    cache_keys: list[bytes] | None = None  # the cache key of each dataset sample
+    cache_skipped: int = 0  # samples dropped because the cache lacks them (teacher_cache_missing=skip)
 
     @property
     def is_main(self) -> bool:
@@ -138,6 +143,11 @@ def _check_models(cfg: TrainConfig, tokenizer) -> tuple[MobileVLMConfig, MobileV
     if teacher.text.vocab_size != student.text.vocab_size:
         raise ConfigError(f"teacher vocabulary ({teacher.text.vocab_size}) differs from the student's "
                           f"({student.text.vocab_size}): logit KD needs one tokenizer")
+    if teacher.num_image_tokens != student.num_image_tokens:
+        raise ConfigError(f"teacher {cfg.teacher} has {teacher.num_image_tokens} image tokens, the student "
+                          f"{student.num_image_tokens}: KD and L_att compare the two layouts position by position")
+    if cfg.loss.kd_topk is not None and cfg.loss.kd_topk > teacher.text.vocab_size:
+        raise ConfigError(f"loss.kd_topk={cfg.loss.kd_topk} is larger than the vocabulary ({teacher.text.vocab_size})")
     check_tokenizer_matches(tokenizer, teacher.text.vocab_size, teacher.text.bos_token_id,
                             teacher.text.eos_token_id, where=f"teacher {cfg.teacher}")
     return student, teacher
@@ -149,6 +159,16 @@ def _load_student(cfg: TrainConfig) -> MobileVLM:
         student.vision_tower.load_state_dict(load_model(cfg.init_vision_from).vision_tower.state_dict())
     student.vision_tower.requires_grad_(cfg.train_vision_tower)
     return student
+
+
+def _teacher_seed(cfg: TrainConfig) -> int:
+    return cfg.seed + 1  # a preset teacher's random weights
+
+
+def _load_teacher(cfg: TrainConfig, num_layers: int | None = None) -> MobileVLM:
+    """The frozen teacher (eval, no grad); num_layers: only that prefix (`keep_layers`)."""
+    teacher = build_model(cfg.teacher, seed=_teacher_seed(cfg), num_layers=num_layers)
+    return teacher.requires_grad_(False).eval()
 
 
 def _same_vision_tower(a: MobileVLM, b: MobileVLM) -> bool:
@@ -173,6 +193,38 @@ def build_dataset(cfg: TrainConfig, tokenizer, student_cfg: MobileVLMConfig) -> 
         keep = sorted(random.Random(cfg.seed).sample(range(len(ds.samples)), data.limit))
         ds.samples = [ds.samples[i] for i in keep]
     return ds
+
+
+def cache_spec(cfg: TrainConfig, teacher_cfg: MobileVLMConfig) -> CacheSpec:
+    """What a teacher cache for this run must have been made with (`teacher` is the identity of cfg.teacher:
+    its config and weights, or a preset and its seed)."""
+    teacher = ({"preset": cfg.teacher, "seed": _teacher_seed(cfg)} if cfg.teacher in PRESETS
+               else teacher_fingerprint(cfg.teacher))
+    vocab = teacher_cfg.text.vocab_size
+    return CacheSpec(teacher=teacher, k=cfg.loss.kd_topk or vocab, temperature=cfg.loss.temperature,
+                     kd_positions=cfg.loss.kd_positions, template=cfg.data.template, vocab_size=vocab)
+
+
+def _open_cache(cfg: TrainConfig, dataset: VQADataset, teacher_cfg: MobileVLMConfig,
+                ) -> tuple[TeacherCache, VQADataset, list[bytes], int]:
+    """The run's teacher cache, checked (spec, completeness, shards) and holding every training sample; with
+    teacher_cache_missing=skip, the samples it lacks are dropped. Returns (cache, dataset, keys, dropped)."""
+    cache = TeacherCache(cfg.teacher_cache, cache_spec(cfg, teacher_cfg))
+    keys = dataset_keys(dataset, cfg.data.template)
+    missing = [i for i, key in enumerate(keys) if key not in cache]
+    if not missing:
+        return cache, dataset, keys, 0
+    first = dataset.samples[missing[0]]
+    example = f"sample {missing[0]}" + (f" (image {first['image']})" if first["image"] is not None else "")
+    if cfg.teacher_cache_missing == "fail" or len(missing) == len(keys):
+        raise CacheError(f"teacher cache {cfg.teacher_cache} lacks {len(missing)} of the {len(keys)} training samples, "
+                         f"e.g. {example}: build it for this data (alignkd-mobile teacher-cache with this config)"
+                         + ("" if len(missing) == len(keys) else ", or set teacher_cache_missing=skip to drop them"))
+    gone = set(missing)
+    kept = [i for i in range(len(keys)) if i not in gone]
+    # a new dataset: the one given may be shared (easy-vqa's is kept per process)
+    subset = VQADataset([dataset.samples[i] for i in kept], dataset.image_cfg, dataset.stats)
+    return cache, subset, [keys[i] for i in kept], len(missing)
 
 
 def loss_config(cfg: TrainConfig) -> AlignKDLossConfig:
@@ -260,13 +312,16 @@ def setup(cfg: TrainConfig) -> Run:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
     tokenizer = _tokenizer_for(cfg)
-    student_cfg, _ = _check_models(cfg, tokenizer)
+    student_cfg, teacher_cfg = _check_models(cfg, tokenizer)
     dataset = build_dataset(cfg, tokenizer, student_cfg)  # bad samples and images fail before any weights load
+    cache, keys, skipped = None, None, 0
+    if cfg.teacher_cache and cfg.method != "baseline":  # a bad cache fails before any weights load too
+        cache, dataset, keys, skipped = _open_cache(cfg, dataset, teacher_cfg)
     student = _load_student(cfg)
-    teacher = None
-    if cfg.method != "baseline":
-        teacher = load_model(cfg.teacher) if cfg.teacher not in PRESETS else build_model(cfg.teacher, seed=cfg.seed + 1)
-        teacher.requires_grad_(False).eval()
+    teacher, terms = None, loss_config(cfg)
+    if cfg.method != "baseline" and (cache is None or terms.att_weight > 0 or terms.v_weight > 0):
+        # with a cache the alignment terms need the teacher's layer 0 and nothing after it
+        teacher = _load_teacher(cfg, num_layers=1 if cache is not None else None)
     # a student CLIP that trains no longer computes the teacher's features
     shared = teacher is not None and not cfg.train_vision_tower and _same_vision_tower(student, teacher)
 
@@ -288,7 +343,9 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
         autocast = torch.bfloat16
     run = Run(cfg, out, device, rank, world, tokenizer, student, teacher, loss_fn, dataset, optimizer, scheduler,
-              shared, autocast)
+              shared, autocast, cache=cache, cache_keys=keys, cache_skipped=skipped)
+    if skipped:
+        _log(run, f"teacher cache {cfg.teacher_cache}: {skipped} training sample(s) it lacks are skipped")
     if run.is_main:
         _remove_stale_temps(run)
     if resume_from is not None:
@@ -299,6 +356,60 @@ def setup(cfg: TrainConfig) -> Run:
             shutil.rmtree(p)
         _log(run, f"starting fresh: removed {len(old)} checkpoint(s) of an earlier run in {_ckpt_root(run)}")
     return run
+
+
+# ============================================================================ the teacher cache
+def build_teacher_cache(cfg: TrainConfig, overwrite: bool = False) -> dict:
+    """`alignkd-mobile teacher-cache`: run the teacher once over this config's training samples and write their
+    top-k log-probs at the KD positions into cfg.teacher_cache, for `train` with the same config. Everything
+    is checked before the teacher loads (config, tokenizer, samples and images, a cache there of another run);
+    samples already cached are skipped, so a killed build continues, and the teacher is not even loaded when
+    nothing is left. Under torchrun the ranks split the samples and rank 0 writes the manifest after all are
+    done. overwrite: a cache there of another run is removed instead of refused. Returns the summary
+    (samples, KD positions, bytes, bytes per KD position, throughput)."""
+    if not cfg.teacher_cache:
+        raise ConfigError("teacher-cache needs the cache folder: --output-dir DIR (or teacher_cache=DIR)")
+    if cfg.method == "baseline":
+        raise ConfigError("method baseline uses no teacher: there is nothing to cache")
+    rank, world, device = _dist_init()
+    tokenizer = _tokenizer_for(cfg)
+    student_cfg, teacher_cfg = _check_models(cfg, tokenizer)
+    dataset = build_dataset(cfg, tokenizer, student_cfg)
+    spec, root = cache_spec(cfg, teacher_cfg), Path(cfg.teacher_cache)
+    keys = dataset_keys(dataset, cfg.data.template)
+    if rank == 0:
+        try:
+            check_folder(root, spec)  # a cache of another run is refused here, before anything is written
+        except CacheError:
+            if not overwrite:
+                raise
+            clear(root)
+    if world > 1:
+        dist.barrier()
+    # rank 0 holds the folder's lock: another build of this cache waits, then finds it done
+    with exclusive(root, log=functools.partial(print, file=sys.stderr)) if rank == 0 else contextlib.nullcontext():
+        writer = CacheWriter(root, spec, rank)
+        todo, share = pending(keys, writer, rank, world)
+        teacher = None
+        if todo:
+            teacher = _load_teacher(cfg).to(device=device, dtype=_dtype(cfg.teacher_dtype, device))
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+        stats = build(teacher, dataset, writer, todo, cfg.batch_size, device, torch.bfloat16 if bf16 else None,
+                      cfg.num_workers, cfg.progress and rank == 0, total=share)
+        every = [stats]
+        if world > 1:
+            every = [None] * world
+            dist.all_gather_object(every, stats)  # also the barrier: every rank has flushed its shards
+        if rank != 0:
+            return stats
+        m = finalize(root, spec)
+    wall = max(r["wall_s"] for r in every)
+    computed = sum(r["computed"] for r in every)
+    return {"teacher_cache": str(cfg.teacher_cache), "samples": m["samples"], "computed_now": computed,
+            "kd_positions": m["rows"], "k": spec.k, "bytes": m["bytes"],
+            "bytes_per_kd_position": round(m["bytes"] / m["rows"], 1) if m["rows"] else None,
+            "samples_per_s": round(computed / wall, 2) if computed and wall > 0 else None, "wall_s": wall,
+            "processes": world}
 
 
 # ============================================================================ data
@@ -338,18 +449,47 @@ class _StepBatches(torch.utils.data.Sampler):
                 yield batch_indices(step, micro, self.run)
 
 
+class _Indexed(torch.utils.data.Dataset):
+    """The run's samples, each with its index (a batch's cached teacher rows are found by it)."""
+
+    def __init__(self, dataset: VQADataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[int, dict]:
+        return i, self.dataset[i]
+
+
+def _collate_indexed(items: list[tuple[int, dict]], pad_id: int) -> dict[str, torch.Tensor | None]:
+    batch = collate([x for _, x in items], pad_id)
+    batch["index"] = torch.tensor([i for i, _ in items])  # (B,)
+    return batch
+
+
 def _micro_batches(run: Run) -> Iterator[dict]:
     """Collated micro-batches from run.step on; images are decoded in `num_workers` processes when asked."""
     return iter(torch.utils.data.DataLoader(
-        run.dataset, batch_sampler=_StepBatches(run, run.step), num_workers=run.cfg.num_workers,
-        collate_fn=functools.partial(collate, pad_id=run.student.config.text.pad_token_id),
+        _Indexed(run.dataset), batch_sampler=_StepBatches(run, run.step), num_workers=run.cfg.num_workers,
+        collate_fn=functools.partial(_collate_indexed, pad_id=run.student.config.text.pad_token_id),
         pin_memory=run.device.type == "cuda"))
+
+
+def cached_teacher_rows(run: Run, indices: list[int]) -> dict[str, torch.Tensor]:
+    """The teacher cache's rows of the samples `indices`, as batch entries: cache_logprobs (M, k), cache_ids
+    (M, k), and cache_counts (B,), each sample's row count."""
+    rows = run.cache.rows([run.cache_keys[i] for i in indices])
+    return {f"cache_{k}": v for k, v in rows.items()}
 
 
 def _next_batch(run: Run) -> dict[str, torch.Tensor | None]:
     if run.batches is None:
         run.batches = _micro_batches(run)
-    return {k: (v.to(run.device) if v is not None else None) for k, v in next(run.batches).items()}
+    batch = next(run.batches)
+    if run.cache is not None:  # looked up on the CPU before the step, copied with the batch
+        batch.update(cached_teacher_rows(run, batch["index"].tolist()))
+    return {k: (v.to(run.device) if v is not None else None) for k, v in batch.items()}
 
 
 # ============================================================================ the step
@@ -357,18 +497,43 @@ def _next_batch(run: Run) -> dict[str, torch.Tensor | None]:
 def teacher_inputs(run: Run, batch: dict[str, torch.Tensor], s_out, need_attn: bool) -> DistillInputs | None:
     """The frozen teacher's side of the losses for `batch`: its logits, projector output and, when an
     alignment term is on, layer-0 attention. With a shared vision tower the student's CLIP features
-    (`s_out.vision_features`) feed the teacher's projector: one CLIP forward for both."""
+    (`s_out.vision_features`) feed the teacher's projector: one CLIP forward for both.
+
+    With a teacher cache the logits' part is the cache's top-k rows of the batch's samples (`_next_batch`
+    put them in the batch), and the teacher — its prefix up to layer 0, when an alignment term is on —
+    runs only as far as layer 0: no later layer, no LM head."""
     teacher = run.teacher
-    if teacher is None:
+    if teacher is None and run.cache is None:
         return None
-    with record_function("teacher_forward"):
-        px = batch["pixel_values"]
-        kw = {"pixel_values": px}
-        if run.shared_vision and px is not None:
-            kw = {"image_features": teacher.project(s_out.vision_features)}
-        with (capture_layer0_attention(teacher.lm) if need_attn else contextlib.nullcontext()) as cap:
-            out = teacher(batch["input_ids"], batch["attention_mask"], compute_loss=False, **kw)
-    return DistillInputs(out.logits, image_features=out.image_features, attn_probs=cap.probs if need_attn else None)
+    t_in = DistillInputs()
+    if teacher is not None:
+        with record_function("teacher_forward"):
+            ids, mask, px = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+            if px is not None:
+                t_in.image_features = (teacher.project(s_out.vision_features) if run.shared_vision
+                                       else teacher.encode_images(px))  # (B_img, N, D_t)
+            with (capture_layer0_attention(teacher.lm) if need_attn else contextlib.nullcontext()) as cap:
+                if run.cache is None:
+                    t_in.logits = teacher(ids, mask, image_features=t_in.image_features, compute_loss=False).logits
+                else:
+                    mm = teacher.build_inputs_embeds(ids, mask, None, t_in.image_features)
+                    teacher.lm.model(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask, use_cache=False)
+            t_in.attn_probs = cap.probs if need_attn else None
+    if run.cache is not None:
+        _check_cached_rows(run, batch, s_out)
+        t_in.topk_logprobs, t_in.topk_ids = batch["cache_logprobs"], batch["cache_ids"]
+    return t_in
+
+
+def _check_cached_rows(run: Run, batch: dict[str, torch.Tensor], s_out) -> None:
+    """Each sample's cached rows are its KD positions in this run's token layout, one to one."""
+    counts = kd_positions_mask(s_out.labels, s_out.attention_mask, run.loss_fn.config.kd_positions).sum(1)  # (B,)
+    if torch.equal(counts, batch["cache_counts"]):
+        return
+    j = int((counts != batch["cache_counts"]).nonzero()[0, 0])
+    raise CacheError(f"teacher cache {run.cfg.teacher_cache}: training sample {int(batch['index'][j])} has "
+                     f"{int(batch['cache_counts'][j])} cached KD positions, this run's token layout gives it "
+                     f"{int(counts[j])}: the cache was made for another layout")
 
 
 def micro_step(run: Run, batch: dict[str, torch.Tensor], scale: float) -> dict[str, float]:
@@ -648,6 +813,7 @@ def save_final(run: Run, wall_s: float) -> dict:
     summary = {"method": run.cfg.method, "steps": run.step, "wall_s": round(wall_s, 2),
                "final": run.history[-1] if run.history else {}, "output_dir": str(run.out),
                "dropped_too_long": run.dataset.stats.n_too_long, "skipped_malformed": run.dataset.stats.n_malformed,
+               "skipped_not_in_cache": run.cache_skipped,
                "config": run.cfg.to_dict()}
     if run.is_main:
         try:

@@ -74,3 +74,50 @@ def test_unknown_tail_is_a_config_error():
     logp, ids = teacher_topk(t, 4)
     with pytest.raises(ConfigError, match="tail"):
         topk_kd_loss(s, logp, ids, tail="topk")
+
+
+def _batch(seed: int, b: int = 2, t: int = 7, v: int = 40):
+    g = torch.Generator().manual_seed(seed)
+    s, te = torch.randn(b, t, v, generator=g) * 3, torch.randn(b, t, v, generator=g) * 3
+    labels = torch.full((b, t), -100)
+    labels[0, 3:6], labels[1, 2:4] = 5, 7  # answer tokens at different places
+    return s, te, labels, torch.ones(b, t, dtype=torch.long)
+
+
+def _kd_only(**kw):
+    from alignkd.distill import AlignKDLoss, AlignKDLossConfig
+
+    return AlignKDLoss(AlignKDLossConfig(att_weight=0.0, v_weight=0.0, **kw), 4, 4, 8, 8)
+
+
+@pytest.mark.parametrize("tail", ["rest", "renorm"])
+def test_the_loss_module_takes_top_k_from_live_logits_or_from_cached_rows(tail):
+    from alignkd.distill import DistillInputs
+    from alignkd.distill.losses import kd_positions_mask
+
+    s, t, labels, mask = _batch(5)
+    student = DistillInputs(s, labels, mask)
+    pos = kd_positions_mask(labels, mask, "text")
+    logp, ids = teacher_topk(t[pos], 6, 2.0)
+    want = topk_kd_loss(s[pos], logp, ids, 2.0, tail)
+    live = _kd_only(kd_topk=6, kd_tail=tail, temperature=2.0)(student, DistillInputs(t))["kd"]
+    cached = _kd_only(kd_topk=6, kd_tail=tail, temperature=2.0)(
+        student, DistillInputs(topk_logprobs=logp, topk_ids=ids))["kd"]
+    assert float(live) == float(want) == float(cached) and float(want) > 0
+    full = _kd_only(temperature=2.0)(student, DistillInputs(t))["kd"]
+    assert float(full) == float(kd_loss(s, t, labels, mask, 2.0, "text"))
+    every = _kd_only(temperature=2.0, kd_topk=40)(student, DistillInputs(t))["kd"]  # k = V is the full KD
+    torch.testing.assert_close(every, full, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="the teacher's top-k has 4 rows, the batch 5 KD positions"):
+        _kd_only(kd_topk=6)(student, DistillInputs(topk_logprobs=logp[:4], topk_ids=ids[:4]))
+    with pytest.raises(ConfigError, match=r"teacher inputs lack \['logits'\]"):
+        _kd_only()(student, DistillInputs())
+
+
+def test_top_k_settings_are_checked():
+    from alignkd.distill import AlignKDLossConfig
+
+    with pytest.raises(ConfigError, match="kd_tail must be one of rest, renorm, got 'x'"):
+        AlignKDLossConfig(kd_tail="x")
+    with pytest.raises(ConfigError, match="kd_topk must be >= 1"):
+        AlignKDLossConfig(kd_topk=0)

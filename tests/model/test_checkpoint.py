@@ -187,3 +187,64 @@ def test_weights_digest_follows_the_weights_only(tiny_student, tmp_path):
     with torch.no_grad():
         changed.lm.lm_head.weight[0, 0] += 1
     assert weights_digest(save_model(changed, tmp_path / "c")) != weights_digest(a)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_a_prefix_loads_only_its_tensors(tiny_teacher, pixels, tmp_path, monkeypatch, fmt):
+    """num_layers=1: the vision tower, projector, embeddings and layer 0, with the full model's weights; the
+    other tensors are never read (safetensors: per key), so a file without them loads the prefix alike."""
+    import alignkd.model.checkpoint as ck
+    from alignkd.distill import capture_layer0_attention
+
+    d = tmp_path / "t"
+    _write_original_layout(tiny_teacher, d, fmt)
+    read = []
+    real_open = ck.safe_open
+
+    class Recording:
+        def __init__(self, *a, **k):
+            self.f = real_open(*a, **k)
+
+        def __enter__(self):
+            inner = self.f.__enter__()
+            return type("F", (), {"keys": inner.keys, "get_slice": inner.get_slice,
+                                  "get_tensor": lambda _, n: read.append(n) or inner.get_tensor(n)})()
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+    monkeypatch.setattr(ck, "safe_open", Recording)
+    prefix = load_model(d, num_layers=1)
+    lm = prefix.lm
+    assert len(lm.model.layers) == 1 and not hasattr(lm, "lm_head") and prefix.config.text.num_layers == 1
+    if fmt == "safetensors":
+        assert read and not [n for n in read if n.startswith(("lm_head", "model.norm", "model.layers.1", "model.layers.2"))]
+    full_state = tiny_teacher.state_dict()
+    assert all(torch.equal(v, full_state[k]) for k, v in prefix.state_dict().items())
+    with torch.no_grad(), capture_layer0_attention(tiny_teacher.lm) as a:
+        tiny_teacher(IDS, pixel_values=pixels[:1])
+    with torch.no_grad(), capture_layer0_attention(lm) as b:
+        mm = prefix.build_inputs_embeds(IDS, None, None, prefix.encode_images(pixels[:1]))
+        lm.model(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask, use_cache=False)
+    assert torch.equal(a.probs, b.probs)  # layer 0 of the prefix is layer 0 of the whole model
+    with pytest.raises(AttributeError, match="lm_head"):  # a prefix has no logits: its forward fails loudly
+        prefix(IDS, pixel_values=pixels[:1])
+
+
+def test_a_prefix_still_checks_every_tensor_of_the_files(tiny_teacher, tmp_path):
+    from safetensors.torch import load_file
+
+    d = save_model(tiny_teacher, tmp_path / "t")
+    state = load_file(str(d / "model.safetensors"))
+    for k in [k for k in state if k.startswith(("lm_head", "model.layers.2"))]:
+        del state[k]  # tensors the prefix never reads
+    save_file(state, str(d / "model.safetensors"))
+    assert len(load_model(d, num_layers=2).lm.model.layers) == 2
+    with pytest.raises(CheckpointError, match="missing"):
+        load_model(d)
+    state["model.layers.2.mlp.up_proj.weight"] = torch.zeros(3, 3)  # a later tensor of the wrong shape
+    save_file(state, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"tensor 'model.layers.2.mlp.up_proj.weight' has shape \(3, 3\)"):
+        load_model(d, num_layers=1)
+    with pytest.raises(ConfigError, match="num_layers=4: the LM has 3 layers"):
+        load_model(tmp_path / "t", num_layers=4)

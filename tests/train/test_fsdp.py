@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow  # ~1-3 min on 2 cores: torchrun starts two processes twice
 
-from alignkd.train.config import TrainConfig
 from alignkd.train.recipe import train
 
 ARGS = ["method=alignkd", "teacher=tiny-teacher", "steps=4", "batch_size=2", "data.limit=16", "lr=1e-3",
@@ -71,3 +71,38 @@ def test_compiled_blocks_under_fsdp_give_the_same_losses(tmp_path):
     for ra, rb in zip(a, b):
         for k in ("ce", "kd", "att", "v_all", "v_focus", "total"):
             assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), (ra["step"], k)
+
+
+def test_two_processes_build_one_teacher_cache_and_train_from_it(tmp_path):
+    """teacher-cache under torchrun: the ranks split the samples, rank 0 writes the manifest after both are
+    done; the cache holds what one process writes, and a 2-process cached run gives the 1-process losses."""
+    from alignkd.model import config_from_name
+    from alignkd.train.config import load_config
+    from alignkd.train.recipe import build_teacher_cache, cache_spec
+    from alignkd.train.teacher_cache import TeacherCache
+
+    exe = Path(sys.executable).with_name("alignkd-mobile")
+    keys = ["teacher=tiny-teacher", "data.limit=16", "loss.kd_topk=8", "batch_size=2", "progress=false", "seed=0"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518", "--no-python",
+           str(exe), "teacher-cache", "--output-dir", str(tmp_path / "two"), *keys]
+    r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["processes"] == 2 and json.loads(r.stdout)["samples"] == 16
+    assert {p.name for p in (tmp_path / "two").glob("progress-r*.json")} == {"progress-r0.json", "progress-r1.json"}
+    cfg = load_config(None, keys + [f"teacher_cache={tmp_path / 'one'}"])
+    build_teacher_cache(cfg)
+    spec = cache_spec(cfg, config_from_name("tiny-teacher"))
+    one, two = TeacherCache(tmp_path / "one", spec), TeacherCache(tmp_path / "two", spec)
+    assert set(one) == set(two) and len(one) == 16
+    for key in one:
+        a, b = one.lookup(key), two.lookup(key)
+        assert torch.equal(a[1], b[1]) and torch.allclose(a[0], b[0], atol=2e-3)  # other batches: other padding
+    _torchrun(tmp_path / "fsdp", f"teacher_cache={tmp_path / 'two'}", "loss.kd_topk=8", "save_every=0", "steps=2")
+    single = tmp_path / "single"
+    kw = dict(a.split("=", 1) for a in ARGS)
+    train(load_config(None, [f"{k}={v}" for k, v in kw.items()] + ["grad_accum=2", f"output_dir={single}", "steps=2",
+                                                                   "save_every=0", f"teacher_cache={tmp_path / 'two'}",
+                                                                   "loss.kd_topk=8"]))
+    for ra, rb in zip(_losses(tmp_path / "fsdp"), _losses(single)):
+        for k in ("ce", "kd", "att", "v_all", "v_focus", "total"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6), (ra["step"], k)
