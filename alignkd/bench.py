@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+import click
+
 from alignkd.errors import ConfigError, DataError
 from alignkd.export.bundle import DEVICE_DIR, read_manifest
 from alignkd.export.parity import PARITY_QUESTION, parity_image
@@ -54,6 +56,8 @@ def bench_artifact(bundle: str, fmt: str, quant: str, n_runs: int = 3, threads: 
     from alignkd.export.emulator import BundleRunner
 
     runner = BundleRunner(bundle, fmt, quant, threads)
+    if not runner.parity_passed:
+        click.echo(f"warning: {runner.name} failed its parity gate at export (--allow-failed-parity)", err=True)
     try:
         image = parity_image()
         cold, warm = [], []

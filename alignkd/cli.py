@@ -286,15 +286,18 @@ def _key_value(ctx, param, values) -> dict:
               "onnx: group_size (64; a power of 2), accuracy_level (4; 0-4, MatMulNBits compute type), "
               "int4_symmetric (true), vision_quant (auto, fp32, fp16, int8, int4), share_buffer (true; runtime KV "
               "buffer), embedding_fp16 (true; int8/int4 table in fp16). gguf: vision_quant (auto, fp32, fp16, q8_0).")
+@click.option("--allow-failed-parity", is_flag=True, help="Write the bundle even when an artifact fails its "
+              "parity gate (speed runs on random weights); the manifest records the failure and run / bench warn.")
 @click.option("--push", is_flag=True, help="adb push the bundle to /data/local/tmp/alignkd/ (android).")
 @click.option("--serial", help="adb device serial for --push.")
 @_clean_errors
 def export(checkpoint, target, formats, quants, output_dir, overwrite, max_seq_len, group_size, vision_quant,
-           embedding_quant, opts, push, serial) -> None:
+           embedding_quant, opts, allow_failed_parity, push, serial) -> None:
     """Quantize and lower a student CHECKPOINT (mtgv directory) to ExecuTorch / ONNX / GGUF, check every
     artifact against the eager model (parity gate), and write a verified bundle with manifest.json.
 
-    A failed parity check exits non-zero and leaves OUTPUT_DIR.failed without a manifest.
+    A failed parity check exits non-zero and leaves OUTPUT_DIR.failed without a manifest (unless
+    --allow-failed-parity).
     """
     from pathlib import Path
 
@@ -305,10 +308,13 @@ def export(checkpoint, target, formats, quants, output_dir, overwrite, max_seq_l
     named = {"group_size": group_size, "vision_quant": vision_quant, "embedding_quant": embedding_quant}
     options = {**{k: v for k, v in named.items() if v is not None}, **opts}
     manifest = export_bundle(checkpoint, output_dir, fmts, qs, target, overwrite, max_seq_len, options=options,
-                             log=click.echo)
+                             allow_failed_parity=allow_failed_parity, log=click.echo)
     total = sum(f["size"] for f in manifest["files"])
+    verdict = {True: [], False: []}
+    for name, p in manifest["parity"].items():
+        verdict[p["passed"]].append(name)
     click.echo(f"bundle {output_dir}: {len(manifest['files'])} files, {total / 2**20:.1f} MiB, parity passed for "
-               + ", ".join(manifest["parity"]))
+               + (", ".join(verdict[True]) or "none") + (f"; FAILED for {', '.join(verdict[False])}" if verdict[False] else ""))
     if push:
         click.echo(f"pushed to {push_bundle(Path(output_dir), serial)}")
 
@@ -317,7 +323,8 @@ def export(checkpoint, target, formats, quants, output_dir, overwrite, max_seq_l
 @click.argument("bundle", type=click.Path())
 @click.option("--image", required=True, type=click.Path(), help="Image file (any size: the bundle's preprocessing "
               "pads, resizes and crops it).")
-@click.option("--prompt", required=True, help="The question.")
+@click.option("--prompt", "prompts", required=True, multiple=True, help="The question; repeat it for follow-up "
+              "questions about the same image (their image tokens come from the image-token cache).")
 @click.option("--format", "fmt", help="Artifact format in the bundle (default: the first).")
 @click.option("--quant", help="Artifact quantization in the bundle.")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True, help="At least 1.")
@@ -325,21 +332,26 @@ def export(checkpoint, target, formats, quants, output_dir, overwrite, max_seq_l
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="In (0, 1].")
 @click.option("--threads", type=int, default=2, show_default=True, help="At least 1.")
 @_clean_errors
-def run(bundle, image, prompt, fmt, quant, max_new_tokens, temperature, top_p, threads) -> None:
-    """Answer PROMPT about IMAGE with an exported BUNDLE, through the desktop emulator (as the app does)."""
+def run(bundle, image, prompts, fmt, quant, max_new_tokens, temperature, top_p, threads) -> None:
+    """Answer PROMPT about IMAGE with an exported BUNDLE, through the desktop emulator (as the app does).
+    Answers go to stdout, one per prompt; timings to stderr."""
     from .export.emulator import BundleRunner
     from .export.runtime import check_decoding
 
     check_decoding(max_new_tokens, temperature, top_p)  # before the bundle loads
     runner = BundleRunner(bundle, fmt, quant, threads)
+    if not runner.parity_passed:
+        click.echo(f"warning: {runner.name} failed its parity gate at export (--allow-failed-parity)", err=True)
     try:
-        ans = runner.answer(image, prompt, max_new_tokens, temperature, top_p)
+        for prompt in prompts:
+            ans = runner.answer(image, prompt, max_new_tokens, temperature, top_p)
+            g = ans.generation
+            click.echo(ans.text)
+            source = "cached" if g.timings.get("image_cached") else f"{g.timings['image_s']:.3f}s"
+            click.echo(f"[{runner.name}] load {runner.load_s:.2f}s, image {source}, prefill {g.prompt_len} positions "
+                       f"{g.timings['prefill_s']:.3f}s, {len(ans.tokens)} tokens", err=True)
     finally:
         runner.close()
-    g = ans.generation
-    click.echo(ans.text)
-    click.echo(f"[{runner.name}] load {runner.load_s:.2f}s, image {g.timings['image_s']:.3f}s, prefill "
-               f"{g.prompt_len} positions {g.timings['prefill_s']:.3f}s, {len(ans.tokens)} tokens", err=True)
 
 
 @main.command()

@@ -14,10 +14,11 @@ One 336×336 image (easy-vqa test image 0, upscaled) and a question of exactly -
   F16 and at Q8_0, each with and without llama.cpp's extra buffer types (its default: AMX / repacked weights
   on x86; a path whose process crashes is reported and left out), flash attention as --flash.
 Per path: load, image encode (the encoder alone), prefill of image + prompt, TTFT (= encode + prefill, as
-`bench` defines it; preprocessing reported apart), warm TTFT (the same question again with the image tokens
-from the image-token cache: ours only; and, for what a kept KV cache of the prompt up to the image would add,
-the prefill of the rest of the prompt alone: "prefix-KV TTFT"), decode tokens/s (--decode tokens, EOS ignored), peak RSS (and the
-RSS after imports, before loading), artifact size. Each path runs in a fresh process per round (load
+`bench` defines it; preprocessing reported apart), warm TTFT (ours only: a follow-up question about the same
+image, as the emulator and the app answer it: image tokens from the image-token cache and the prompt's KV up
+to the image kept, so only the question is prefilled; and, apart, with the image tokens cached but the
+prefix prefilled again: "tokens cached only"), decode tokens/s (--decode tokens, EOS ignored), peak RSS (and
+the RSS after imports, before loading), artifact size. Each path runs in a fresh process per round (load
 included), one warm-up ask on another image first; rounds interleave the paths, with a rotating order;
 medians over rounds; ratios per round against the faster llama.cpp path of that round.
 
@@ -106,34 +107,18 @@ def run_emulator(spec: dict) -> dict:
     runner.pixels(image)
     pre_s = time.perf_counter() - t0
     cold = runner.answer(image, q, max_new_tokens=spec["decode"], stop_at_eos=False).generation
+    # a follow-up: the image tokens come from the cache and the prompt's KV up to the image is kept
     warm = runner.answer(image, q, max_new_tokens=1).generation
-    if cold.timings["image_cached"] or not warm.timings["image_cached"]:
-        raise RuntimeError("the image-token cache did not miss then hit")
-    prefix_kv_s = prefix_kv_ttft(runner, q, warm.image_embeddings)
+    runner.prefix.clear()  # the same follow-up with the image tokens cached but the prefix's KV not kept
+    tokens_only = runner.answer(image, q, max_new_tokens=1).generation
+    if cold.timings["image_cached"] or not (warm.timings["prefix_reused"] and tokens_only.timings["image_cached"]):
+        raise RuntimeError("the image-token cache / prompt prefix did not miss then hit")
     runner.close()
     t = cold.timings
     return {"load_s": load_s, "preprocess_s": pre_s, "image_encode_s": t["image_s"], "prefill_s": t["prefill_s"],
             "ttft_s": t["image_s"] + t["prefill_s"], "ttft_warm_s": warm.timings["image_s"] + warm.timings["prefill_s"],
-            "ttft_prefix_kv_s": prefix_kv_s, "decode_tok_s": t["decode_steps"] / t["decode_s"],
+            "ttft_tokens_cached_s": tokens_only.timings["image_s"] + tokens_only.timings["prefill_s"], "decode_tok_s": t["decode_steps"] / t["decode_s"],
             "positions": cold.prompt_len, "base_rss_mb": base, "peak_rss_mb": rss_mb("VmHWM")}
-
-
-def prefix_kv_ttft(runner, question: str, image_tokens) -> float:
-    """What a follow-up would cost if the KV cache of the prompt up to the image were kept as well (the
-    emulator keeps only the image tokens): prefill the prefix, then time embedding and prefilling the rest of
-    the prompt (the newline, the question, "ASSISTANT:") at its start position, to the first token."""
-    import numpy as np
-
-    from alignkd.model.config import IMAGE_TOKEN_INDEX
-
-    rt, ids = runner.runtime, runner.prompt_ids(question)
-    k = ids.index(IMAGE_TOKEN_INDEX)
-    prefix = np.concatenate([rt.embed(np.asarray(ids[:k], np.int64)), image_tokens])  # (k + N, H)
-    rt.decode(prefix, 0)
-    t0 = time.perf_counter()
-    logits = rt.decode(rt.embed(np.asarray(ids[k + 1:], np.int64)), prefix.shape[0])
-    int(np.argmax(logits))
-    return time.perf_counter() - t0
 
 
 class LlamaCpp:
@@ -268,7 +253,8 @@ def export_bundle(ckpt: Path, name: str, work: Path, max_seq_len: int, log) -> t
     """`alignkd-mobile export` in a child process (its peak RSS is its own); cached with its flags."""
     out = work / f"bundle-{ckpt.name}-{name}"
     record = out.with_name(out.name + ".export.json")
-    flags = BUNDLES[name] + ["--max-seq-len", str(max_seq_len)]
+    # random weights: near-flat logits flip top-1 on near-ties, so a 4-bit LM fails its gate; kept for speed
+    flags = BUNDLES[name] + ["--max-seq-len", str(max_seq_len), "--allow-failed-parity"]
     if (out / "manifest.json").is_file() and record.is_file() and json.loads(record.read_text())["flags"] == flags:
         return out, json.loads(record.read_text())
     cmd = [str(Path(sys.executable).with_name("alignkd-mobile")), "export", str(ckpt), "--output-dir", str(out),
@@ -279,43 +265,14 @@ def export_bundle(ckpt: Path, name: str, work: Path, max_seq_len: int, log) -> t
     output = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS (Popen.wait would not give it)
     export_s = time.perf_counter() - t0
-    failed = out.with_name(out.name + ".failed")
     if os.waitstatus_to_exitcode(status) != 0:
-        if "parity gate failed" not in output or not (failed / "parity_report.json").is_file():
-            raise SystemExit(f"export {name} failed:\n{output[-3000:]}")
-        complete_failed_bundle(failed, out, ckpt, max_seq_len, flags)
+        raise SystemExit(f"export {name} failed:\n{output[-3000:]}")
     report = json.loads((out / "parity_report.json").read_text())["artifacts"]
     info = {"flags": flags, "export_s": round(export_s, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2),
             "gate": {k: {m: v.get(m) for m in ("passed", "image_cos", "image_rel", "logits_rel", "top1_agreement")}
                      for k, v in report.items()}}
     record.write_text(json.dumps(info, indent=2))
     return out, info
-
-
-def complete_failed_bundle(failed: Path, out: Path, ckpt: Path, max_seq_len: int, flags: list[str]) -> None:
-    """A random-weight LM fails the logits gate of a 4-bit export (its logits are near-flat, so the argmax
-    flips on near-ties; a real checkpoint is peakier). For speed alone, complete what the export left in
-    OUT.failed into a bundle the emulator reads, with the gate's failure kept in its manifest."""
-    from alignkd.export.bundle import write_manifest
-    from alignkd.model.checkpoint import config_from_name
-
-    c = config_from_name(str(ckpt))
-    report = json.loads((failed / "parity_report.json").read_text())["artifacts"]
-    artifacts = [{"format": k.split("/")[0], "quant": k.split("/")[1], "dir": k, "options": v["options"],
-                  "files": sorted(p.relative_to(failed).as_posix() for p in (failed / k).rglob("*") if p.is_file()),
-                  "parity_passed": v["passed"]} for k, v in report.items()]
-    write_manifest(failed, {
-        "target": "android" if "android" in flags else "desktop",
-        "model": {"preset": c.name, "checkpoint": str(ckpt), "hidden_size": c.text.hidden_size,
-                  "vocab_size": c.text.vocab_size, "num_image_tokens": c.num_image_tokens,
-                  "image_size": c.vision.image_size, "bos_id": c.text.bos_token_id, "eos_ids": [c.text.eos_token_id],
-                  "pad_id": c.text.pad_token_id, "max_seq_len": max_seq_len},
-        "preprocessing": "preprocessing.json", "template": "template.json", "tokenizer": "tokenizer/tokenizer.model",
-        "vocab": "tokenizer/vocab.json", "artifacts": artifacts,
-        "parity": {k: {"passed": v["passed"], "failures": v["failures"]} for k, v in report.items()},
-        "benchmark_only": "the parity gate failed on random weights; completed by benchmarks/ttft.py for speed runs",
-    })
-    os.replace(failed, out)
 
 
 def artifact(bundle: Path, fmt: str) -> tuple[dict, list[Path]]:
@@ -378,7 +335,7 @@ def summarize(rounds: list[dict[str, dict]], sizes: dict[str, float]) -> list[di
         for k in (TIMES + RATES) if llama else ():  # per round against the faster llama.cpp path of that round
             best = [(min if k in TIMES else max)(r[p][k] for p in llama) for r in rounds]
             row[f"{k}_x_llamacpp"] = round(statistics.median(g[k] / b for g, b in zip(got, best)), 3)
-        for k in ("ttft_warm_s", "ttft_prefix_kv_s"):
+        for k in ("ttft_warm_s", "ttft_tokens_cached_s"):
             if k in got[0]:
                 row[k.removesuffix("_s") + "_x_cold"] = round(statistics.median(g[k] / g["ttft_s"] for g in got), 3)
         rows.append(row)
@@ -391,7 +348,8 @@ def goals(rows: list[dict]) -> list[dict]:
     return [{"goal": g, "measured": a[k], "target": t, "met": bool(ok(a[k], t))} for g, k, t, ok in (
         ("image encode × llama.cpp mtmd", "image_encode_s_x_llamacpp", 0.4, float.__le__),
         ("TTFT × llama.cpp", "ttft_s_x_llamacpp", 0.5, float.__le__),
-        ("warm TTFT × cold (image tokens cached)", "ttft_warm_x_cold", 0.15, float.__le__),
+        ("warm TTFT × cold (follow-up: image tokens cached, prompt prefix kept)", "ttft_warm_x_cold", 0.15,
+         float.__le__),
         ("decode × llama.cpp", "decode_tok_s_x_llamacpp", 0.95, float.__ge__),
         ("bundle size (GiB)", "size_gib", 1.1, float.__le__))]
 
@@ -401,7 +359,7 @@ COLUMNS = (("label", "path"), ("size_mib", "MiB"), ("load_s", "load s"), ("image
            ("decode_tok_s", "decode tok/s"), ("peak_rss_mb", "peak RSS MiB"), ("base_rss_mb", "RSS before load"),
            ("image_encode_s_x_llamacpp", "encode ×"), ("ttft_s_x_llamacpp", "TTFT ×"),
            ("decode_tok_s_x_llamacpp", "decode ×"), ("ttft_warm_x_cold", "warm/cold"),
-           ("ttft_prefix_kv_s", "prefix-KV TTFT s"), ("ttft_prefix_kv_x_cold", "prefix-KV/cold"))
+           ("ttft_tokens_cached_s", "TTFT, tokens cached only s"), ("ttft_tokens_cached_x_cold", "tokens-only/cold"))
 
 
 def table(rows: list[dict]) -> str:
@@ -416,7 +374,7 @@ def chart(rows: list[dict]) -> bytes:
     from matplotlib.figure import Figure
 
     panels = (("image_encode_s", "image encode (s)"), ("ttft_s", "time to first token (s)"),
-              ("ttft_warm_s", "TTFT, image tokens cached (s)"), ("decode_tok_s", "decode tokens/s"))
+              ("ttft_warm_s", "follow-up TTFT (s)"), ("decode_tok_s", "decode tokens/s"))
     fig = Figure(figsize=(16, 1.2 + 0.45 * len(rows)), dpi=100)
     for i, (k, title) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)

@@ -69,8 +69,9 @@ class Runtime(Protocol):
     def decode(self, embeds: np.ndarray, start_pos: int) -> np.ndarray:
         """(T, H) embeddings placed at positions start_pos.. → (V,) float32 logits of the last position.
 
-        Positions before start_pos come from the runtime's cache (what earlier calls fed); start_pos 0
-        starts a new sequence.
+        Positions before start_pos come from the runtime's cache (what earlier calls fed); start_pos may be
+        below what the cache holds, which drops the positions from start_pos on (0 starts a new sequence;
+        a follow-up question continues after a kept prompt prefix). Beyond what it holds is an error.
         """
 
     def close(self) -> None:
@@ -231,10 +232,12 @@ class EagerRuntime:
 
     @torch.no_grad()
     def decode(self, embeds: np.ndarray, start_pos: int) -> np.ndarray:
-        if start_pos == 0:
+        if start_pos == 0 or self.cache is None:
             self.cache = DynamicCache()
-        elif start_pos != self.pos:
+        if start_pos > self.pos:
             raise ValueError(f"decode at position {start_pos}, but the cache holds {self.pos} positions")
+        if start_pos < self.cache.get_seq_length():
+            self.cache.crop(start_pos - self.cache.get_seq_length())  # negative: drop that many (every version)
         x = torch.from_numpy(embeds).float()[None]  # (1, T, H)
         positions = torch.arange(start_pos, start_pos + x.shape[1])[None]
         logits = self.model.run_lm(x, position_ids=positions, cache=self.cache)  # (1, T, V)

@@ -28,7 +28,7 @@ from alignkd.model.tokenizer import load_tokenizer
 
 from .base import ExportOptions, Runtime, get_target
 from .bundle import read_manifest, safe_relpath
-from .runtime import Generation, ImageTokenCache, check_decoding, check_fits, generate
+from .runtime import Generation, ImageTokenCache, PromptPrefix, check_decoding, check_fits, generate
 
 
 @dataclass
@@ -49,6 +49,7 @@ class BundleRunner:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ConfigError(f"threads (--threads) must be at least 1, got {threads}")
         self.image_cache = ImageTokenCache(image_cache_size)
+        self.prefix = PromptPrefix()  # what the runtime's KV cache holds of the last prompt
         self.root = Path(bundle)
         self.manifest = read_manifest(self.root)  # refuses bad versions, paths, checksums
         arts = [a for a in self.manifest["artifacts"] if (fmt is None or a["format"] == fmt)
@@ -57,6 +58,8 @@ class BundleRunner:
             have = ", ".join(f"{a['format']}/{a['quant']}" for a in self.manifest["artifacts"])
             raise ConfigError(f"bundle {self.root} has no artifact {fmt or '*'}/{quant or '*'} (it has: {have})")
         self.artifact = arts[0]
+        # False for a bundle written with --allow-failed-parity: fit for timing, not for answers
+        self.parity_passed = self.artifact.get("parity_passed", True) is not False
         m = self.manifest["model"]
         self.max_seq_len = m["max_seq_len"]
         self.eos_ids = list(m["eos_ids"])
@@ -96,7 +99,7 @@ class BundleRunner:
         eos = self.eos_ids[0] if stop_at_eos else None
         gen = generate(self.runtime, ids, self.pixels(image), max_new_tokens, eos, self.max_seq_len,
                        self.num_image_tokens, temperature, top_p, seed, image_cache=self.image_cache,
-                       image_size=self.image_size)
+                       image_size=self.image_size, prefix=self.prefix)
         return Answer(self.tokenizer.decode(gen.tokens, skip_special_tokens=True).strip(), gen.tokens, gen)
 
     def close(self) -> None:

@@ -580,10 +580,12 @@ class OnnxRuntime:
         return self.binding.get_outputs()[-1].numpy()  # (1, T, V): the latest-bound output
 
     def decode(self, embeds: np.ndarray, start_pos: int) -> np.ndarray:
+        if start_pos > self.pos:
+            raise ValueError(f"decode at position {start_pos}, but the cache holds {self.pos} positions")
         if start_pos == 0:
             self._reset()
-        elif start_pos != self.pos:
-            raise ValueError(f"decode at position {start_pos}, but the cache holds {self.pos} positions")
+        elif start_pos < self.pos and not self.share_buffer:  # the shared buffer is read up to the mask's length
+            self.past = {n: v[:, :, :start_pos] for n, v in self.past.items()}
         t = embeds.shape[0]
         if start_pos + t > self.context_length:
             raise DataError(f"{start_pos + t} positions exceed the exported context length {self.context_length}")

@@ -1,7 +1,8 @@
 """The decoding loop over any `Runtime` — eager, ExecuTorch, ONNX or GGUF — written once.
 
 It does what the Android app does: encode the image (or take its tokens from an `ImageTokenCache`), embed
-the prompt around the image token, splice, prefill from position 0, then feed one token at a time at
+the prompt around the image token, splice, prefill from position 0 (or, for a follow-up question about the
+same image, only the new text after the kept prefix: `PromptPrefix`), then feed one token at a time at
 increasing start positions. The parity gate, the desktop emulator and the benchmarks all call `generate`.
 """
 
@@ -87,6 +88,31 @@ class ImageTokenCache:
         return len(self._entries)
 
 
+class PromptPrefix:
+    """What the runtime's KV cache holds of the last prompt, up to and including its image: the token ids
+    before the image token, the image's cache key and the positions they fill.
+
+    A follow-up prompt with the same ids before the image and the same image, while that image is still in
+    the `ImageTokenCache`, continues from there: only the rest of the prompt (the new question) is
+    prefilled, at start_pos = those positions, as llama.cpp's server reuses a prompt's common prefix.
+    Without it a follow-up still skips the encoder but prefills the image's positions again. One per
+    runtime (what it describes is that runtime's cache)."""
+
+    def __init__(self):
+        self.ids: list[int] | None = None
+        self.key: str | None = None
+        self.positions = 0
+
+    def reusable(self, before: list[int], key: str, image_cache: ImageTokenCache) -> bool:
+        return self.ids == before and self.key == key and image_cache.get(key) is not None
+
+    def keep(self, before: list[int], key: str, positions: int) -> None:
+        self.ids, self.key, self.positions = list(before), key, positions
+
+    def clear(self) -> None:
+        self.ids, self.key, self.positions = None, None, 0
+
+
 def check_pixels(pixels: np.ndarray, image_size: int) -> None:
     """Refuse pixels of another shape than (1, 3, S, S): a runtime could resize them silently (mtmd does)."""
     if tuple(np.shape(pixels)) != (1, 3, image_size, image_size):
@@ -158,12 +184,15 @@ def generate(
     *,
     image_cache: ImageTokenCache | None = None,
     image_size: int | None = None,
+    prefix: PromptPrefix | None = None,
 ) -> Generation:
     """Greedy (temperature 0) or sampled decoding of one prompt through `runtime`.
 
     eos_id None decodes exactly max_new_tokens tokens (speed runs, as llama-bench: a short answer would
     leave no decode steps to time). image_cache: image tokens of recent images (see `ImageTokenCache`).
     image_size: when given, pixels of another shape than (1, 3, S, S) are refused before any compute.
+    prefix: with image_cache, a follow-up question about the same image prefills only the new text (see
+    `PromptPrefix`); it must describe this runtime's cache (pass the same one for every call).
     """
     check_decoding(max_new_tokens, temperature, top_p)
     n_prompt = check_fits(prompt_ids, max_new_tokens, max_seq_len, num_image_tokens)
@@ -171,12 +200,28 @@ def generate(
         check_pixels(pixels, image_size)
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
-    embeds, image, cached = splice_prompt(runtime, prompt_ids, pixels, image_cache)
+    k = prompt_ids.index(IMAGE_TOKEN_INDEX) if IMAGE_TOKEN_INDEX in prompt_ids else None
+    before, rest = (prompt_ids[:k], prompt_ids[k + 1:]) if k is not None else (None, None)
+    key = ImageTokenCache.key(pixels) if k is not None and image_cache is not None and prefix is not None else None
+    reuse = key is not None and bool(rest) and prefix.reusable(before, key, image_cache)
+    if reuse:  # the cache holds the prompt up to and including this image: prefill the new text only
+        start = prefix.positions
+        embeds, image, cached = runtime.embed(np.asarray(rest, dtype=np.int64)), image_cache.get(key), True
+    else:
+        start = 0
+        embeds, image, cached = splice_prompt(runtime, prompt_ids, pixels, image_cache)
     t1 = time.perf_counter()
-    prompt_logits = runtime.decode(embeds, 0)
+    if prefix is not None:
+        prefix.clear()  # until this prefill has gone through
+    prompt_logits = runtime.decode(embeds, start)
     t2 = time.perf_counter()
+    if prefix is not None:
+        if key is not None:
+            prefix.keep(before, key, len(before) + image.shape[0])
+        else:
+            prefix.clear()
     steps: list[np.ndarray] = []
-    pos = [embeds.shape[0]]
+    pos = [start + embeds.shape[0]]
 
     def step(nxt: torch.Tensor) -> torch.Tensor:  # (1,) id → (1, V) logits, through the app's two calls
         logits = runtime.decode(runtime.embed(nxt.numpy().astype(np.int64)), pos[0])
@@ -187,8 +232,9 @@ def generate(
     tokens = decode_loop(torch.from_numpy(np.asarray(prompt_logits, np.float32))[None], step, max_new_tokens, eos_id,
                          temperature, top_p, gen, on_logits=keep)[0]
     t3 = time.perf_counter()
-    timings = {"image_s": t1 - t0, "prefill_s": t2 - t1, "decode_s": t3 - t2, "decode_steps": pos[0] - embeds.shape[0],
-               "image_cached": cached}
+    timings = {"image_s": t1 - t0, "prefill_s": t2 - t1, "decode_s": t3 - t2,
+               "decode_steps": pos[0] - start - embeds.shape[0], "image_cached": cached, "prefix_reused": reuse,
+               "prefill_positions": embeds.shape[0]}
     return Generation(tokens, prompt_logits, image, n_prompt, timings, steps)
 
 

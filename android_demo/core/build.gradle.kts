@@ -24,7 +24,7 @@ dependencies {
 }
 
 tasks.test {
-    // the shared test vectors written by `python -m alignkd.export.vectors`
+    // the shared test vectors written by `tests/export/helpers/export_vectors.py`
     systemProperty("vectors.dir", file("src/test/resources/vectors").absolutePath)
     testLogging { events("passed", "failed"); showStandardStreams = true }
 }

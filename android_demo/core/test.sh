@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compile the plain Kotlin/JVM core module with kotlinc and run its JUnit 4 tests against the shared test
-# vectors (src/test/resources/vectors, written by `python -m alignkd.export.vectors`).
+# vectors (src/test/resources/vectors, written by `tests/export/helpers/export_vectors.py`).
 #
 # Toolchain: Debian's kotlin (kotlinc 1.3.31), openjdk-17-jdk and junit4. Installed with apt-get when
 # kotlinc is missing and we are root; otherwise a clear error. Ends with "N passed, M failed"; exits

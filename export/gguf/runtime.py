@@ -161,10 +161,12 @@ class GgufRuntime:
     def decode(self, embeds: np.ndarray, start_pos: int) -> np.ndarray:
         lc = self._llama_cpp
         mem = lc.llama_get_memory(self.llm.ctx)
+        if start_pos > self.pos:
+            raise ValueError(f"decode at position {start_pos}, but the cache holds {self.pos} positions")
         if start_pos == 0:
             lc.llama_memory_clear(mem, True)
-        elif start_pos != self.pos:
-            raise ValueError(f"decode at position {start_pos}, but the cache holds {self.pos} positions")
+        elif start_pos < self.pos:
+            lc.llama_memory_seq_rm(mem, 0, start_pos, -1)
         embeds = np.ascontiguousarray(embeds, dtype=np.float32)  # (T, H)
         n = embeds.shape[0]
         if start_pos + n > self.n_ctx:

@@ -91,6 +91,10 @@ def test_decode_restarts_and_bounds(fp32_dir, tiny_student):
     np.testing.assert_allclose(step, full[0, -1].detach().numpy(), atol=1e-5)
     with pytest.raises(ValueError, match="cache holds 10"):
         rt.decode(embeds[:1], 12)
+    rt.decode(embeds, 0)
+    rt.decode(rt.embed(np.array([9, 9, 9])), 10)  # an answer after the prompt ...
+    rewound = rt.decode(rt.embed(np.array([7])), 10)  # ... dropped: the next question continues after the prompt
+    np.testing.assert_allclose(rewound, step, atol=1e-5)
     with pytest.raises(DataError, match="exceed max_seq_len 192"):
         rt.decode(np.zeros((MAX_SEQ - 5, 64), np.float32), 10)
 
@@ -258,3 +262,18 @@ def test_cancel_transpose_pairs_leaves_no_double_transpose_and_the_same_outputs(
     assert not [n for n in program.graph_module.graph.nodes
                 if n.target == transpose and getattr(n.args[0], "target", None) == transpose]
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_vision_program_has_no_softmax_guards_and_the_model_keeps_its_attention(tiny_student, px):
+    """SDPA decomposes into a safe softmax whose guards (eq, any, logical_not, where) XNNPACK does not take;
+    the exported encoder uses CLIP's eager attention instead, with the same image tokens, and only on its
+    copy: the model (and training) keeps SDPA."""
+    modules = build_modules(tiny_student, _opts("8da4w", vision_quant="fp32"))
+    program = torch.export.export(modules["vision_encoder"], (torch.zeros(1, 3, 48, 48),), strict=False)
+    ops = {str(n.target) for n in program.run_decompositions().graph.nodes if n.op == "call_function"}
+    assert "aten._softmax.default" in ops
+    assert not ops & {"aten.where.self", "aten.any.dim", "aten.logical_not.default", "aten.eq.Scalar"}, ops
+    assert tiny_student.vision_tower.vision_tower.config._attn_implementation == "sdpa"
+    x = torch.from_numpy(px).float()
+    with torch.no_grad():
+        torch.testing.assert_close(modules["vision_encoder"](x), tiny_student.encode_images(x), rtol=1e-5, atol=1e-5)

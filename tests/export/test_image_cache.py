@@ -13,7 +13,7 @@ from PIL import Image
 from alignkd.data.image import image_config, load_image, preprocess
 from alignkd.errors import ConfigError, DataError
 from alignkd.export.base import EagerRuntime
-from alignkd.export.runtime import ImageTokenCache, generate
+from alignkd.export.runtime import ImageTokenCache, PromptPrefix, generate
 from alignkd.model import build_model, save_model
 from alignkd.model.tokenizer import load_tokenizer, tiny_tokenizer_dir
 
@@ -80,6 +80,31 @@ def test_follow_up_skips_the_encoder_and_a_changed_image_misses(tiny_student, pi
     assert not generate(rt, PROMPT, px, 5, eos_id=-1, image_cache=cache).timings["image_cached"]
 
 
+def test_a_follow_up_prefills_only_its_new_text_after_the_kept_prefix(tiny_student, pixels):
+    """Same ids before the image, same image, still cached: start after the image; the logits and tokens are
+    those of a full prefill. Another image, another text before it, or an evicted image: a full prefill."""
+    rt, cache, prefix = Counting(tiny_student), ImageTokenCache(1), PromptPrefix()
+    px = pixels[:1].numpy()
+    follow = PROMPT[:3] + [31, 7, 12, 5]  # the same system text and image, another question
+
+    def ask(ids, image):
+        return generate(rt, ids, image, 4, eos_id=-1, image_cache=cache, prefix=prefix)
+
+    first = ask(PROMPT, px)
+    second = ask(follow, px)
+    fresh = generate(EagerRuntime(tiny_student), follow, px, 4, eos_id=-1)
+    assert not first.timings["prefix_reused"] and second.timings["prefix_reused"] and rt.encodes == 1
+    assert second.timings["prefill_positions"] == len(follow) - 3  # the question only, not the 144 image tokens
+    np.testing.assert_allclose(second.prompt_logits, fresh.prompt_logits, rtol=1e-5, atol=1e-5)
+    assert second.tokens == fresh.tokens
+    third = ask(PROMPT, px)  # back to the first question: the answer's positions are dropped again
+    np.testing.assert_allclose(third.prompt_logits, first.prompt_logits, rtol=1e-5, atol=1e-5)
+    assert third.timings["prefix_reused"]
+    assert not ask([1, 18] + PROMPT[2:], px).timings["prefix_reused"]  # other text before the image
+    assert not ask(PROMPT, pixels[1:].numpy()).timings["prefix_reused"]  # another image (evicts the first)
+    assert not ask(PROMPT, px).timings["prefix_reused"] and rt.encodes == 3  # evicted: encoded again
+
+
 def test_pixels_of_another_shape_are_refused_before_compute(tiny_student, pixels):
     rt = Counting(tiny_student)
     with pytest.raises(DataError, match=r"\(1, 3, 48, 48\)"):
@@ -96,8 +121,34 @@ def bundle(tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("ck") / "student"
     save_model(build_model("tiny-student", seed=0), ckpt, tokenizer=load_tokenizer(tiny_tokenizer_dir()))
     out = tmp_path_factory.mktemp("b") / "bundle"
-    export_bundle(ckpt, out, ["onnx"], ["fp32"], target="desktop", log=lambda *_: None)
+    export_bundle(ckpt, out, ["onnx", "gguf"], ["fp32"], target="desktop", log=lambda *_: None)
     return out
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "gguf"])
+def test_every_runtime_continues_after_a_kept_prefix(bundle, tiny_student, fmt):
+    """decode below what the cache holds drops the positions from there on (each runtime's own way): a
+    follow-up through the emulator gives the tokens of a fresh runtime asked only that question."""
+    from alignkd.export.emulator import BundleRunner
+
+    img = load_image(_first_image())
+    runner, fresh = (BundleRunner(bundle, fmt, "fp32", threads=1) for _ in range(2))
+    try:
+        runner.answer(img, "What shape is it?", max_new_tokens=6)
+        again = runner.answer(img, "What color is the shape?", max_new_tokens=6)
+        want = fresh.answer(img, "What color is the shape?", max_new_tokens=6)
+        assert again.generation.timings["prefix_reused"] and not want.generation.timings["prefix_reused"]
+        assert again.tokens == want.tokens
+        np.testing.assert_allclose(again.generation.prompt_logits, want.generation.prompt_logits, rtol=1e-4, atol=1e-4)
+    finally:
+        runner.close()
+        fresh.close()
+
+
+def _first_image():
+    from alignkd.data import easyvqa
+
+    return easyvqa.first_test_image()
 
 
 def test_emulator_caches_image_tokens_and_preprocesses_any_size(bundle, tiny_student):

@@ -23,6 +23,7 @@ class FakeRuntime:
     def __init__(self, vocab_size: int, num_image_tokens: int, eos_id: int, eos_after: int | None):
         self.v, self.n, self.eos, self.eos_after = vocab_size, num_image_tokens, eos_id, eos_after
         self.s, self.length, self.calls = 0, 0, []
+        self.states: list[int] = []  # the hash after each position: decoding below `length` rewinds to it
 
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         c = int(np.count_nonzero(pixels > 0))
@@ -35,13 +36,14 @@ class FakeRuntime:
 
     def decode(self, embeds: np.ndarray, start_pos: int) -> np.ndarray:
         self.calls.append(["decode", int(start_pos), int(embeds.shape[0])])
-        if start_pos == 0:
-            self.s, self.length = 0, 0
-        elif start_pos != self.length:
+        if start_pos > self.length:
             raise ValueError(f"decode at {start_pos}, cache holds {self.length}")
+        del self.states[start_pos:]  # positions from start_pos on are dropped (0: a new sequence)
+        self.s = self.states[-1] if self.states else 0
         for j, row in enumerate(embeds):
             r = [int(x) for x in row]
             self.s = (31 * self.s + 3 * r[0] + r[1] + r[2] + start_pos + j) % 1000003
+            self.states.append(self.s)
         self.length = start_pos + embeds.shape[0]
         a = 2 * (self.s % (self.v // 2)) + 1
         logits = np.asarray([(a * v + self.s) % self.v for v in range(self.v)], np.float32)

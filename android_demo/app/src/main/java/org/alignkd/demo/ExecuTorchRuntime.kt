@@ -48,7 +48,8 @@ class ExecuTorchRuntime(pte: File, threads: Int = 0) : VlmRuntime, Closeable {
     }
 
     override fun decode(embeds: Embeddings, startPos: Int): FloatArray {
-        check(startPos == 0 || startPos == pos) { "decode at position $startPos, but the cache holds $pos positions" }
+        // below pos: the static KV cache is overwritten from startPos (a follow-up after a kept prompt prefix)
+        check(startPos <= pos) { "decode at position $startPos, but the cache holds $pos positions" }
         check(startPos + embeds.rows <= maxSeqLen) {
             "positions $startPos..${startPos + embeds.rows - 1} exceed max_seq_len $maxSeqLen"
         }

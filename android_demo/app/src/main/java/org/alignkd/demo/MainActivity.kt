@@ -218,7 +218,7 @@ class MainActivity : AppCompatActivity() {
                 val line = "%s\n%s · TTFT %.0f ms · prefill %.1f tok/s (%d positions)\n" +
                     "decode %.1f tok/s (%d tokens%s) · %s"
                 val text = line.format(loadInfo, image, t.ttftS * 1e3, t.prefillTokS,
-                    t.promptPositions, t.decodeTokS, a.generation.tokens.size, if (a.generation.stoppedByEos) ", EOS" else "",
+                    t.prefillPositions, t.decodeTokS, a.generation.tokens.size, if (a.generation.stoppedByEos) ", EOS" else "",
                     memoryLine())
                 runOnUiThread { answer.text = a.text; stats.text = text }
             } catch (e: Throwable) {

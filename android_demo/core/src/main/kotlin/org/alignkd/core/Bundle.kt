@@ -6,7 +6,7 @@ import java.security.MessageDigest
 
 /**
  * Why a bundle was refused. The categories are those of the Python reader (`export/bundle.py`
- * `read_manifest`, categorised in `export/vectors.py`), so both sides can be checked on the same bundles.
+ * `read_manifest`, `Refusal`), so both sides can be checked on the same bundles.
  */
 enum class BundleRefusal(val id: String) {
     MISSING_MANIFEST("missing_manifest"),

@@ -38,7 +38,8 @@ interface VlmRuntime {
 
     /**
      * (T, H) embeddings at positions startPos.. → (V,) logits of the last position. Earlier positions come
-     * from the runtime's KV cache; startPos 0 starts a new sequence.
+     * from the runtime's KV cache; a startPos below what it holds drops the positions from there on (0 starts
+     * a new sequence; a follow-up question continues after a kept prompt prefix). Beyond it is an error.
      */
     fun decode(embeds: Embeddings, startPos: Int): FloatArray
 }
@@ -56,9 +57,13 @@ class Timings(
     val decodeSteps: Int,
     val ttftS: Double,
     val promptPositions: Int,
-    val imageCached: Boolean = false
+    val imageCached: Boolean = false,
+    /** Only the text after the image was prefilled: the runtime's cache held the prompt up to the image. */
+    val prefixReused: Boolean = false,
+    /** Positions fed in the prefill (promptPositions, or the text after the image when [prefixReused]). */
+    val prefillPositions: Int = promptPositions
 ) {
-    val prefillTokS: Double get() = if (prefillS > 0) promptPositions / prefillS else 0.0
+    val prefillTokS: Double get() = if (prefillS > 0) prefillPositions / prefillS else 0.0
     val decodeTokS: Double get() = if (decodeS > 0) decodeSteps / decodeS else 0.0
 }
 
@@ -116,6 +121,10 @@ class Sampler(val config: SamplingConfig) {
  * from [imageCache]), embed the prompt before and after the image token, splice, prefill at position 0,
  * then one token at a time at start positions promptLen, promptLen + 1, ...; stop at an EOS id (not
  * emitted) or after maxNewTokens. Pixels must be the (1, 3, S, S) of the bundle's preprocessing.
+ *
+ * With [imageCache], the rules of export/runtime.py `PromptPrefix` too: when the last prompt had the same
+ * ids before the image and the same image (still in the cache), the runtime's KV cache holds that prefix,
+ * and a follow-up prefills only its text after the image, at start position = the prefix's positions.
  */
 class Generator(
     val runtime: VlmRuntime,
@@ -125,6 +134,11 @@ class Generator(
     private val clock: () -> Long = { System.nanoTime() },
     val imageCache: ImageTokenCache? = null
 ) {
+    // what the runtime's KV cache holds of the last prompt: ids before its image, the image's key, positions
+    private var prefixIds: IntArray? = null
+    private var prefixKey: String? = null
+    private var prefixPositions = 0
+
     /** How many positions a prompt occupies once its image token expands. */
     fun promptPositions(promptIds: IntArray): Int =
         promptIds.size + (numImageTokens - 1) * promptIds.count { it == imageTokenIndex }
@@ -158,11 +172,19 @@ class Generator(
         val t0 = clock()
         val embeds: Embeddings
         var cached = false
-        if (nImg == 0) {
+        var start = 0
+        val k = promptIds.indexOf(imageTokenIndex)
+        val key = if (nImg == 1 && imageCache != null) ImageTokenCache.key(pixels!!) else null
+        val before = if (k >= 0) promptIds.copyOfRange(0, k) else null
+        val reuse = key != null && k + 1 < promptIds.size && key == prefixKey && before!!.contentEquals(prefixIds ?: IntArray(0)) &&
+            imageCache!!.get(key) != null
+        if (reuse) { // the cache holds the prompt up to and including this image: prefill the new text only
+            start = prefixPositions
+            cached = true
+            embeds = runtime.embed(promptIds.copyOfRange(k + 1, promptIds.size).toLongArrays())
+        } else if (nImg == 0) {
             embeds = runtime.embed(promptIds.toLongArrays())
         } else {
-            val k = promptIds.indexOf(imageTokenIndex)
-            val key = if (imageCache != null) ImageTokenCache.key(pixels!!) else null
             val hit = if (key != null) imageCache!!.get(key) else null
             cached = hit != null
             val image = hit ?: runtime.encodeImage(pixels!!, imageSize)
@@ -171,9 +193,8 @@ class Generator(
             }
             if (key != null && !cached) imageCache!!.put(key, image)
             val parts = ArrayList<Embeddings>()
-            val before = promptIds.copyOfRange(0, k)
             val after = promptIds.copyOfRange(k + 1, promptIds.size)
-            val eb = if (before.isNotEmpty()) runtime.embed(before.toLongArrays()) else null
+            val eb = if (before!!.isNotEmpty()) runtime.embed(before.toLongArrays()) else null
             val ea = if (after.isNotEmpty()) runtime.embed(after.toLongArrays()) else null
             if (eb != null) parts.add(eb)
             parts.add(image)
@@ -181,11 +202,13 @@ class Generator(
             embeds = Embeddings.concat(parts)
         }
         val t1 = clock()
-        var logits = runtime.decode(embeds, 0)
+        prefixKey = null // until this prefill has gone through
+        var logits = runtime.decode(embeds, start)
         val t2 = clock()
+        if (key != null) { prefixIds = before; prefixKey = key; prefixPositions = before!!.size + numImageTokens }
         var ttft = -1L
         val tokens = ArrayList<Int>()
-        var pos = embeds.rows
+        var pos = start + embeds.rows
         var eos = false
         for (step in 0 until maxNewTokens) {
             val tok = sampler.next(logits)
@@ -201,7 +224,7 @@ class Generator(
         if (ttft < 0) ttft = t3
         val s = 1e-9
         val timings = Timings((t1 - t0) * s, (t2 - t1) * s, (t3 - t2) * s, maxOf(tokens.size - 1, 0), (ttft - t0) * s, nPrompt,
-            cached)
+            cached, reuse, embeds.rows)
         return Generation(tokens.toIntArray(), nPrompt, timings, eos)
     }
 

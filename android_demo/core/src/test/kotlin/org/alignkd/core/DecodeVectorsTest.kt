@@ -8,7 +8,7 @@ import java.io.File
 
 /**
  * The decode loop against export/runtime.py `generate` on the same fake runtime (integer arithmetic,
- * specified in export/vectors.py `FakeRuntime`): same tokens, same prompt length, same calls in the
+ * specified in tests/export/helpers/fake_runtime.py `FakeRuntime`): same tokens, same prompt length, same calls in the
  * same order with the same start positions. The image goes through this module's preprocessing, so the
  * fake's pixel count also checks the pixels end to end.
  */
@@ -18,6 +18,7 @@ class DecodeVectorsTest {
     class FakeRuntime(val vocab: Int, val nImg: Int, val eos: Int, val eosAfter: Int?) : VlmRuntime {
         var s = 0L
         var length = 0
+        private val states = ArrayList<Long>() // the hash after each position: decoding below length rewinds to it
         val calls = ArrayList<List<Int>>()
 
         override fun encodeImage(pixels: FloatArray, imageSize: Int): Embeddings {
@@ -42,10 +43,13 @@ class DecodeVectorsTest {
 
         override fun decode(embeds: Embeddings, startPos: Int): FloatArray {
             calls.add(listOf(-3, startPos, embeds.rows))
-            if (startPos == 0) { s = 0; length = 0 } else check(startPos == length) { "decode at $startPos, cache holds $length" }
+            check(startPos <= length) { "decode at $startPos, cache holds $length" }
+            while (states.size > startPos) states.removeAt(states.size - 1) // dropped from startPos on (0: new)
+            s = if (states.isEmpty()) 0L else states[states.size - 1]
             for (j in 0 until embeds.rows) {
                 val r = embeds.row(j)
                 s = (31 * s + 3 * r[0].toLong() + r[1].toLong() + r[2].toLong() + startPos + j) % 1000003
+                states.add(s)
             }
             length = startPos + embeds.rows
             val a = 2 * (s % (vocab / 2)) + 1

@@ -79,6 +79,29 @@ class ImageTokenCacheTest {
     }
 
     @Test
+    fun aFollowUpPrefillsOnlyItsQuestionAfterTheKeptPrefix() {
+        // the rules of export/runtime.py PromptPrefix: the same image and text before it, still cached
+        val rt = fake()
+        val session = VlmSession(bundle, rt, 1)
+        val first = session.ask(image, "What shape is in the image?", 4, stopAtEos = false)
+        rt.inner.calls.clear()
+        val follow = session.ask(image, "What color is the shape?", 4, stopAtEos = false)
+        val fresh = VlmSession(bundle, fake(), 1).ask(image, "What color is the shape?", 4, stopAtEos = false)
+        assertFalse(first.generation.timings.prefixReused)
+        assertTrue(follow.generation.timings.prefixReused && follow.generation.timings.imageCached)
+        assertArrayEquals(fresh.generation.tokens, follow.generation.tokens) // as if the whole prompt were prefilled
+        val ids = bundle.template.promptIds("What color is the shape?", bundle.tokenizer, withImage = true)
+        val k = ids.indexOf(bundle.template.imageTokenIndex)
+        val prefill = rt.inner.calls.first { it[0] == -3 }
+        assertEquals(listOf(-3, k + bundle.model.numImageTokens, ids.size - k - 1), prefill) // after the image only
+        assertEquals(ids.size - k - 1, follow.generation.timings.prefillPositions)
+        val other = RgbImage(image.width, image.height, image.data.copyOf())
+        other.data[0] = (other.data[0] + 1).toByte()
+        assertFalse(session.ask(other, "What color is the shape?", 4).generation.timings.prefixReused) // evicts
+        assertFalse(session.ask(image, "What color is the shape?", 4).generation.timings.prefixReused)
+    }
+
+    @Test
     fun anyImageSizeGoesThroughTheBundlesPreprocessing() {
         val s = bundle.preprocessing.imageSize
         for ((w, h) in listOf(Pair(30, 70), Pair(200, 90), Pair(s, s), Pair(1, 1))) {

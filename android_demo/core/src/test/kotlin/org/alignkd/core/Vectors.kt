@@ -7,7 +7,7 @@ import java.util.Base64
 import javax.imageio.ImageIO
 
 /**
- * The shared test vectors written by the Python side (`python -m alignkd.export.vectors DIR`), committed
+ * The shared test vectors written by the Python side (`.venv/bin/python tests/export/helpers/export_vectors.py DIR`), committed
  * in src/test/resources/vectors. Found through -Dvectors.dir, else relative to the working directory
  * (Gradle runs tests in the module directory; test.sh passes the property).
  */
