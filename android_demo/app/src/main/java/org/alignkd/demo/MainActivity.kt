@@ -213,7 +213,9 @@ class MainActivity : AppCompatActivity() {
                 })
                 val t = a.generation.timings
                 // image encode beside TTFT and decode speed: on a phone the encoder is most of the wait
-                val image = if (img == null) "text only" else if (t.imageCached) "image %.0f ms (tokens cached)".format(t.imageS * 1e3)
+                val image = if (img == null) "text only"
+                    else if (t.prefixReused) "image tokens and prompt cached (follow-up)"
+                    else if (t.imageCached) "image %.0f ms (tokens cached)".format(t.imageS * 1e3)
                     else "image encode %.0f ms (preprocess %.0f ms)".format(t.imageS * 1e3, a.preprocessS * 1e3)
                 val line = "%s\n%s · TTFT %.0f ms · prefill %.1f tok/s (%d positions)\n" +
                     "decode %.1f tok/s (%d tokens%s) · %s"
