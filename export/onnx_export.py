@@ -103,30 +103,18 @@ class OnnxOptions:
         return dataclasses.replace(self, vision_quant=quant if self.vision_quant == "auto" else self.vision_quant)
 
 
-# Parity gate per decoder quantization, against the eager fp32 model. Measured on the tiny student (random
-# weights: flat logits spanning ~1, so near-ties make top-1 the most fragile number; real checkpoints have
-# peakier logits), with the vision graph quantized as the decoder (the default). Each bound sits above the
-# measurement in its comment, with room for deeper real models. The image tokens are the vision graph's part
-# of the gate (VISION_THRESHOLDS, `combine`).
+# Parity gate per decoder quantization against the eager fp32 model, the vision graph quantized as the decoder
+# (the default); what each bound was set against: docs/parity_gates.md. The image tokens are the vision graph's
+# part of the gate (VISION_THRESHOLDS, `combine`).
 THRESHOLDS: dict[str, Thresholds] = {
-    # the same fp32 math, only kernel summation order differs: logits rel 1e-7.
-    "fp32": lm_gate(1e-4),
-    # fp16 weights and activations (11-bit mantissa, ~5e-4 per op): rel 2.7e-4, top-1 1.0.
-    "fp16": lm_gate(1e-2, top1=0.9, exact_tokens=False),
-    # dynamic int8 (per-tensor weights, per-call activations): rel 9.8e-3, top-1 1.0.
-    "int8": lm_gate(5e-2, top1=0.85, exact_tokens=False),
-    # int4 weights (+ int8 activations at accuracy_level 4), block 64 (default): rel 0.10, top-1 0.94; block
-    # 32: rel 8.3e-2, top-1 0.875-0.94. One flipped near-tie changes every later greedy token, so only top-1
-    # is gated. At the 1.7B widths (4 LM layers, random init, 336 px): block 64 rel 0.157, top-1 0.94; block
-    # 32 rel 0.17-0.18, top-1 1.0 in one run and 0.19 in another (random init: near-flat logits, so top-1
-    # flips on ties; real checkpoints are peakier).
+    "fp32": lm_gate(1e-4),  # only kernel summation order differs
+    "fp16": lm_gate(1e-2, top1=0.9, exact_tokens=False),  # fp16 weights and activations
+    "int8": lm_gate(5e-2, top1=0.85, exact_tokens=False),  # dynamic: per-tensor weights, per-call activations
+    # int4 weights + int8 activations (accuracy_level 4): one flipped near-tie changes every later greedy
+    # token, so only top-1 is gated
     "int4": lm_gate(2e-1, top1=0.75, exact_tokens=False),
 }
 # The vision gate: image tokens against the fp32 eager encoder, and what their error adds to the logits.
-# Measured with an fp32 decoder, on the parity image / on random pixels: fp32 (summation order only) image
-# cos 1.0, rel 2e-7; fp16 cos 0.9999999, rel 4.9e-4 / 4.4e-4, logits rel 1.5e-4 / 1.1e-4; int8 cos 0.99994 /
-# 0.99997, rel 1.1e-2 / 7.8e-3, logits rel 5.2e-3 / 1.1e-3; int4 (block 64) cos 0.9944 / 0.9977, rel 0.121 /
-# 0.069, logits rel 5.9e-2 / 2.7e-2.
 VISION_THRESHOLDS: dict[str, Thresholds] = {
     "fp32": Thresholds(image_cos=0.99999, image_rel=1e-3, logits_rel=0.0),
     "fp16": Thresholds(image_cos=0.9995, image_rel=5e-3, logits_rel=1e-3, top1=0.9, exact_tokens=False),

@@ -29,3 +29,33 @@ def tiny_teacher():
 def pixels():
     g = torch.Generator().manual_seed(0)
     return torch.randn(2, 3, 48, 48, generator=g)
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The packaged tiny tokenizer, through load_tokenizer (HF fast tokenizer)."""
+    from alignkd.model.tokenizer import load_tokenizer, tiny_tokenizer_dir
+
+    return load_tokenizer(tiny_tokenizer_dir())
+
+
+@pytest.fixture(scope="session")
+def sp():
+    """The same tokenizer through SentencePiece itself: the independent reference for its ids."""
+    import sentencepiece as spm
+
+    from alignkd.model.tokenizer import tiny_tokenizer_dir
+
+    return spm.SentencePieceProcessor(model_file=str(tiny_tokenizer_dir() / "tokenizer.model"))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny student checkpoint (mtgv format + tokenizer) as `train` writes one; one copy per test module
+    (a module may define its own `ckpt`)."""
+    from alignkd.model import build_model, save_model
+    from alignkd.model.tokenizer import load_tokenizer, tiny_tokenizer_dir
+
+    out = tmp_path_factory.mktemp("ckpt") / "student"
+    save_model(build_model("tiny-student", seed=0), out, tokenizer=load_tokenizer(tiny_tokenizer_dir()))
+    return out

@@ -49,17 +49,6 @@ def listing(root: Path) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    """A tiny student checkpoint (mtgv format + tokenizer), as `train` writes one."""
-    from alignkd.model import build_model, save_model
-    from alignkd.model.tokenizer import load_tokenizer, tiny_tokenizer_dir
-
-    out = tmp_path_factory.mktemp("ckpt") / "student"
-    save_model(build_model("tiny-student", seed=0), out, tokenizer=load_tokenizer(tiny_tokenizer_dir()))
-    return out
-
-
-@pytest.fixture(scope="module")
 def bundle(ckpt, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundle") / "b"
     r = cli("export", ckpt, "--target", "desktop", "--format", "onnx", "--quant", "fp32", "--output-dir", out)

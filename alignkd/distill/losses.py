@@ -136,6 +136,21 @@ def image_spans(image_mask: Tensor) -> ImageSpans:
     return ImageSpans(batch, start, n)
 
 
+def _text_after_image(spans: ImageSpans, attention_mask: Tensor, T: int) -> tuple[Tensor, Tensor]:
+    """The positions after each sample's image, end .. end + T − min(end) − 1 (end = first position after the
+    span), clamped into the sequence, and which of them are real tokens: (B_img, T − min(end)) each."""
+    end = spans.start + spans.n_tokens  # (B_img,)
+    pos = end[:, None] + torch.arange(T - int(end.min()), device=end.device)  # (B_img, T_t)
+    in_seq = pos < T
+    pos = pos.clamp(max=T - 1)
+    return pos, in_seq & attention_mask[spans.batch].bool().gather(1, pos)
+
+
+def _no_block(probs: Tensor) -> tuple[Tensor, Tensor]:
+    """The empty block and mask of a batch without images."""
+    return probs.new_zeros(0, probs.shape[1], 0, 0), torch.zeros(0, 0, dtype=torch.bool, device=probs.device)
+
+
 def text_vision_block(
     probs: Tensor, image_mask: Tensor, attention_mask: Tensor, query_offset: int = 0
 ) -> tuple[Tensor, Tensor]:
@@ -152,16 +167,12 @@ def text_vision_block(
     B, H, T_p, T = probs.shape
     spans = image_spans(image_mask)
     if spans.batch.numel() == 0:
-        return probs.new_zeros(0, H, 0, 0), torch.zeros(0, 0, dtype=torch.bool, device=probs.device)
+        return _no_block(probs)
     n = spans.n_tokens
-    end = spans.start + n  # (B_img,)
-    if int(end.min()) < query_offset:
-        raise ConfigError(f"attention rows start at {query_offset} but text after an image starts at {int(end.min())}")
-    t_q = T - int(end.min())
-    pos = end[:, None] + torch.arange(t_q, device=probs.device)  # (B_img, T_q) query positions
-    in_seq = pos < T
-    pos = pos.clamp(max=T - 1)
-    row_mask = in_seq & attention_mask[spans.batch].bool().gather(1, pos)  # (B_img, T_q)
+    if int((spans.start + n).min()) < query_offset:
+        raise ConfigError(f"attention rows start at {query_offset} but text after an image starts at "
+                          f"{int((spans.start + n).min())}")
+    pos, row_mask = _text_after_image(spans, attention_mask, T)  # (B_img, T_q) query positions
     cols = spans.start[:, None] + torch.arange(n, device=probs.device)  # (B_img, N)
     # one advanced-index gather; the advanced dims go first because a slice separates them
     block = probs[spans.batch[:, None, None], :, (pos - query_offset)[:, :, None], cols[:, None, :]]  # (B_img, T_q, N, H)
@@ -183,14 +194,9 @@ def release_vision_text_block(
         raise ConfigError("the release variant needs every attention row (capture with query_from=0)")
     spans = image_spans(image_mask)
     if spans.batch.numel() == 0:
-        return probs.new_zeros(0, H, 0, 0), torch.zeros(0, 0, dtype=torch.bool, device=probs.device)
+        return _no_block(probs)
     n = spans.n_tokens
-    end = spans.start + n
-    t_c = T - int(end.min())
-    pos = end[:, None] + torch.arange(t_c, device=probs.device)  # (B_img, T_c) key positions
-    in_seq = pos < T
-    pos = pos.clamp(max=T - 1)
-    col_mask = in_seq & attention_mask[spans.batch].bool().gather(1, pos)  # (B_img, T_c)
+    pos, col_mask = _text_after_image(spans, attention_mask, T)  # (B_img, T_c) key positions
     rows = spans.start[:, None] + torch.arange(n, device=probs.device)  # (B_img, N)
     block = probs[spans.batch[:, None, None], :, rows[:, :, None], pos[:, None, :]]  # (B_img, N, T_c, H)
     return block.permute(0, 3, 1, 2), col_mask  # (B_img, H, N, T_c)

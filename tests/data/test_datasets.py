@@ -11,14 +11,8 @@ from alignkd.data.datasets import collate, llava_json_dataset
 from alignkd.data.image import image_config
 from alignkd.errors import DataError
 from alignkd.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, get_preset
-from alignkd.model.tokenizer import load_tokenizer, tiny_tokenizer_dir
 
 CFG = image_config(get_preset("tiny-student"))
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(tiny_tokenizer_dir())
 
 
 def _write(tmp_path, entries):

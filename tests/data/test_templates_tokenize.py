@@ -5,28 +5,16 @@ a legacy slow LLaMA tokenizer, then length arithmetic)."""
 from __future__ import annotations
 
 import pytest
-import sentencepiece as spm
 
 from alignkd.data.templates import IMAGE_TOKEN, build_prompt, get_template
 from alignkd.model.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from alignkd.data.tokenize import SampleTooLongError, build_training_example, tokenize_prompt
 from alignkd.errors import ConfigError, DataError
-from alignkd.model.tokenizer import load_tokenizer, tiny_tokenizer_dir
 
 SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
     "detailed, and polite answers to the user's questions."
 )
-
-
-@pytest.fixture(scope="module")
-def sp():
-    return spm.SentencePieceProcessor(model_file=str(tiny_tokenizer_dir() / "tokenizer.model"))
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(tiny_tokenizer_dir())
 
 
 # --- MobileVLM's code paths, re-implemented on SentencePiece -------------------------------------------

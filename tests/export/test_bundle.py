@@ -16,18 +16,9 @@ import pytest
 from alignkd.errors import CheckpointError, ConfigError, DataError
 from alignkd.export.bundle import BundleError, Refusal, read_manifest
 from alignkd.export.exporter import ExportFailed, export_bundle
-from alignkd.model import build_model, save_model
-from alignkd.model.tokenizer import load_tokenizer, tiny_tokenizer_dir
 
 CLI = str(Path(sys.executable).with_name("alignkd-mobile"))
 QUIET = dict(log=lambda *_: None)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("ck") / "student"
-    save_model(build_model("tiny-student", seed=0), d, tokenizer=load_tokenizer(tiny_tokenizer_dir()))
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import random
 import shutil
 
 import pytest
-import sentencepiece as spm
 from transformers import AutoTokenizer
 
 from alignkd.errors import CheckpointError, ConfigError
@@ -27,16 +26,6 @@ def _random_strings(n: int) -> list[str]:
     rnd = random.Random(0)
     alphabet = "abcdeABC XYZ 0123456789\n\t.,?!'\"éü你🙂▁_-"
     return ["".join(rnd.choice(alphabet) for _ in range(rnd.randint(1, 40))) for _ in range(n)]
-
-
-@pytest.fixture(scope="module")
-def sp():
-    return spm.SentencePieceProcessor(model_file=str(tiny_tokenizer_dir() / "tokenizer.model"))
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(tiny_tokenizer_dir())
 
 
 def test_asset_is_the_documented_model(sp):

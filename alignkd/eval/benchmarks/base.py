@@ -7,13 +7,15 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from alignkd.data.templates import SHORT_ANSWER_PROMPT
 from alignkd.errors import ConfigError, DataError
+
+from .. import scoring
 
 # LLaVA-1.5 / MobileVLM's instruction for multiple-choice questions (ScienceQA, MMBench)
 LETTER_PROMPT = "Answer with the option's letter from the given choices directly."
@@ -195,6 +197,23 @@ def prediction(predictions: Mapping[str, str], item: EvalItem) -> tuple[str, boo
     """The answer to an item ('' when there is none: scored as wrong) and whether it was missing."""
     p = predictions.get(item.id)
     return ("", True) if p is None else (str(p), False)
+
+
+def mean_scores(items: Sequence[EvalItem], predictions: Mapping[str, str],
+                judge: Callable[[str, EvalItem], Mapping[str, float]]) -> dict[str, float]:
+    """Each of `judge(answer, item)`'s values (in [0, 1]) as a mean over the items in %, its "accuracy" also
+    as "score"; with n and n_missing (a missing answer is judged as '', so it scores as wrong)."""
+    sums: dict[str, float] = {}
+    missing = 0
+    for it in items:
+        p, miss = prediction(predictions, it)
+        missing += miss
+        for k, v in judge(p, it).items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    n = len(items)
+    out = {"score": scoring.percent(sums.get("accuracy", 0.0), n)}
+    out.update({k: scoring.percent(sums.get(k, 0.0), n) for k in sums or {"accuracy": 0.0}})
+    return {**out, "n": float(n), "n_missing": float(missing)}
 
 
 def text_field(x: Any) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 from alignkd.data import easyvqa
 
 from .. import scoring
-from .base import Benchmark, EvalItem, LoadStats, check_limit, prediction, short_answer
+from .base import Benchmark, EvalItem, LoadStats, check_limit, mean_scores, short_answer
 
 
 class EasyVQA(Benchmark):
@@ -34,18 +34,9 @@ class EasyVQA(Benchmark):
         return items, stats
 
     def score(self, items: list[EvalItem], predictions: Mapping[str, str]) -> dict[str, float]:
-        right = valid = missing = 0
-        for it in items:
-            p, miss = prediction(predictions, it)
-            missing += miss
+        def judge(p: str, it: EvalItem) -> dict[str, float]:
             p = scoring.normalize_short_answer(p)
-            right += p == scoring.normalize_short_answer(it.meta["answer"])
-            valid += p in easyvqa.ANSWERS
-        n = len(items)
-        return {
-            "score": scoring.percent(right, n),
-            "accuracy": scoring.percent(right, n),
-            "valid_answer_rate": scoring.percent(valid, n),
-            "n": float(n),
-            "n_missing": float(missing),
-        }
+            return {"accuracy": p == scoring.normalize_short_answer(it.meta["answer"]),
+                    "valid_answer_rate": p in easyvqa.ANSWERS}
+
+        return mean_scores(items, predictions, judge)

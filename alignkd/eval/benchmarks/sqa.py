@@ -25,7 +25,7 @@ from alignkd.data.templates import IMAGE_TOKEN
 from alignkd.errors import DataError
 
 from .. import scoring
-from .base import (LETTER_PROMPT, Benchmark, EvalItem, Layout, LoadStats, check_limit, locate, prediction,
+from .base import (LETTER_PROMPT, Benchmark, EvalItem, Layout, LoadStats, check_limit, locate, mean_scores,
                    read_json, text_field)
 
 SPLIT = "test"
@@ -99,18 +99,8 @@ class ScienceQA(Benchmark):
         return None
 
     def score(self, items: list[EvalItem], predictions: Mapping[str, str]) -> dict[str, float]:
-        right = failed = missing = 0
-        for it in items:
-            p, miss = prediction(predictions, it)
-            missing += miss
+        def judge(p: str, it: EvalItem) -> dict[str, float]:
             idx = scoring.sqa_pred_index(scoring.parse_sqa_letter(p), it.meta["n_choices"])
-            failed += idx == -1
-            right += idx == it.meta["answer"]
-        n = len(items)
-        return {
-            "score": scoring.percent(right, n),
-            "accuracy": scoring.percent(right, n),
-            "unparsed_rate": scoring.percent(failed, n),
-            "n": float(n),
-            "n_missing": float(missing),
-        }
+            return {"accuracy": idx == it.meta["answer"], "unparsed_rate": idx == -1}
+
+        return mean_scores(items, predictions, judge)

@@ -31,7 +31,7 @@ from alignkd.data.templates import SHORT_ANSWER_PROMPT
 from alignkd.errors import DataError
 
 from .. import scoring
-from .base import (Benchmark, EvalItem, Layout, LoadStats, check_limit, locate, missing_fields, prediction,
+from .base import (Benchmark, EvalItem, Layout, LoadStats, check_limit, locate, mean_scores, missing_fields,
                    read_json, read_jsonl, short_answer)
 
 QUESTIONS = "TextVQA_0.5.1_val.json"
@@ -154,16 +154,4 @@ class TextVQA(Benchmark):
         return f"{question}\nReference OCR token: {', '.join(tokens)}\n{SHORT_ANSWER_PROMPT}"
 
     def score(self, items: list[EvalItem], predictions: Mapping[str, str]) -> dict[str, float]:
-        total = 0.0
-        missing = 0
-        for it in items:
-            p, miss = prediction(predictions, it)
-            missing += miss
-            total += scoring.vqa_accuracy(p, it.meta["answers"])
-        n = len(items)
-        return {
-            "score": scoring.percent(total, n),
-            "accuracy": scoring.percent(total, n),
-            "n": float(n),
-            "n_missing": float(missing),
-        }
+        return mean_scores(items, predictions, lambda p, it: {"accuracy": scoring.vqa_accuracy(p, it.meta["answers"])})
