@@ -169,9 +169,8 @@ def text_vision_block(
     if spans.batch.numel() == 0:
         return _no_block(probs)
     n = spans.n_tokens
-    if int((spans.start + n).min()) < query_offset:
-        raise ConfigError(f"attention rows start at {query_offset} but text after an image starts at "
-                          f"{int((spans.start + n).min())}")
+    if (first := int((spans.start + n).min())) < query_offset:
+        raise ConfigError(f"attention rows start at {query_offset} but text after an image starts at {first}")
     pos, row_mask = _text_after_image(spans, attention_mask, T)  # (B_img, T_q) query positions
     cols = spans.start[:, None] + torch.arange(n, device=probs.device)  # (B_img, N)
     # one advanced-index gather; the advanced dims go first because a slice separates them

@@ -211,9 +211,9 @@ def mean_scores(items: Sequence[EvalItem], predictions: Mapping[str, str],
         for k, v in judge(p, it).items():
             sums[k] = sums.get(k, 0.0) + float(v)
     n = len(items)
-    out = {"score": scoring.percent(sums.get("accuracy", 0.0), n)}
-    out.update({k: scoring.percent(sums.get(k, 0.0), n) for k in sums or {"accuracy": 0.0}})
-    return {**out, "n": float(n), "n_missing": float(missing)}
+    sums = sums or {"accuracy": 0.0}  # no items
+    return {"score": scoring.percent(sums["accuracy"], n), **{k: scoring.percent(v, n) for k, v in sums.items()},
+            "n": float(n), "n_missing": float(missing)}
 
 
 def text_field(x: Any) -> bool:
