@@ -1,4 +1,5 @@
-"""The CLIP vision tower: transformers' own `CLIPVisionModel`, frozen, features from hidden layer −2."""
+"""The CLIP vision tower: transformers' own `CLIPVisionModel`, frozen, features from hidden layer −2
+(its modules, run only as far as that layer)."""
 
 from __future__ import annotations
 
@@ -65,9 +66,18 @@ class VisionTower(nn.Module):
         self.vision_tower = CLIPVisionModel(to_clip_config(config))
         self.requires_grad_(False)  # frozen in MobileVLM V2 and in Align-KD, for teacher and student
 
+    @property
+    def layers_used(self) -> int:
+        """Encoder layers up to `select_layer` (hidden_states[0] is the embeddings, [i] layer i's output):
+        23 of CLIP-L's 24 for −2. The layers after it never reach the features, so they are not run."""
+        return self.config.select_layer % (self.config.num_layers + 1)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.vision_tower.parameters()).dtype
+        vm = self.vision_tower  # transformers 5: embeddings, pre_layrnorm, encoder at the top level
+        dtype = vm.embeddings.patch_embedding.weight.dtype
         # The tower is frozen: no autograd graph through it, which saves its activations' memory.
         with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
-            out = self.vision_tower(pixel_values.to(dtype), output_hidden_states=True)
-        return out.hidden_states[self.config.select_layer][:, 1:]  # (B, grid², vision_dim)
+            h = vm.pre_layrnorm(vm.embeddings(pixel_values.to(dtype)))  # (B, 1 + grid², Dv) = hidden_states[0]
+            for layer in vm.encoder.layers[: self.layers_used]:
+                h = layer(h, None)
+        return h[:, 1:]  # (B, grid², Dv): CLS dropped

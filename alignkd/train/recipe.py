@@ -49,7 +49,7 @@ from ..errors import AlignKDError, CheckpointError, ConfigError
 from ..fileio import DiskFull, atomic_write, remove_stale_temps, writing
 from ..model.checkpoint import build_model, config_from_name, load_model, read_mtgv_state_dict, save_model
 from ..model.config import PRESETS, MobileVLMConfig
-from ..model.mobilevlm import MobileVLM
+from ..model.mobilevlm import MobileVLM, first_text_after_image
 from ..model.tokenizer import check_tokenizer_matches, load_tokenizer, tiny_tokenizer_dir
 from .config import TrainConfig, dump_config, run_differences
 from .teacher_cache import (CacheError, CacheSpec, CacheWriter, TeacherCache, build, check_folder, clear, dataset_keys,
@@ -494,14 +494,16 @@ def _next_batch(run: Run) -> dict[str, torch.Tensor | None]:
 
 # ============================================================================ the step
 @torch.no_grad()
-def teacher_inputs(run: Run, batch: dict[str, torch.Tensor], s_out, need_attn: bool) -> DistillInputs | None:
+def teacher_inputs(run: Run, batch: dict[str, torch.Tensor], s_out, need_attn: bool,
+                   query_from: int = 0) -> DistillInputs | None:
     """The frozen teacher's side of the losses for `batch`: its logits, projector output and, when an
     alignment term is on, layer-0 attention. With a shared vision tower the student's CLIP features
     (`s_out.vision_features`) feed the teacher's projector: one CLIP forward for both.
 
     With a teacher cache the logits' part is the cache's top-k rows of the batch's samples (`_next_batch`
     put them in the batch), and the teacher — its prefix up to layer 0, when an alignment term is on —
-    runs only as far as layer 0: no later layer, no LM head."""
+    runs only as far as layer 0: no later layer, no LM head. Its layer-0 attention holds the rows from
+    `query_from` on."""
     teacher = run.teacher
     if teacher is None and run.cache is None:
         return None
@@ -512,13 +514,13 @@ def teacher_inputs(run: Run, batch: dict[str, torch.Tensor], s_out, need_attn: b
             if px is not None:
                 t_in.image_features = (teacher.project(s_out.vision_features) if run.shared_vision
                                        else teacher.encode_images(px))  # (B_img, N, D_t)
-            with (capture_layer0_attention(teacher.lm) if need_attn else contextlib.nullcontext()) as cap:
+            with (capture_layer0_attention(teacher.lm, query_from) if need_attn else contextlib.nullcontext()) as cap:
                 if run.cache is None:
                     t_in.logits = teacher(ids, mask, image_features=t_in.image_features, compute_loss=False).logits
                 else:
                     mm = teacher.build_inputs_embeds(ids, mask, None, t_in.image_features)
                     teacher.lm.model(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask, use_cache=False)
-            t_in.attn_probs = cap.probs if need_attn else None
+            t_in.attn_probs, t_in.attn_query_offset = (cap.probs if need_attn else None), query_from
     if run.cache is not None:
         _check_cached_rows(run, batch, s_out)
         t_in.topk_logprobs, t_in.topk_ids = batch["cache_logprobs"], batch["cache_ids"]
@@ -541,18 +543,22 @@ def micro_step(run: Run, batch: dict[str, torch.Tensor], scale: float) -> dict[s
     accumulate). Returns the unscaled loss terms."""
     student, cfg = run.student, run.loss_fn.config
     need_attn = run.teacher is not None and (cfg.att_weight > 0 or cfg.v_weight > 0)
+    # The paper's terms read only the rows of text after the image: the captures skip the rows before it
+    # (~144 of ~164 here, ~600 of ~700 at real shapes). The release variant reads every row.
+    query_from = (first_text_after_image(batch["input_ids"], student.config.num_image_tokens)
+                  if cfg.variant == "paper" else 0)
     amp = torch.autocast(run.device.type, dtype=run.autocast_dtype) if run.autocast_dtype else contextlib.nullcontext()
     with contextlib.ExitStack() as stack:
         # layer-0 capture stays open through backward: gradient checkpointing recomputes layer 0 there
-        s_cap = stack.enter_context(capture_layer0_attention(student.lm)) if need_attn and cfg.att_weight > 0 else None
+        s_cap = stack.enter_context(capture_layer0_attention(student.lm, query_from)) if need_attn and cfg.att_weight > 0 else None
         with amp:
             # every student call goes through its root forward (FSDP unshards there)
             with record_function("student_forward"):
                 s_out = student(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"],
                                 labels=batch["labels"], compute_loss=False)
-            t_in = teacher_inputs(run, batch, s_out, need_attn)
+            t_in = teacher_inputs(run, batch, s_out, need_attn, query_from)
             s_in = DistillInputs(s_out.logits, s_out.labels, s_out.attention_mask, s_out.image_mask,
-                                 s_out.image_features, s_cap.probs if s_cap else None)
+                                 s_out.image_features, s_cap.probs if s_cap else None, query_from)
             with record_function("losses"):
                 terms = run.loss_fn(s_in, t_in)
         with record_function("backward"):
