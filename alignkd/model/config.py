@@ -167,6 +167,8 @@ class MobileVLMConfig:
             "image_aspect_ratio": self.image_aspect_ratio,
             "use_mm_proj": True,
             "alignkd_preset": self.name,
+            # MobileVLM's LDPv2 always pools to 12×12, so its configs have no key for it: written only when not 12
+            **({"alignkd_pooled_grid": self.pooled_grid} if self.pooled_grid != 12 else {}),
         }
 
     @classmethod
@@ -208,6 +210,7 @@ class MobileVLMConfig:
             projector_type=d["mm_projector_type"],
             vision_tower=d.get("mm_vision_tower", CLIP_L14_336),
             image_aspect_ratio=d.get("image_aspect_ratio", "pad"),
+            pooled_grid=int(d.get("alignkd_pooled_grid", 12)),
         )
 
 
@@ -240,6 +243,13 @@ PRESETS: dict[str, MobileVLMConfig] = {
                         intermediate_size=352, max_position_embeddings=512),
     ),
 }
+
+# The seeds study's models (benchmarks/easyvqa_seeds.py): the tiny ones with LDPv2 pooling to 6×6 (36 image
+# tokens instead of 144) and a 2-layer CLIP (one layer run: select_layer −2), so that ten seeds × six students
+# train to a stable point in about an hour on two cores. Not exportable to GGUF (llama.cpp pools to 12×12).
+_TINY_VISION_STUDY = dataclasses.replace(_TINY_VISION, num_layers=2)
+for _n in ("tiny-student", "tiny-teacher"):
+    PRESETS[f"{_n}-36"] = PRESETS[_n].replace(name=f"{_n}-36", vision=_TINY_VISION_STUDY, pooled_grid=6)
 
 # `mm_vision_tower` hub ids that resolve offline to a built-in vision config.
 BUILTIN_VISION_TOWERS: dict[str, VisionConfig] = {CLIP_L14_336: _VIT_L14_336}

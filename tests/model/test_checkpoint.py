@@ -53,6 +53,18 @@ def _write_original_layout(model, d, fmt: str, shards: int = 2):
     (d / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
+def test_the_study_preset_keeps_its_pooling_and_tower_depth(pixels, tmp_path):
+    from alignkd.model.checkpoint import build_model
+
+    model = build_model("tiny-student-36", seed=0, dtype=torch.float32)
+    out = save_model(model, tmp_path / "ckpt")
+    assert json.loads((out / "config.json").read_text())["alignkd_pooled_grid"] == 6  # MobileVLM's has no key: 12
+    loaded = load_model(out)
+    assert loaded.config == model.config and loaded.config.num_image_tokens == 36
+    assert loaded.vision_tower.layers_used == 1
+    torch.testing.assert_close(_logits(loaded, pixels), _logits(model, pixels), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("fmt", ["bin", "safetensors"])
 def test_original_naming_loads_from_shards(tiny_student, pixels, tmp_path, fmt):
     d = tmp_path / "orig"

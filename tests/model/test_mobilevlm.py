@@ -10,7 +10,7 @@ from transformers import CLIPVisionModel, LlamaForCausalLM
 
 from alignkd.errors import ConfigError, DataError
 from alignkd.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, MobileVLM, get_preset
-from alignkd.model.mobilevlm import to_llama_config
+from alignkd.model.mobilevlm import first_text_after_image, to_llama_config
 from alignkd.model.projector import LDPv2Projector
 from alignkd.model.vision import to_clip_config
 
@@ -120,6 +120,14 @@ def test_text_only_sample_beside_image_sample(tiny_student, pixels):
     assert out.image_mask[0].sum() == 0 and out.image_mask[1].sum() == 144
     alone = tiny_student(torch.tensor([[1, 5, 6, 7]])).logits[0]
     torch.testing.assert_close(out.logits[0, :4], alone, rtol=0, atol=1e-5)
+
+
+def test_first_text_after_image_is_where_the_spliced_image_ends(tiny_student):
+    ids, _ = _ids([[1, 5, IMG, 9, 7], [1, 4, 4, 6, IMG, 3], [1, 8, 2]])
+    mm = tiny_student.build_inputs_embeds(ids, None, None, torch.zeros(2, 144, 64))
+    ends = [int(row.nonzero().max()) + 1 for row in mm.image_mask if row.any()]  # first position after each span
+    assert first_text_after_image(ids, 144) == min(ends) == 2 + 144
+    assert first_text_after_image(ids[2:], 144) == 0  # no image: every row
 
 
 @pytest.mark.parametrize("use_image", [False, True])

@@ -107,6 +107,23 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path, small_run):
     assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(pa, pb))
 
 
+def test_attention_captures_from_the_text_after_the_image_give_the_same_step(tmp_path, small_run, monkeypatch):
+    """The step captures layer-0 rows only from the first text after an image; every row gives the same terms."""
+    from alignkd.train import recipe
+
+    starts, first = [], recipe.first_text_after_image
+    monkeypatch.setattr(recipe, "first_text_after_image", lambda *a: starts.append(first(*a)) or starts[-1])
+    rows = []
+    for everything in (False, True):
+        run = setup(small_run(output_dir=str(tmp_path / f"all{everything}")))
+        if everything:
+            monkeypatch.setattr(recipe, "first_text_after_image", lambda *a: 0)
+        rows.append(train_step(run))
+    assert starts and min(starts) > 144  # the captures did skip the system prompt and the 144 vision rows
+    for k in ("ce", "kd", "att", "v_all", "v_focus", "total", "grad_norm"):
+        assert rows[0][k] == pytest.approx(rows[1][k], rel=1e-5), k
+
+
 @pytest.mark.slow  # inductor compiles the tiny blocks: ~1 min on 2 cores
 def test_compile_gives_the_same_step_and_keeps_layer0_eager(tmp_path, small_run):
     rows = []
