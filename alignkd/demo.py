@@ -66,10 +66,7 @@ class DemoConfig:
     student_steps: int = 300
     """Optimizer steps of each student."""
     batch_size: int = 16
-    """Samples per student step."""
-    teacher_batch_size: int = 16
-    """Samples per teacher step (apart from the students' so a study can size its students without
-    retraining the teacher)."""
+    """Samples per step."""
     teacher_lr: float = 1e-3
     """Teacher learning rate."""
     lr: float = 1e-3
@@ -93,7 +90,7 @@ class DemoConfig:
     """Progress bars."""
 
     def __post_init__(self) -> None:
-        check_values(self, positive=("teacher_steps", "student_steps", "batch_size", "teacher_batch_size", "teacher_lr", "lr", "eval_limit"),
+        check_values(self, positive=("teacher_steps", "student_steps", "batch_size", "teacher_lr", "lr", "eval_limit"),
                      non_negative=("eval_seed", "seed", "teacher_seed", "curve_every"))
         names = self.students()
         unknown = [m for m in names if m not in STUDENTS]
@@ -112,7 +109,7 @@ def _recipe(d: DemoConfig, name: str, keys: dict[str, Any]) -> TrainConfig:
 
 def teacher_recipe(d: DemoConfig) -> TrainConfig:
     return _recipe(d, "teacher", {"method": "baseline", "student": d.teacher_preset, "steps": d.teacher_steps,
-                                  "lr": d.teacher_lr, "seed": d.teacher_seed, "batch_size": d.teacher_batch_size})
+                                  "lr": d.teacher_lr, "seed": d.teacher_seed})
 
 
 def student_recipe(d: DemoConfig, name: str) -> TrainConfig:

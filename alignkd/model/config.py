@@ -33,7 +33,7 @@ class VisionConfig:
     hidden_size: int = 1024
     """ViT width; the projector's input dim (`mm_hidden_size`)."""
     num_layers: int = 24
-    """ViT depth (all layers are kept in the checkpoint, features come from `select_layer`)."""
+    """ViT depth (all layers are kept in the checkpoint; only those up to `select_layer` are run)."""
     num_heads: int = 16
     """Attention heads of the ViT."""
     intermediate_size: int = 4096

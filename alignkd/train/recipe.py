@@ -544,7 +544,7 @@ def micro_step(run: Run, batch: dict[str, torch.Tensor], scale: float) -> dict[s
     student, cfg = run.student, run.loss_fn.config
     need_attn = run.teacher is not None and (cfg.att_weight > 0 or cfg.v_weight > 0)
     # The paper's terms read only the rows of text after the image: the captures skip the rows before it
-    # (~144 of ~164 here, ~600 of ~700 at real shapes). The release variant reads every row.
+    # (the system prompt's and the 144 vision tokens'). The release variant reads every row.
     query_from = (first_text_after_image(batch["input_ids"], student.config.num_image_tokens)
                   if cfg.variant == "paper" else 0)
     amp = torch.autocast(run.device.type, dtype=run.autocast_dtype) if run.autocast_dtype else contextlib.nullcontext()
