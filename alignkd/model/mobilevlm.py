@@ -240,5 +240,5 @@ def first_text_after_image(input_ids: torch.Tensor, n_image_tokens: int) -> int:
     """The earliest position, in the sequence `build_inputs_embeds` makes, of text after an image: the
     first attention row that can look at vision tokens (0 when no sample has an image). Known from the
     input ids alone, so a layer-0 attention capture can skip the rows before it."""
-    img_b, img_t = (input_ids == IMAGE_TOKEN_INDEX).nonzero(as_tuple=True)  # one image per sample at most
+    _, img_t = (input_ids == IMAGE_TOKEN_INDEX).nonzero(as_tuple=True)  # one image per sample at most
     return int(img_t.min()) + n_image_tokens if img_t.numel() else 0

@@ -63,6 +63,11 @@ def test_the_study_preset_keeps_its_pooling_and_tower_depth(pixels, tmp_path):
     assert loaded.config == model.config and loaded.config.num_image_tokens == 36
     assert loaded.vision_tower.layers_used == 1
     torch.testing.assert_close(_logits(loaded, pixels), _logits(model, pixels), rtol=0, atol=0)
+    for bad in (0, "6"):
+        cfg = json.loads((out / "config.json").read_text())
+        (out / "config.json").write_text(json.dumps({**cfg, "alignkd_pooled_grid": bad}))
+        with pytest.raises(ConfigError, match="alignkd_pooled_grid must be a positive integer"):
+            load_model(out)
 
 
 @pytest.mark.parametrize("fmt", ["bin", "safetensors"])
