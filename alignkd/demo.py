@@ -32,6 +32,7 @@ from .eval.runner import answer_items
 from .fileio import atomic_write
 from .model.checkpoint import load_model, weights_digest
 from .model.tokenizer import load_tokenizer
+from .model.vision import attach_feature_memo
 from .train.config import TrainConfig, check_values, load_config, run_differences
 from .train.recipe import build_teacher_cache, checkpoint_differences, checkpoints, train
 
@@ -84,6 +85,16 @@ class DemoConfig:
     """Students to train, comma-separated, baseline first: baseline, logit-kd, kd-att (KD + L_att), kd-v
     (KD + L_v), alignkd, release (the public code's variant), alignkd-cache-k8 / -k32 / -full (logit KD from
     an offline teacher cache of the top 8 / 32 tokens / every token)."""
+    vision_feature_memo_gb: float = 2.0
+    """Every model shares one frozen CLIP tower, so each image's features are computed once per process and
+    kept (up to this many GiB) for every later use: in training, by later students, and in scoring (the
+    train key `vision_feature_memo_gb`). 0 = off."""
+    kd_from_cache: bool = False
+    """The paper-variant KD students (logit-kd, kd-att, kd-v, alignkd) read the teacher's logits from a cache
+    of every token (teacher/cache-full, built once and shared by every seed) instead of running the whole
+    teacher at each step: the same logit KD to float tolerance; the teacher then runs only its embeddings,
+    projector and layer 0 (for logit-kd not at all). release always runs the whole teacher: its KD positions
+    include padding, which no cache can hold."""
     curve_every: int = 0
     """Also score each student's checkpoint every N steps: a held-out learning curve in summary.json (0 = off)."""
     progress: bool = True
@@ -91,7 +102,7 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         check_values(self, positive=("teacher_steps", "student_steps", "batch_size", "teacher_lr", "lr", "eval_limit"),
-                     non_negative=("eval_seed", "seed", "teacher_seed", "curve_every"))
+                     non_negative=("eval_seed", "seed", "teacher_seed", "curve_every", "vision_feature_memo_gb"))
         names = self.students()
         unknown = [m for m in names if m not in STUDENTS]
         if unknown or not names or names[0] != "baseline":
@@ -104,6 +115,7 @@ class DemoConfig:
 
 def _recipe(d: DemoConfig, name: str, keys: dict[str, Any]) -> TrainConfig:
     return load_config(flags={"warmup_ratio": 0.05, "batch_size": d.batch_size, "progress": d.progress,
+                              "vision_feature_memo_gb": d.vision_feature_memo_gb,
                               "output_dir": str(Path(d.output_dir) / name), **keys})
 
 
@@ -117,6 +129,8 @@ def student_recipe(d: DemoConfig, name: str) -> TrainConfig:
     teacher = str(Path(d.output_dir) / "teacher")
     # every curve_every steps, and the final step: ceil(steps / curve_every) checkpoints
     curve = {"save_every": d.curve_every, "keep_last": -(-d.student_steps // d.curve_every)} if d.curve_every else {}
+    if d.kd_from_cache and method != "baseline" and loss.get("loss.variant") != "release" and "teacher_cache" not in loss:
+        loss = {**loss, "teacher_cache": "cache-full"}  # as alignkd-cache-full: one cache for every such student
     if "teacher_cache" in loss:  # a folder in the teacher's
         loss = {**loss, "teacher_cache": str(Path(teacher) / loss["teacher_cache"])}
     return _recipe(d, name, {"method": method, "student": d.student_preset, "init_vision_from": teacher,
@@ -166,14 +180,17 @@ def answers_file(ckpt: Path) -> Path:
     return ckpt / "eval" / f"easyvqa-{weights_digest(ckpt)[:16]}.jsonl"
 
 
-def score(ckpt: Path, items: list[EvalItem], bench: EasyVQA, name: str, progress: bool) -> float:
-    """Held-out accuracy of the model in `ckpt`, through an answer file keyed to its weights."""
+def score(ckpt: Path, items: list[EvalItem], bench: EasyVQA, name: str, progress: bool, memo_gb: float = 0.0) -> float:
+    """Held-out accuracy of the model in `ckpt`, through an answer file keyed to its weights; with memo_gb the
+    CLIP features of images seen before in this process (by any model of the same tower) are reused."""
     answers = answers_file(ckpt)
     digest = answers.stem.split("-")[1]
     for stale in answers.parent.glob("easyvqa*.jsonl"):  # earlier models' answers
         if stale != answers:
             stale.unlink()
     model, tok = load_model(ckpt), load_tokenizer(ckpt)
+    if memo_gb:
+        attach_feature_memo(model.vision_tower, int(memo_gb * 2**30))
     preds = answer_items(model, tok, items, batch_size=32, max_new_tokens=4, answers_file=answers,
                          desc=f"eval {name}", progress=progress, model_id=f"{name}-{digest}")
     return bench.score(items, preds)["accuracy"]
@@ -189,12 +206,13 @@ def run_demo(d: DemoConfig) -> dict:
         s = train_or_reuse(student_recipe(d, name), teacher_identity(d))
         results[name] = {"steps": s["steps"], "wall_s": s["wall_s"],
                          "final_losses": {k: v for k, v in s["final"].items() if k not in ("step", "lr")}}
-    teacher_acc = score(out / "teacher", items, bench, "teacher", d.progress)
+    teacher_acc = score(out / "teacher", items, bench, "teacher", d.progress, d.vision_feature_memo_gb)
     for name, r in results.items():
-        r["accuracy"] = score(out / name, items, bench, name, d.progress)
+        r["accuracy"] = score(out / name, items, bench, name, d.progress, d.vision_feature_memo_gb)
         r["delta_vs_baseline"] = round(r["accuracy"] - results["baseline"]["accuracy"], 2)
         if d.curve_every:
-            r["curve"] = [{"step": int(c.name.split("-")[1]), "accuracy": score(c, items, bench, c.name, d.progress)}
+            r["curve"] = [{"step": int(c.name.split("-")[1]),
+                           "accuracy": score(c, items, bench, c.name, d.progress, d.vision_feature_memo_gb)}
                           for c in checkpoints(out / name)]
     summary = {
         "methods": results,

@@ -53,7 +53,8 @@ from alignkd.train.config import load_config
 from alignkd.train.recipe import build_teacher_cache, checkpoints
 from easyvqa_alignment import METRICS, seed_alignment
 
-STUDY = {"teacher_preset": "tiny-teacher-36", "student_preset": "tiny-student-36", "student_steps": 800, "lr": 0.003}
+STUDY = {"teacher_preset": "tiny-teacher-36", "student_preset": "tiny-student-36", "student_steps": 800, "lr": 0.003,
+         "kd_from_cache": True}
 STUDY_METHODS = "baseline,logit-kd,kd-att,kd-v,alignkd,release"
 DEFAULT_PAIRS = ("logit-kd:baseline", "kd-att:logit-kd", "kd-v:logit-kd", "alignkd:logit-kd", "release:alignkd")
 BOOTSTRAP = 10_000
@@ -140,14 +141,15 @@ def run_student(job: tuple[DemoConfig, str]) -> dict:
     t1 = time.perf_counter()
     bench, items = _held_out(d)
     ckpt = Path(d.output_dir) / name
-    acc = score(ckpt, items, bench, name, progress=False)
+    acc = score(ckpt, items, bench, name, progress=False, memo_gb=d.vision_feature_memo_gb)
     row = {"seed": d.seed, "method": name, "accuracy": acc, "correct": round(acc * len(items) / 100), "n": len(items),
            "train_wall_s": s["wall_s"], "final_losses": {k: v for k, v in s["final"].items() if k not in ("step", "lr")},
            "by_type": by_question_type(items, answered(answers_file(ckpt), items)),
            "digest": weights_digest(ckpt)[:16], "this_run_train_s": round(t1 - t0, 1),
            "this_run_eval_s": round(time.perf_counter() - t1, 1)}
     if d.curve_every:
-        row["curve"] = [{"step": int(c.name.split("-")[1]), "accuracy": score(c, items, bench, c.name, progress=False)}
+        row["curve"] = [{"step": int(c.name.split("-")[1]),
+                         "accuracy": score(c, items, bench, c.name, progress=False, memo_gb=d.vision_feature_memo_gb)}
                         for c in checkpoints(ckpt)]
     print(f"seed {d.seed} {name}: {acc:.2f} % (train {row['this_run_train_s']} s, eval {row['this_run_eval_s']} s)",
           flush=True)
@@ -360,7 +362,7 @@ def main() -> None:
     t0 = time.perf_counter()
     tsum = train_or_reuse(teacher_recipe(d))
     bench, items = _held_out(d)
-    teacher = {"accuracy": score(out / "teacher", items, bench, "teacher", progress=False),
+    teacher = {"accuracy": score(out / "teacher", items, bench, "teacher", progress=False, memo_gb=d.vision_feature_memo_gb),
                "by_type": by_question_type(items, answered(answers_file(out / "teacher"), items)), "steps": tsum["steps"],
                "train_wall_s": tsum["wall_s"], "digest": weights_digest(out / "teacher")[:16],
                "this_run_s": round(time.perf_counter() - t0, 1)}

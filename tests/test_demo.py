@@ -105,10 +105,23 @@ def test_student_recipes_switch_terms_through_the_loss_group():
     assert student_recipe(DemoConfig(curve_every=70), "alignkd").keep_last == 5  # 70, 140, 210, 280, 300
 
 
+def test_kd_from_cache_puts_the_paper_variant_kd_students_on_the_full_cache_only(tmp_path):
+    d = DemoConfig(methods=",".join(STUDENTS), output_dir=str(tmp_path), kd_from_cache=True)
+    caches = {n: student_recipe(d, n).teacher_cache for n in STUDENTS}
+    full = str(tmp_path / "teacher" / "cache-full")
+    assert caches == {"baseline": None, "release": None, "logit-kd": full, "kd-att": full, "kd-v": full, "alignkd": full,
+                      "alignkd-cache-full": full, "alignkd-cache-k8": str(tmp_path / "teacher" / "cache-k8"),
+                      "alignkd-cache-k32": str(tmp_path / "teacher" / "cache-k32")}
+    assert all(student_recipe(d, n).loss.kd_topk is None for n in ("logit-kd", "kd-att", "kd-v", "alignkd"))
+    assert student_recipe(DemoConfig(), "alignkd").teacher_cache is None  # off by default: the teacher runs online
+    assert student_recipe(d, "alignkd").vision_feature_memo_gb == 2.0
+
+
 @pytest.mark.parametrize("kw, message", [({"methods": "alignkd,baseline"}, "methods must list baseline first"),
                                          ({"methods": "baseline,kd"}, "methods must list baseline first"),
                                          ({"eval_limit": 0}, "eval_limit must be > 0"),
-                                         ({"lr": -1.0}, "lr must be > 0")])
+                                         ({"lr": -1.0}, "lr must be > 0"),
+                                         ({"vision_feature_memo_gb": -1.0}, "vision_feature_memo_gb must be >= 0")])
 def test_demo_config_is_checked(kw, message):
     with pytest.raises(ConfigError, match=message):
         DemoConfig(**kw)

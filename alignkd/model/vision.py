@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
@@ -65,6 +68,7 @@ class VisionTower(nn.Module):
         self.config = config
         self.vision_tower = CLIPVisionModel(to_clip_config(config))
         self.requires_grad_(False)  # frozen in MobileVLM V2 and in Align-KD, for teacher and student
+        self.memo: FeatureMemo | None = None  # attach_feature_memo: features of images seen before are reused
 
     @property
     def layers_used(self) -> int:
@@ -73,11 +77,77 @@ class VisionTower(nn.Module):
         return self.config.select_layer % (self.config.num_layers + 1)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        trains = any(p.requires_grad for p in self.parameters())
+        # A frozen tower builds no autograd graph, which saves its activations' memory.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trains):
+            if self.memo is not None and not trains:
+                return self.memo(pixel_values, self._features)
+            return self._features(pixel_values)
+
+    def _features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         vm = self.vision_tower  # transformers 5: embeddings, pre_layrnorm, encoder at the top level
-        dtype = vm.embeddings.patch_embedding.weight.dtype
-        # The tower is frozen: no autograd graph through it, which saves its activations' memory.
-        with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
-            h = vm.pre_layrnorm(vm.embeddings(pixel_values.to(dtype)))  # (B, 1 + grid², Dv) = hidden_states[0]
-            for layer in vm.encoder.layers[: self.layers_used]:
-                h = layer(h, None)
+        h = vm.pre_layrnorm(vm.embeddings(pixel_values.to(vm.embeddings.patch_embedding.weight.dtype)))  # (B, 1 + grid², Dv)
+        for layer in vm.encoder.layers[: self.layers_used]:
+            h = layer(h, None)
         return h[:, 1:]  # (B, grid², Dv): CLS dropped
+
+
+class FeatureMemo:
+    """A frozen tower's features of every image it has seen, kept and reused: the image encoder then runs
+    once per distinct image, not once per use (epochs over a small dataset; runs and evals that share a
+    tower). Attach one as `VisionTower.memo`.
+
+    Keyed by a digest of each image's pixels, so augmented, re-cropped or other images never hit a stale
+    entry. Features stay where the tower computed them (its device and dtype) until `max_bytes` is
+    reached; later images are computed every time. A hit returns what the tower gave for the image in its
+    first batch: equal to a fresh forward up to float rounding (kernels block by batch size)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.store: dict[bytes, torch.Tensor] = {}
+        self.bytes = self.hits = self.misses = 0
+
+    @staticmethod
+    def keys(pixel_values: torch.Tensor) -> list[bytes]:
+        """One 16-byte digest per image of (B_img, 3, S, S) pixels (hashed on the CPU)."""
+        px = pixel_values.detach().cpu().contiguous()
+        return [hashlib.blake2b(px[i].numpy().tobytes(), digest_size=16).digest() for i in range(px.shape[0])]
+
+    def __call__(self, pixel_values: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """(B_img, 3, S, S) pixels → (B_img, grid², Dv) features: `compute` runs on the images not kept."""
+        keys = self.keys(pixel_values)
+        first = {k: i for i, k in reversed(list(enumerate(keys))) if k not in self.store}  # each new image once
+        new = sorted(first.values())
+        self.hits, self.misses = self.hits + len(keys) - len(new), self.misses + len(new)
+        if not new:
+            return torch.stack([self.store[k] for k in keys])
+        fresh = dict(zip((keys[i] for i in new), compute(pixel_values[new])))  # rows of (B_new, grid², Dv)
+        for k, f in fresh.items():
+            if self.bytes + f.nbytes <= self.max_bytes:
+                self.store[k] = f.clone()  # not a view: the batch's tensor is freed
+                self.bytes += f.nbytes
+        return torch.stack([self.store.get(k, fresh.get(k)) for k in keys])  # (B_img, grid², Dv)
+
+
+_MEMOS: dict[bytes, FeatureMemo] = {}
+
+
+def tower_digest(tower: nn.Module) -> bytes:
+    """A digest of a tower's weights (names, shapes, dtypes, values) and device."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in tower.state_dict().items():
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}:{t.device};".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.digest()
+
+
+def attach_feature_memo(tower: VisionTower, max_bytes: int) -> FeatureMemo:
+    """Give a frozen `tower` this process's memo for towers of its weights on its device: models loaded
+    one after another with the same tower (the demo's students copy their teacher's) reuse each other's
+    features. The memo's budget is the largest asked of it."""
+    if any(p.requires_grad for p in tower.parameters()):
+        raise ValueError("a feature memo needs a frozen vision tower")
+    memo = _MEMOS.setdefault(tower_digest(tower), FeatureMemo(max_bytes))
+    memo.max_bytes = max(memo.max_bytes, max_bytes)
+    tower.memo = memo
+    return memo

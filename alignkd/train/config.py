@@ -29,7 +29,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 TEACHER_DTYPES = ("auto", "bf16", "fp16", "fp32")
 # How a run is executed or reported, not what it computes: a resume may change these.
 RUN_INDEPENDENT = ("output_dir", "progress", "log_every", "save_every", "keep_last", "resume", "compile",
-                   "gradient_checkpointing", "deterministic", "num_workers")
+                   "gradient_checkpointing", "deterministic", "num_workers", "vision_feature_memo_gb")
 
 
 def check_values(obj: Any, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
@@ -145,6 +145,12 @@ class TrainConfig:
     ops and cuts kernel launches (benchmarks/train_step.py measures it); the first steps pay the compile."""
     num_workers: int = 0
     """DataLoader worker processes that decode and preprocess the images (0 = in the training process)."""
+    vision_feature_memo_gb: float = 0.0
+    """Keep the frozen vision tower's features of each image, once computed, in up to this many GiB (on the
+    training device) and reuse them whenever the same pixels come again: in later epochs, and in later
+    runs of this process with the same tower (the demo's students). 0 = off. Worth it on small datasets
+    trained for many epochs; an image's features take 576 × 1024 × 2 B ≈ 1.2 MB at real shapes (bf16).
+    Needs a frozen tower (train_vision_tower false)."""
     save_every: int = 0
     """Checkpoint every N steps (0 = only the final step, which is always checkpointed)."""
     keep_last: int = 2
@@ -160,12 +166,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_values(self, positive=("steps", "batch_size", "grad_accum", "lr", "projector_lr", "keep_last",
                                      "log_every"),
-                     non_negative=("weight_decay", "max_grad_norm", "seed", "num_workers", "save_every"),
+                     non_negative=("weight_decay", "max_grad_norm", "seed", "num_workers", "save_every",
+                                   "vision_feature_memo_gb"),
                      fractions=("warmup_ratio", "min_lr_ratio"),
                      choices={"method": METHODS, "precision": PRECISIONS, "teacher_dtype": TEACHER_DTYPES,
                               "teacher_cache_missing": ("fail", "skip")})
         if self.method != "baseline" and not self.teacher:
             raise ConfigError(f"method {self.method} needs a teacher (teacher=DIR or --teacher DIR)")
+        if self.vision_feature_memo_gb and self.train_vision_tower:
+            raise ConfigError("vision_feature_memo_gb needs a frozen vision tower: train_vision_tower is true")
         if self.teacher_cache and self.method != "baseline" and self.loss.kd_positions == "all":
             raise ConfigError("teacher_cache needs loss.kd_positions text or tokens: 'all' (the release variant's) "
                               "also scores padding positions, which depend on the batch a sample is drawn in")

@@ -51,6 +51,7 @@ from ..model.checkpoint import build_model, config_from_name, load_model, read_m
 from ..model.config import PRESETS, MobileVLMConfig
 from ..model.mobilevlm import MobileVLM, first_text_after_image
 from ..model.tokenizer import check_tokenizer_matches, load_tokenizer, tiny_tokenizer_dir
+from ..model.vision import attach_feature_memo
 from .config import TrainConfig, dump_config, run_differences
 from .teacher_cache import (CacheError, CacheSpec, CacheWriter, TeacherCache, build, check_folder, clear, dataset_keys,
                             exclusive, finalize, pending, teacher_fingerprint)
@@ -329,6 +330,8 @@ def setup(cfg: TrainConfig) -> Run:
 
     student.to(device)
     loss_fn.to(device)
+    if cfg.vision_feature_memo_gb:  # before sharding: the digest reads the tower's full weights
+        attach_feature_memo(student.vision_tower, int(cfg.vision_feature_memo_gb * 2**30))
     if teacher is not None:
         teacher.to(device=device, dtype=_dtype(cfg.teacher_dtype, device))
     if cfg.compile:
@@ -393,6 +396,8 @@ def build_teacher_cache(cfg: TrainConfig, overwrite: bool = False) -> dict:
         teacher = None
         if todo:
             teacher = _load_teacher(cfg).to(device=device, dtype=_dtype(cfg.teacher_dtype, device))
+            if cfg.vision_feature_memo_gb:  # ~10 questions per image in easy-vqa: CLIP runs once per image
+                attach_feature_memo(teacher.vision_tower, int(cfg.vision_feature_memo_gb * 2**30))
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
         stats = build(teacher, dataset, writer, todo, cfg.batch_size, device, torch.bfloat16 if bf16 else None,
                       cfg.num_workers, cfg.progress and rank == 0, total=share)
@@ -819,7 +824,7 @@ def save_final(run: Run, wall_s: float) -> dict:
     summary = {"method": run.cfg.method, "steps": run.step, "wall_s": round(wall_s, 2),
                "final": run.history[-1] if run.history else {}, "output_dir": str(run.out),
                "dropped_too_long": run.dataset.stats.n_too_long, "skipped_malformed": run.dataset.stats.n_malformed,
-               "skipped_not_in_cache": run.cache_skipped,
+               "skipped_not_in_cache": run.cache_skipped, "vision_feature_memo": _memo_stats(run),
                "config": run.cfg.to_dict()}
     if run.is_main:
         try:
@@ -838,6 +843,13 @@ def save_final(run: Run, wall_s: float) -> dict:
     if run.world > 1:
         dist.barrier()
     return summary
+
+
+def _memo_stats(run: Run) -> dict | None:
+    """The vision feature memo's totals (of this process, across the runs that share it)."""
+    memo = run.student.vision_tower.memo
+    return None if memo is None else {"hits": memo.hits, "misses": memo.misses, "images_kept": len(memo.store),
+                                      "mib": round(memo.bytes / 2**20, 1)}
 
 
 def plot_losses(history: list[dict], path: Path, title: str = "") -> None:

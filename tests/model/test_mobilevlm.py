@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from transformers import CLIPVisionModel, LlamaForCausalLM
 
 from alignkd.errors import ConfigError, DataError
-from alignkd.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, MobileVLM, get_preset
+from alignkd.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, MobileVLM, build_model, get_preset
 from alignkd.model.mobilevlm import first_text_after_image, to_llama_config
 from alignkd.model.projector import LDPv2Projector
-from alignkd.model.vision import to_clip_config
+from alignkd.model import vision
+from alignkd.model.vision import FeatureMemo, attach_feature_memo, to_clip_config
 
 IMG = IMAGE_TOKEN_INDEX
 
@@ -55,6 +56,44 @@ def test_vision_tower_is_frozen(tiny_student, pixels):
     feats.sum().backward()
     assert tiny_student.mm_projector.mlp.mlp[0].weight.grad is not None
     tiny_student.zero_grad(set_to_none=True)
+
+
+def test_feature_memo_gives_the_towers_features_and_computes_each_image_once(pixels):
+    tower = build_model("tiny-student", seed=0).vision_tower
+    px = torch.cat([pixels, pixels[:1], pixels.flip(0)])  # (5, 3, 48, 48): images a, b, a, b, a
+    expected = tower(px)  # a batch of 1 rounds differently: equal up to ~1e-6
+    computed = []
+
+    def compute(x):
+        computed.append(x.shape[0])
+        return tower(x)
+
+    memo = FeatureMemo(max_bytes=1 << 30)
+    torch.testing.assert_close(memo(px, compute), expected, rtol=0, atol=1e-5)
+    assert computed == [2] and (memo.hits, memo.misses, len(memo.store)) == (3, 2, 2)
+    torch.testing.assert_close(memo(pixels.flip(0), compute), expected[[1, 0]], rtol=0, atol=1e-5)
+    assert computed == [2] and memo.hits == 5  # nothing computed: both images were kept
+    small = FeatureMemo(max_bytes=expected[0].nbytes)  # room for one image: the other is computed each time
+    for _ in range(2):
+        torch.testing.assert_close(small(pixels, compute), expected[:2], rtol=0, atol=1e-5)
+    assert computed == [2, 2, 1] and len(small.store) == 1
+
+
+def test_attached_memos_are_shared_by_towers_of_the_same_weights_only(pixels, monkeypatch):
+    monkeypatch.setattr(vision, "_MEMOS", {})
+    a, b = build_model("tiny-student", seed=0), build_model("tiny-student", seed=0)
+    other = build_model("tiny-student", seed=1)
+    plain = a.vision_tower(pixels)
+    memo = attach_feature_memo(a.vision_tower, 1 << 30)
+    assert attach_feature_memo(b.vision_tower, 1 << 20) is memo and memo.max_bytes == 1 << 30
+    assert attach_feature_memo(other.vision_tower, 1 << 30) is not memo
+    torch.testing.assert_close(a.encode_images(pixels), b.encode_images(pixels), rtol=0, atol=0)
+    assert (memo.misses, memo.hits) == (2, 2)  # b's forward reused a's features
+    torch.testing.assert_close(b.vision_tower(pixels), plain, rtol=0, atol=1e-5)
+    other.vision_tower.requires_grad_(True)
+    other.vision_tower.memo = None
+    with pytest.raises(ValueError, match="frozen"):
+        attach_feature_memo(other.vision_tower, 1 << 30)
 
 
 def test_ldpv2_shapes_names_and_residual():

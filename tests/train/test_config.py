@@ -38,6 +38,8 @@ def test_yaml_groups_and_overrides(tmp_path):
     (["keep_last=0"], "keep_last must be > 0"),
     (["save_every=-2"], "save_every must be >= 0"),
     (["num_workers=-1"], "num_workers must be >= 0"),
+    (["vision_feature_memo_gb=-1"], "vision_feature_memo_gb must be >= 0"),
+    (["vision_feature_memo_gb=1", "train_vision_tower=true"], "vision_feature_memo_gb needs a frozen vision tower"),
     (["steps=ten"], "steps: 'ten' is not an integer$"),
     (["projector_lr=x"], "projector_lr: 'x' is not a number or null$"),
     (["compile=2"], "compile: '2' is not true or false$"),

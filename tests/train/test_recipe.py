@@ -158,3 +158,21 @@ def test_data_loader_workers_give_the_same_steps(tmp_path, small_run):
     for a, b in zip(*rows):
         for k in ("ce", "kd", "att", "v_all", "v_focus", "total", "grad_norm"):
             assert a[k] == b[k], k
+
+
+def test_vision_feature_memo_gives_the_same_steps_and_computes_each_image_once(tmp_path, small_run, monkeypatch):
+    """Four samples, batch 2: the second epoch's images come from the memo, and every step's terms are the
+    fresh forward's."""
+    from alignkd.model import vision
+
+    monkeypatch.setattr(vision, "_MEMOS", {})
+    rows = []
+    for memo in (0.0, 0.01):
+        run = setup(small_run(output_dir=str(tmp_path / f"m{memo}"), data__limit=4, vision_feature_memo_gb=memo))
+        rows.append([train_step(run) for _ in range(4)])
+    kept = run.student.vision_tower.memo
+    distinct = len({s["image"] for s in run.dataset.samples})
+    assert (kept.misses, kept.hits, len(kept.store)) == (distinct, 8 - distinct, distinct)
+    for a, b in zip(*rows):
+        for k in ("ce", "kd", "att", "v_all", "v_focus", "total", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5), k
