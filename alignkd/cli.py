@@ -173,12 +173,14 @@ def teacher_cache(config_path, teacher, student, data, image_folder, output_dir,
 
     \b
     Same config and keys as train (train-keys); what the cache holds comes from
-      loss.kd_topk (k; null = every token), loss.temperature, loss.kd_positions (text or tokens),
+      loss.kd_topk (k; unset: 32, about 128 bytes per KD position; the vocabulary size: every token),
+      loss.temperature, loss.kd_positions (text or tokens),
       data.* and teacher; batch_size, teacher_dtype, precision, num_workers set how it runs.
     e.g.
       alignkd-mobile teacher-cache --config configs/mobilevlm_v2_1.7b/alignkd.yaml \\
-          --output-dir cache/7b-k32 loss.kd_topk=32
-      alignkd-mobile train --config configs/mobilevlm_v2_1.7b/alignkd.yaml teacher_cache=cache/7b-k32 loss.kd_topk=32
+          --output-dir cache/7b-k32
+      alignkd-mobile train --config configs/mobilevlm_v2_1.7b/alignkd.yaml teacher_cache=cache/7b-k32
+    (train takes k from the cache unless loss.kd_topk is set, which must then be the cache's).
     Rerunning the command continues a killed build (finished shards are kept). Several GPUs:
     torchrun --nproc_per_node=8 --no-python alignkd-mobile teacher-cache ... (the ranks split the samples).
     """

@@ -31,6 +31,7 @@ from .eval.benchmarks import EasyVQA, EvalItem
 from .eval.runner import answer_items
 from .fileio import atomic_write
 from .model.checkpoint import load_model, weights_digest
+from .model.config import TINY_VOCAB
 from .model.tokenizer import load_tokenizer
 from .model.vision import attach_feature_memo
 from .train.config import TrainConfig, check_values, load_config, run_differences
@@ -45,10 +46,11 @@ STUDENTS: dict[str, tuple[str, dict[str, Any]]] = {
     "alignkd": ("alignkd", {}),
     "release": ("alignkd", {"loss.variant": "release"}),  # the public code's computation
     # Align-KD with logit KD from an offline teacher cache (issue 15): the teacher's top 8 / 32 tokens, or every
-    # token. The cache (a folder in the teacher's, shared by every seed) is built before the student's first step.
+    # token (k = the tiny tokenizer's vocabulary). The cache (a folder in the teacher's, shared by every seed) is
+    # built before the student's first step.
     "alignkd-cache-k8": ("alignkd", {"loss.kd_topk": 8, "teacher_cache": "cache-k8"}),
     "alignkd-cache-k32": ("alignkd", {"loss.kd_topk": 32, "teacher_cache": "cache-k32"}),
-    "alignkd-cache-full": ("alignkd", {"teacher_cache": "cache-full"}),
+    "alignkd-cache-full": ("alignkd", {"loss.kd_topk": TINY_VOCAB, "teacher_cache": "cache-full"}),
 }
 
 
@@ -130,7 +132,7 @@ def student_recipe(d: DemoConfig, name: str) -> TrainConfig:
     # every curve_every steps, and the final step: ceil(steps / curve_every) checkpoints
     curve = {"save_every": d.curve_every, "keep_last": -(-d.student_steps // d.curve_every)} if d.curve_every else {}
     if d.kd_from_cache and method != "baseline" and loss.get("loss.variant") != "release" and "teacher_cache" not in loss:
-        loss = {**loss, "teacher_cache": "cache-full"}  # as alignkd-cache-full: one cache for every such student
+        loss = {**loss, **STUDENTS["alignkd-cache-full"][1]}  # one cache of every token for every such student
     if "teacher_cache" in loss:  # a folder in the teacher's
         loss = {**loss, "teacher_cache": str(Path(teacher) / loss["teacher_cache"])}
     return _recipe(d, name, {"method": method, "student": d.student_preset, "init_vision_from": teacher,

@@ -30,7 +30,7 @@ from alignkd.train.recipe import build_teacher_cache
 from alignkd.train.teacher_cache import CacheSpec, CacheWriter, finalize
 
 
-def easyvqa_row(root: Path, k: int | None, samples: int) -> dict:
+def easyvqa_row(root: Path, k: int, samples: int) -> dict:
     cfg = load_config(flags={"teacher": "tiny-teacher", "teacher_cache": str(root), "data.limit": samples,
                              "loss.kd_topk": k, "batch_size": 32, "progress": False})
     s = build_teacher_cache(cfg)
@@ -63,7 +63,7 @@ def main() -> None:
     out = []
     with tempfile.TemporaryDirectory(prefix="cache-size-") as tmp:
         for k in a.tiny_k.split(","):
-            out.append(easyvqa_row(Path(tmp) / f"tiny-{k}", None if k == "full" else int(k), a.samples))
+            out.append(easyvqa_row(Path(tmp) / f"tiny-{k}", 512 if k == "full" else int(k), a.samples))
         for k in a.real_k.split(","):
             out.append(real_vocab_row(Path(tmp) / f"real-{k}", int(k), a.real_samples, a.real_rows))
     for r in out:

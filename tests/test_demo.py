@@ -112,7 +112,7 @@ def test_kd_from_cache_puts_the_paper_variant_kd_students_on_the_full_cache_only
     assert caches == {"baseline": None, "release": None, "logit-kd": full, "kd-att": full, "kd-v": full, "alignkd": full,
                       "alignkd-cache-full": full, "alignkd-cache-k8": str(tmp_path / "teacher" / "cache-k8"),
                       "alignkd-cache-k32": str(tmp_path / "teacher" / "cache-k32")}
-    assert all(student_recipe(d, n).loss.kd_topk is None for n in ("logit-kd", "kd-att", "kd-v", "alignkd"))
+    assert all(student_recipe(d, n).loss.kd_topk == 512 for n in ("logit-kd", "kd-att", "kd-v", "alignkd"))
     assert student_recipe(DemoConfig(), "alignkd").teacher_cache is None  # off by default: the teacher runs online
     assert student_recipe(d, "alignkd").vision_feature_memo_gb == 2.0
 

@@ -295,8 +295,9 @@ class AlignKDLossConfig:
     kd_topk: int | None = None
     """KD over the teacher's k most likely tokens at each position (+ their tail, kd_tail) instead of its
     whole distribution: what an offline teacher cache stores (teacher_cache=DIR; k must be the cache's), or,
-    without a cache, the same loss from the teacher's logits online. None: the full distribution (a cache
-    then holds every token)."""
+    without a cache, the same loss from the teacher's logits online. None: online, the full distribution;
+    with a cache, the cache's k (a cache build without it keeps the top 32; k = the vocabulary size keeps
+    every token)."""
     kd_tail: str = "rest"
     """The teacher's mass outside its top kd_topk: "rest" (one more bucket holding it; the student's bucket
     is its own mass outside those tokens) or "renorm" (both sides renormalised over the k tokens). rest is

@@ -123,8 +123,9 @@ class TrainConfig:
     the teacher's top-k log-probs there instead of running the teacher. L_att and L_v still run the teacher,
     but only its vision tower, projector, embeddings and layer 0 (its other tensors are never read); logit-kd
     loads no teacher at all. The cache must have been made by `teacher` with this run's loss.kd_topk (null:
-    every token), loss.temperature, loss.kd_positions (text or tokens) and data.template, and hold every
-    training sample. Unused by method=baseline."""
+    whatever k it was built with; a build without loss.kd_topk keeps the top 32), loss.temperature,
+    loss.kd_positions (text or tokens) and data.template, and hold every training sample. Unused by
+    method=baseline."""
     teacher_cache_missing: str = "fail"
     """A training sample that teacher_cache does not hold: fail (one error, with the count and an example,
     before any step) or skip (the sample is dropped from training and counted)."""

@@ -53,8 +53,8 @@ from ..model.mobilevlm import MobileVLM, first_text_after_image
 from ..model.tokenizer import check_tokenizer_matches, load_tokenizer, tiny_tokenizer_dir
 from ..model.vision import attach_feature_memo
 from .config import TrainConfig, dump_config, run_differences
-from .teacher_cache import (CacheError, CacheSpec, CacheWriter, TeacherCache, build, check_folder, clear, dataset_keys,
-                            exclusive, finalize, pending, teacher_fingerprint)
+from .teacher_cache import (DEFAULT_CACHE_K, CacheError, CacheSpec, CacheWriter, TeacherCache, build, check_folder,
+                            clear, dataset_keys, exclusive, finalize, pending, recorded_k, teacher_fingerprint)
 
 LOSS_TERMS = ("ce", "kd", "att", "v_all", "v_focus", "total")
 
@@ -196,13 +196,15 @@ def build_dataset(cfg: TrainConfig, tokenizer, student_cfg: MobileVLMConfig) -> 
     return ds
 
 
-def cache_spec(cfg: TrainConfig, teacher_cfg: MobileVLMConfig) -> CacheSpec:
+def cache_spec(cfg: TrainConfig, teacher_cfg: MobileVLMConfig, building: bool = False) -> CacheSpec:
     """What a teacher cache for this run must have been made with (`teacher` is the identity of cfg.teacher:
-    its config and weights, or a preset and its seed)."""
+    its config and weights, or a preset and its seed). k is loss.kd_topk; unset, a build takes DEFAULT_CACHE_K
+    and a run the k its cache was built with."""
     teacher = ({"preset": cfg.teacher, "seed": _teacher_seed(cfg)} if cfg.teacher in PRESETS
                else teacher_fingerprint(cfg.teacher))
     vocab = teacher_cfg.text.vocab_size
-    return CacheSpec(teacher=teacher, k=cfg.loss.kd_topk or vocab, temperature=cfg.loss.temperature,
+    k = cfg.loss.kd_topk or (None if building else recorded_k(cfg.teacher_cache)) or min(DEFAULT_CACHE_K, vocab)
+    return CacheSpec(teacher=teacher, k=k, temperature=cfg.loss.temperature,
                      kd_positions=cfg.loss.kd_positions, template=cfg.data.template, vocab_size=vocab)
 
 
@@ -378,7 +380,7 @@ def build_teacher_cache(cfg: TrainConfig, overwrite: bool = False) -> dict:
     tokenizer = _tokenizer_for(cfg)
     student_cfg, teacher_cfg = _check_models(cfg, tokenizer)
     dataset = build_dataset(cfg, tokenizer, student_cfg)
-    spec, root = cache_spec(cfg, teacher_cfg), Path(cfg.teacher_cache)
+    spec, root = cache_spec(cfg, teacher_cfg, building=True), Path(cfg.teacher_cache)
     keys = dataset_keys(dataset, cfg.data.template)
     if rank == 0:
         try:

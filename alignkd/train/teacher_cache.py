@@ -52,6 +52,9 @@ from ..fileio import atomic_write, remove_stale_temps
 FORMAT = "alignkd-teacher-cache"
 VERSION = 2
 MANIFEST = "cache.json"
+# k of a build that does not set loss.kd_topk: 4·32 = 128 bytes per KD position (+ 40 per sample), and on the
+# easy-vqa seeds study as good as online KD (README, Results: Teacher cache).
+DEFAULT_CACHE_K = 32
 _SAMPLE_BYTES = 1 << 20  # the fingerprint reads this much at three places of each weight file
 _SHARD_DTYPES = {"U8": np.uint8, "I64": np.int64, "F16": np.float16, "U16": np.uint16, "I32": np.int32}
 _TOPK_ROWS = 4096  # rows per fp32 log-softmax when building: bounds its (rows, V) buffer
@@ -281,6 +284,16 @@ def _read_manifest(root: Path) -> dict:
     if not (root / MANIFEST).is_file():
         raise CacheError(f"teacher cache {root}: no {MANIFEST} (build it with `alignkd-mobile teacher-cache`)")
     return _read_record(root / MANIFEST, "manifest")
+
+
+def recorded_k(root: str | Path | None) -> int | None:
+    """The k a finished cache in `root` was built with; None when there is none to read (opening the cache
+    then names what is wrong)."""
+    try:
+        k = json.loads((Path(root) / MANIFEST).read_text())["spec"]["k"]
+    except (TypeError, OSError, ValueError, KeyError):
+        return None
+    return k if isinstance(k, int) and not isinstance(k, bool) and k > 0 else None
 
 
 def _check_spec(root: Path, recorded: dict, expected: CacheSpec, where: str) -> None:

@@ -54,10 +54,10 @@ def _listing(root):
 
 def test_a_cache_at_k_equal_to_the_vocabulary_gives_the_online_step(tmp_path, run_cfg):
     cache = tmp_path / "cache"
-    summary = build_teacher_cache(run_cfg(teacher_cache=str(cache)))
+    summary = build_teacher_cache(run_cfg(teacher_cache=str(cache), loss__kd_topk=512))
     assert (summary["samples"], summary["computed_now"], summary["k"]) == (10, 10, 512)
     online = setup(run_cfg(output_dir=str(tmp_path / "online")))
-    cached = setup(run_cfg(output_dir=str(tmp_path / "cached"), teacher_cache=str(cache)))
+    cached = setup(run_cfg(output_dir=str(tmp_path / "cached"), teacher_cache=str(cache)))  # k: the cache's
     # the cached run's teacher is its layer-0 prefix: no later layer, no final norm, no LM head
     t = cached.teacher
     assert len(t.lm.model.layers) == 1 and not hasattr(t.lm, "lm_head")
@@ -85,8 +85,19 @@ def test_logit_kd_from_a_cache_loads_no_teacher_and_matches_online_top_k(tmp_pat
     assert 0 < a["kd"] < f["kd"]  # the coarsened KL is below the full one (data-processing inequality)
 
 
+def test_a_build_without_k_keeps_the_top_32_and_a_run_without_k_takes_the_caches(tmp_path, run_cfg):
+    cache = str(tmp_path / "cache")
+    summary = build_teacher_cache(run_cfg(teacher_cache=cache))
+    assert summary["k"] == 32 and summary["bytes_per_kd_position"] < 200
+    implicit = setup(run_cfg(teacher_cache=cache, output_dir=str(tmp_path / "i")))
+    explicit = setup(run_cfg(teacher_cache=cache, loss__kd_topk=32, output_dir=str(tmp_path / "e")))
+    assert implicit.cfg.loss.kd_topk is None and implicit.cache.spec.k == 32
+    a, b = train_step(implicit), train_step(explicit)
+    assert a == b and a["kd"] > 0
+
+
 @pytest.mark.parametrize("change, said", [
-    ({"loss__kd_topk": 8}, "k: cache 512, run 8"),
+    ({"loss__kd_topk": 8}, "k: cache 32, run 8"),
     ({"loss__temperature": 2.0}, "temperature: cache 1.0, run 2.0"),
     ({"loss__kd_positions": "tokens"}, "kd_positions: cache 'text', run 'tokens'"),
     ({"data__template": "plain"}, "template: cache 'v1', run 'plain'"),
@@ -147,7 +158,7 @@ def test_rows_of_another_layout_are_refused_naming_the_sample(tmp_path, run_cfg)
     w = CacheWriter(cfg.teacher_cache, spec)
     for s, key in zip(run.dataset.samples, dataset_keys(run.dataset, "v1")):
         n = sum(1 for x in s["labels"][1:] if x != -100) + 1
-        w.add(key, torch.zeros(n, 512), torch.arange(512).expand(n, 512))
+        w.add(key, torch.zeros(n, spec.k), torch.arange(spec.k).expand(n, spec.k))
     w.flush()
     recipe.finalize(cfg.teacher_cache, spec)
     with pytest.raises(CacheError, match=r"training sample \d+ has (\d+) cached KD positions, this run's token "
