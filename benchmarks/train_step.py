@@ -9,6 +9,8 @@
              only, and only those tensors of it exist
   logit-kd-cached   plain + KD from the cache: no teacher at all
   +compile   the same step with compile=true (each transformer block but LM layer 0 torch.compiled)
+  +memo      the same step with vision_feature_memo_gb: the batch repeats, so after the warm-up step every
+             image's CLIP features come from the memo (the step of images seen before: later epochs)
   release    the public release's computation: eager attention with attentions on every layer in both
              models, CLIP run twice, KD on every position
 
@@ -45,6 +47,7 @@ from alignkd.distill.attention import capture_layer0_attention
 from torch.profiler import ProfilerActivity, profile, record_function
 from alignkd.model import IMAGE_TOKEN_INDEX, MobileVLM, get_preset
 from alignkd.model.checkpoint import keep_layers
+from alignkd.model.vision import attach_feature_memo
 from alignkd.train.config import load_config
 from alignkd.train.recipe import Run, cached_teacher_rows, compile_blocks, make_loss, make_optimizer, micro_step
 from alignkd.train.teacher_cache import CacheSpec, CacheWriter, TeacherCache, finalize
@@ -150,13 +153,18 @@ class Prepared:
 
 def prepare(kind: str, tiny: bool, device: torch.device, b: int, text: int, steps: int, layers: int | None,
             cache_k: int, workdir: str) -> Prepared:
-    base_kind, compiled = kind.removesuffix("+compile"), kind.endswith("+compile")
+    base_kind, *mods = kind.split("+")
+    compiled, memo = "compile" in mods, "memo" in mods
+    if set(mods) - {"compile", "memo"}:
+        raise SystemExit(f"unknown modifier in {kind!r}: +compile and +memo are known")
     attn = "eager" if base_kind == "release" else "sdpa"
     cached = base_kind in ("cached", "logit-kd-cached")
     student, teacher = _models(tiny, device, attn, with_teacher=base_kind not in ("plain", "logit-kd-cached"),
                                layers=layers, teacher_prefix=cached)
     if compiled:  # as the recipe does with compile=true
         compile_blocks(student, teacher)
+    if memo:  # as the recipe does with vision_feature_memo_gb
+        attach_feature_memo(student.vision_tower, 1 << 40)
     ref = teacher or student
     method = {"plain": "baseline", "logit-kd": "logit-kd", "logit-kd-cached": "logit-kd"}.get(base_kind, "alignkd")
     flags = {"method": method, "teacher": "bench" if method != "baseline" else None, "steps": steps,
@@ -192,7 +200,7 @@ def prepare(kind: str, tiny: bool, device: torch.device, b: int, text: int, step
     v_params = sum(p.numel() for p in student.vision_tower.parameters())
     t_params = sum(p.numel() for p in ref.lm.parameters()) + sum(p.numel() for p in ref.mm_projector.parameters())
     patches = b * (student.config.vision.num_patches + 1)
-    flops = 6 * s_params * n_tok + 2 * v_params * patches * (1 if base_kind != "release" else 2)
+    flops = 6 * s_params * n_tok + 2 * v_params * patches * {"release": 2}.get(base_kind, 0 if memo else 1)
     if base_kind not in ("plain", "logit-kd-cached"):
         flops += 2 * t_params * n_tok
     return Prepared(kind, one_step, 3 if compiled else 1, n_tok, flops, (student, teacher, opt, run, loss_fn, batch))
@@ -307,7 +315,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="cut both LMs to this many layers (smoke runs)")
     ap.add_argument("--profile", action="store_true", help="after timing, profile one step of each kind")
     ap.add_argument("--kinds", default="plain,logit-kd,alignkd,release,plain+compile,alignkd+compile",
-                    help="which steps, comma-separated (+compile: with compile=true); ratios are to the first")
+                    help="which steps, comma-separated (+compile: with compile=true; +memo: CLIP features from the memo); ratios are to the first")
     ap.add_argument("--cache-k", type=int, default=32, help="top-k log-probs per KD position of the cached kind")
     ap.add_argument("--rounds", type=int, default=1, help="> 1: every kind built first, then timed in interleaved "
                     "rounds of --steps steps")
