@@ -86,7 +86,8 @@ class VisionTower(nn.Module):
 
     def _features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         vm = self.vision_tower  # transformers 5: embeddings, pre_layrnorm, encoder at the top level
-        h = vm.pre_layrnorm(vm.embeddings(pixel_values.to(vm.embeddings.patch_embedding.weight.dtype)))  # (B, 1 + grid², Dv)
+        dtype = vm.embeddings.patch_embedding.weight.dtype
+        h = vm.pre_layrnorm(vm.embeddings(pixel_values.to(dtype)))  # (B, 1 + grid², Dv) = hidden_states[0]
         for layer in vm.encoder.layers[: self.layers_used]:
             h = layer(h, None)
         return h[:, 1:]  # (B, grid², Dv): CLS dropped
@@ -111,7 +112,8 @@ class FeatureMemo:
     def keys(pixel_values: torch.Tensor) -> list[bytes]:
         """One 16-byte digest per image of (B_img, 3, S, S) pixels (hashed on the CPU)."""
         px = pixel_values.detach().cpu().contiguous()
-        return [hashlib.blake2b(px[i].numpy().tobytes(), digest_size=16).digest() for i in range(px.shape[0])]
+        raw = px.reshape(px.shape[0], -1).view(torch.uint8).numpy()  # bytes of any dtype (numpy has no bf16)
+        return [hashlib.blake2b(raw[i].tobytes(), digest_size=16).digest() for i in range(px.shape[0])]
 
     def __call__(self, pixel_values: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """(B_img, 3, S, S) pixels → (B_img, grid², Dv) features: `compute` runs on the images not kept."""
