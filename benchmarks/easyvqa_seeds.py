@@ -7,7 +7,9 @@
 The study's defaults (key=value overrides any): the tiny-teacher-36 / tiny-student-36 presets (36 image tokens,
 a one-layer frozen CLIP), 800 student steps at lr 3e-3 (chosen from the curves of two seeds; at 600 a seed's
 baseline stayed stuck at 41.5 %), batch 16, 2,000 held-out questions; methods baseline, logit-kd, kd-att, kd-v,
-alignkd, release.
+alignkd, release; kd_from_cache (the paper-variant KD students read the teacher's logits from one cache of every
+token, built once) and the demo's vision_feature_memo_gb (the frozen CLIP runs once per image per worker): the
+same losses, and the whole study in about an hour (59 min on this machine).
 
 One teacher (trained once in OUTPUT_DIR/teacher, shared by every seed through a link), then per seed every
 student of `methods` (any of `alignkd.demo.STUDENTS`, baseline first) with identical data order, steps and

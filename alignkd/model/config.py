@@ -252,7 +252,7 @@ PRESETS: dict[str, MobileVLMConfig] = {
 
 # The seeds study's models (benchmarks/easyvqa_seeds.py): the tiny ones with LDPv2 pooling to 6×6 (36 image
 # tokens instead of 144) and a 2-layer CLIP (one layer run: select_layer −2), so that ten seeds × six students
-# train to a stable point in under two hours on two cores. Not exportable to GGUF (llama.cpp pools to 12×12).
+# train to a stable point in about an hour on two cores. Not exportable to GGUF (llama.cpp pools to 12×12).
 _TINY_VISION_STUDY = dataclasses.replace(_TINY_VISION, num_layers=2)
 for _n in ("tiny-student", "tiny-teacher"):
     PRESETS[f"{_n}-36"] = PRESETS[_n].replace(name=f"{_n}-36", vision=_TINY_VISION_STUDY, pooled_grid=6)
