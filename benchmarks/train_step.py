@@ -148,6 +148,7 @@ class Prepared:
     warmup: int
     n_tok: int
     flops: float
+    teacher_gb: float  # bytes of the teacher's tensors that exist (on the device): 0 without a teacher
     keep: tuple  # the models etc. (freed with this object)
 
 
@@ -203,7 +204,9 @@ def prepare(kind: str, tiny: bool, device: torch.device, b: int, text: int, step
     flops = 6 * s_params * n_tok + 2 * v_params * patches * {"release": 2}.get(base_kind, 0 if memo else 1)
     if base_kind not in ("plain", "logit-kd-cached"):
         flops += 2 * t_params * n_tok
-    return Prepared(kind, one_step, 3 if compiled else 1, n_tok, flops, (student, teacher, opt, run, loss_fn, batch))
+    t_bytes = sum(t.numel() * t.element_size() for t in [*teacher.parameters(), *teacher.buffers()]) if teacher else 0
+    return Prepared(kind, one_step, 3 if compiled else 1, n_tok, flops, round(t_bytes / 1e9, 2),
+                    (student, teacher, opt, run, loss_fn, batch))
 
 
 def timed(p: Prepared, n: int, device: torch.device) -> list[float]:
@@ -226,7 +229,7 @@ def summarize(p: Prepared, times: list[float], warm_times: list[float], device: 
     return {"step": p.kind, "seconds": round(t, 4), "tokens_per_s": round(p.n_tok / t, 1),
             "tflops": round(p.flops / t / 1e12, 2), "mfu": round(p.flops / t / peak, 3) if peak else None,
             "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 1) if device.type == "cuda" else None,
-            "warmup_s": round(sum(warm_times), 1), "steps_timed": len(times)}
+            "teacher_gb": p.teacher_gb, "warmup_s": round(sum(warm_times), 1), "steps_timed": len(times)}
 
 
 def _free(device: torch.device) -> None:
@@ -306,6 +309,25 @@ def check_capture(tiny: bool, device: torch.device, b: int, text: int, layers: i
     return row
 
 
+def goal_lines(rows: list[dict]) -> list[str]:
+    """Issue 15's goals, read off the rows: each cached Align-KD kind against the plain kind with the same
+    modifiers (cached+compile against plain+compile): ≤ 1.15× its step time, peak memory ≤ its + 3 GB."""
+    by = {r["step"]: r for r in rows}
+    out = []
+    for r in rows:
+        base, *mods = r["step"].split("+")
+        plain = by.get("+".join(["plain", *mods]))
+        if base != "cached" or plain is None:
+            continue
+        x = r["ratio_median"] if plain is rows[0] else r["seconds"] / plain["seconds"]  # interleaved: per round
+        line = f"goal: {r['step']} / {plain['step']} = {x:.3f} (≤ 1.15: {'met' if x <= 1.15 else 'not met'})"
+        if r["peak_mem_gb"] is not None and plain["peak_mem_gb"] is not None:
+            d = r["peak_mem_gb"] - plain["peak_mem_gb"]
+            line += f"; peak memory {d:+.1f} GB (≤ +3: {'met' if d <= 3 else 'not met'})"
+        out.append(line)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny presets (default on a machine without CUDA)")
@@ -346,14 +368,16 @@ def main() -> None:
           f"({text} text + 144 image)")
     first = rows[0]["step"]
     print(f"{'step':<18}{'seconds':>9}{'x ' + first:>{max(9, len(first) + 3)}}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>7}"
-          f"{'peak GB':>9}{'warm-up s':>10}")
+          f"{'peak GB':>9}{'teacher GB':>11}{'warm-up s':>10}")
     for r in rows:
         print(f"{r['step']:<18}{r['seconds']:>9.4f}{r['ratio_median']:>{max(9, len(first) + 3)}.3f}"
               f"{r['tokens_per_s']:>11.1f}{r['tflops']:>9.2f}{(r['mfu'] or 0):>7.3f}{(r['peak_mem_gb'] or 0):>9.1f}"
-              f"{r['warmup_s']:>10.1f}")
+              f"{r['teacher_gb']:>11.2f}{r['warmup_s']:>10.1f}")
     if a.rounds > 1:
         print(f"{a.rounds} interleaved rounds of {a.steps} steps; ratio = median over rounds of the per-round ratio "
               "(min-max: " + ", ".join(f"{r['step']} {r['ratio_min']}-{r['ratio_max']}" for r in rows[1:]) + ")")
+    for line in goal_lines(rows) if not tiny else []:  # the goals are set at real shapes
+        print(line)
     with open(a.json, "w") as f:
         json.dump({"device": dev, "tiny": tiny, "layers": a.layers, "batch": a.batch, "text": text,
                    "rounds": a.rounds, "steps": a.steps, "cache_k": a.cache_k, "torch": torch.__version__,

@@ -213,6 +213,28 @@ def float_copy(module: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(module, shared).float()
 
 
+class VisionEncoder(torch.nn.Module):
+    """(1, 3, S, S) normalised pixels → (1, N, H): the model's own image path (`MobileVLM.encode_images`,
+    the same code, not a copy of it) over the vision tower and LDPv2 projector it is given."""
+
+    project = MobileVLM.project
+    forward = MobileVLM.encode_images
+
+    def __init__(self, model: MobileVLM):
+        super().__init__()
+        self.vision_tower = model.vision_tower
+        self.mm_projector = model.mm_projector
+
+
+def vision_encoder(model: MobileVLM) -> VisionEncoder:
+    """The image encoder as a target exports it: a float32 copy (`float_copy`: the model's float32 tensors
+    shared, never written) holding only the CLIP layers that run, so the unused last layer (CLIP-L's 24th) is
+    neither quantized nor shipped."""
+    encoder = float_copy(VisionEncoder(model)).eval()
+    encoder.vision_tower.drop_unused_layers()
+    return encoder
+
+
 # ---- the eager reference ---------------------------------------------------------------------------
 class EagerRuntime:
     """`Runtime` over the PyTorch model: the reference every artifact is checked against."""

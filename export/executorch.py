@@ -64,7 +64,7 @@ from alignkd.errors import ConfigError, DataError
 from alignkd.fileio import writing
 from alignkd.model.mobilevlm import MobileVLM
 
-from .base import ExportOptions, TargetBase, check_choice, float_copy
+from .base import ExportOptions, TargetBase, check_choice, float_copy, vision_encoder
 from .parity import Thresholds, combine, lm_gate
 
 log = logging.getLogger(__name__)
@@ -208,19 +208,6 @@ def _quantize_embedding(embedding: nn.Embedding, bits: str, group_size: int) -> 
 
 
 # ---- the three exported modules --------------------------------------------------------------------
-class VisionEncoder(nn.Module):
-    """(1, 3, S, S) normalised pixels → (1, 144, H): the model's own image path (`MobileVLM.encode_images`,
-    the same code, not a copy of it) over the vision tower and LDPv2 projector it is given."""
-
-    project = MobileVLM.project
-    forward = MobileVLM.encode_images
-
-    def __init__(self, model: MobileVLM):
-        super().__init__()
-        self.vision_tower = model.vision_tower
-        self.mm_projector = model.mm_projector
-
-
 class TokenEmbedding(nn.Module):
     """(1, T) ids → (1, T, H)."""
 
@@ -314,7 +301,7 @@ def build_modules(model: MobileVLM, options: ExportOptions) -> dict[str, nn.Modu
     They share the model's fp32 tensors until a quantizer replaces them (the quantizers swap modules and
     parameters in place in the module tree, hence the structural copies): the model is never modified."""
     o = ExecuTorchTarget().options(options)
-    vision = float_copy(VisionEncoder(model)).eval()
+    vision = vision_encoder(model)  # (the layers that run only: `vision_encoder`)
     # CLIP's eager attention (matmul, softmax, matmul) rather than SDPA: torch.export decomposes SDPA into
     # a safe softmax whose fully-masked-row guards (eq, any, logical_not, where) XNNPACK does not take; on
     # the portable kernels they cost more than the delegated matmuls at 577 positions (encoder_profile.py).

@@ -54,7 +54,7 @@ from alignkd.fileio import writing
 from alignkd.model.mobilevlm import IMAGE_TOKEN_INDEX, MobileVLM
 from alignkd.model.tokenizer import check_tokenizer_matches
 
-from .base import EagerRuntime, ExportOptions, TargetBase, check_choice, float_copy
+from .base import EagerRuntime, ExportOptions, TargetBase, VisionEncoder, check_choice, float_copy, vision_encoder
 from .parity import Thresholds, combine, lm_gate
 
 CONFIG_FILE = "onnx_model.json"
@@ -290,30 +290,20 @@ def build_embedding(model: MobileVLM, float_type: int = TensorProto.FLOAT) -> on
     )
 
 
-class _VisionGraph(torch.nn.Module):
-    def __init__(self, model: MobileVLM):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_images(pixel_values)  # (1, N, H)
-
-
 def export_vision(model: MobileVLM) -> onnx.ModelProto:
-    """pixel_values (1, 3, S, S) float32 → image_features (1, N, H) float32, via torch.onnx.export(dynamo)."""
-    if any(p.dtype != torch.float32 for p in model.parameters()):
-        model = float_copy(model)
+    """pixel_values (1, 3, S, S) float32 → image_features (1, N, H) float32, via torch.onnx.export(dynamo),
+    of `vision_encoder` (float32, the CLIP layers that run only)."""
+    encoder = vision_encoder(model)
     side = model.config.vision.image_size
-    wrapper = _VisionGraph(model).eval()
     with torch.no_grad():
-        program = torch.onnx.export(wrapper, (torch.zeros(1, 3, side, side),), dynamo=True, verbose=False,
+        program = torch.onnx.export(encoder, (torch.zeros(1, 3, side, side),), dynamo=True, verbose=False,
                                     input_names=["pixel_values"], output_names=["image_features"])
     proto = program.model_proto
-    _name_vision_weights(proto, model)
+    _name_vision_weights(proto, encoder)
     return proto
 
 
-def _name_vision_weights(proto: onnx.ModelProto, model: MobileVLM) -> None:
+def _name_vision_weights(proto: onnx.ModelProto, model: VisionEncoder) -> None:
     """Rename MatMul weight initializers after the Linear they hold, matched by exact value (the exporter
     transposes them into anonymous constants), so the graph can be read back against the model."""
     linears = {**{f"vision_tower.{n}": m for n, m in model.vision_tower.named_modules()},

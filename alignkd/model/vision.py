@@ -76,6 +76,14 @@ class VisionTower(nn.Module):
         23 of CLIP-L's 24 for −2. The layers after it never reach the features, so they are not run."""
         return self.config.select_layer % (self.config.num_layers + 1)
 
+    def drop_unused_layers(self) -> VisionTower:
+        """Remove the encoder layers after `select_layer` (CLIP-L's 24th for −2): they never reach the features,
+        so a copy made to ship or run the tower (an export) holds only what runs. Features unchanged; the
+        checkpoint layout (all layers) is the original module's business. Returns self."""
+        enc = self.vision_tower.encoder
+        enc.layers = nn.ModuleList(enc.layers[: self.layers_used])
+        return self
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         trains = any(p.requires_grad for p in self.parameters())
         # A frozen tower builds no autograd graph, which saves its activations' memory.

@@ -202,6 +202,15 @@ def test_build_modules_leaves_the_model_untouched(tiny_student):
         assert v.dtype == torch.float32 and torch.equal(v, before[k]), k
 
 
+def test_the_vision_program_holds_only_the_clip_layers_that_run(tiny_student):
+    """CLIP's last layer never reaches the features (select_layer −2): it is neither quantized nor shipped."""
+    modules = build_modules(tiny_student, _opts("fp32"))
+    program = torch.export.export(modules["vision_encoder"], (torch.zeros(1, 3, 48, 48),), strict=False)
+    layers = {k.split("encoder.layers.")[1].split(".")[0] for k in program.state_dict if "encoder.layers." in k}
+    assert layers == {"0", "1"}  # of the tower's 3
+    assert len(tiny_student.vision_tower.vision_tower.encoder.layers) == 3
+
+
 def _export_and_check(model, opts: ExportOptions, out, px, lowering: Thresholds) -> tuple[dict, dict]:
     """Parity of one export against the fp32 eager model (its gate) and against its own eager modules."""
     target = ExecuTorchTarget()

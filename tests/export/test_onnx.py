@@ -280,6 +280,20 @@ def test_vision_graph_quantized_alone_is_gated_against_the_fp32_encoder(tiny_stu
         assert rep["same_quant_reference"]["image_rel"] < rep["image_rel"]
 
 
+def test_the_vision_graph_holds_only_the_clip_layers_that_run(tiny_student, export):
+    """No initializer of the fp32 vision graph holds a weight of CLIP's unused last layer (matched by value,
+    as the exporter names and transposes them its own way); the layers that run are all there."""
+    graph = onnx.load(export("fp32") / GRAPH_FILES["vision"])
+    values = {numpy_helper.to_array(t).astype(np.float32).tobytes() for t in graph.graph.initializer}
+    layers = tiny_student.vision_tower.vision_tower.encoder.layers
+
+    def stored(layer) -> bool:
+        w = layer.mlp.fc1.weight.detach()
+        return w.numpy().tobytes() in values or w.T.contiguous().numpy().tobytes() in values
+
+    assert [stored(layer) for layer in layers] == [True, True, False]
+
+
 def test_int8_matmuls_run_in_onnxruntimes_fused_int8_kernel(export, px, tmp_path):
     """quantize_dynamic writes DynamicQuantizeLinear + MatMulInteger + Mul; onnxruntime's optimizer fuses them at
     load into DynamicQuantizeMatMul, or MatMulIntegerToFloat where q, k and v share one quantized input (one

@@ -49,6 +49,16 @@ def test_vision_features_equal_clip_hidden_layer_minus_2(tiny_student, pixels):
     assert not torch.allclose(got, ref(pixels).last_hidden_state[:, 1:], atol=1e-3)
 
 
+def test_a_tower_without_its_unused_layers_gives_the_same_features(tiny_student, pixels):
+    import copy
+
+    tower = copy.deepcopy(tiny_student.vision_tower).drop_unused_layers()
+    assert len(tower.vision_tower.encoder.layers) == tower.layers_used == 2  # of 3: select_layer −2
+    assert len(tiny_student.vision_tower.vision_tower.encoder.layers) == 3  # the copy only
+    torch.testing.assert_close(tower(pixels), tiny_student.vision_tower(pixels), rtol=0, atol=0)
+    assert len(tower.drop_unused_layers().vision_tower.encoder.layers) == 2  # idempotent
+
+
 def test_vision_tower_is_frozen(tiny_student, pixels):
     assert not any(p.requires_grad for p in tiny_student.vision_tower.parameters())
     assert all(p.requires_grad for p in tiny_student.mm_projector.parameters())
