@@ -157,6 +157,8 @@ def main() -> None:
     ap.add_argument("--out", help="where the JSON and table go (default: --work)")
     ap.add_argument("--jobs", default=",".join(JOBS), help=f"comma-separated, of: {', '.join(JOBS)}")
     ap.add_argument("--keep", action="store_true", help="keep the bundles (default: removed after measuring)")
+    ap.add_argument("--update", action="store_true", help="replace only these jobs in --out's existing "
+                    "export_full_shape.json (a rerun of some rows keeps the others)")
     ap.add_argument("--preset", default="mobilevlm-v2-1.7b", help="the shape (tiny-student for a quick try)")
     a = ap.parse_args()
     work = Path(a.work)
@@ -165,6 +167,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     ckpt, made = make_checkpoint(work, a.preset)
     result = {"preset": a.preset, "checkpoint": made, "jobs": {}}
+    if a.update and (out / "export_full_shape.json").is_file():
+        result = json.loads((out / "export_full_shape.json").read_text())
+        if result["preset"] != a.preset:
+            raise SystemExit(f"--update: {out / 'export_full_shape.json'} is of {result['preset']}, not {a.preset}")
     for name in a.jobs.split(","):
         bundle = work / f"bundle-{name}"
         print(f"{name}: alignkd-mobile export {' '.join(JOBS[name])}", flush=True)
@@ -177,13 +183,15 @@ def main() -> None:
             job.update(bundle_facts(bundle))
             if name == "gguf":
                 job["amx"] = amx_check(bundle, work, a.preset)
-        result["jobs"][name] = job
+        result["jobs"][name] = job | {"measured": time.strftime("%Y-%m-%d %H:%M")}
         print(json.dumps({k: v for k, v in job.items() if k != "artifacts"}), flush=True)
         if not a.keep:
             for d in (bundle, bundle.with_name(bundle.name + ".failed")):
                 subprocess.run(["rm", "-rf", str(d)], check=True)
-    (out / "export_full_shape.json").write_text(json.dumps(result, indent=2))
-    (out / "export_full_shape.md").write_text(table(result) + "\n")
+    from alignkd.fileio import atomic_write  # (--update rewrites earlier rows: never leave them torn)
+
+    atomic_write(out / "export_full_shape.json", json.dumps(result, indent=2))
+    atomic_write(out / "export_full_shape.md", table(result) + "\n")
     print(table(result))
     print(f"wrote {out / 'export_full_shape.json'} and .md")
 

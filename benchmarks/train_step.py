@@ -162,6 +162,8 @@ def prepare(kind: str, tiny: bool, device: torch.device, b: int, text: int, step
     cached = base_kind in ("cached", "logit-kd-cached")
     student, teacher = _models(tiny, device, attn, with_teacher=base_kind not in ("plain", "logit-kd-cached"),
                                layers=layers, teacher_prefix=cached)
+    if teacher is not None and base_kind != "release":  # as `train` does: the student's CLIP serves both
+        teacher.vision_tower = None
     if compiled:  # as the recipe does with compile=true
         compile_blocks(student, teacher)
     if memo:  # as the recipe does with vision_feature_memo_gb

@@ -253,7 +253,7 @@ def compile_blocks(*models: nn.Module | None) -> None:
         for i, layer in enumerate(model.lm.model.layers):
             if i:
                 layer.compile()
-        for layer in model.vision_tower.vision_tower.encoder.layers:
+        for layer in model.vision_tower.vision_tower.encoder.layers if model.vision_tower is not None else []:
             layer.compile()
 
 
@@ -327,6 +327,8 @@ def setup(cfg: TrainConfig) -> Run:
         teacher = _load_teacher(cfg, num_layers=1 if cache is not None else None)
     # a student CLIP that trains no longer computes the teacher's features
     shared = teacher is not None and not cfg.train_vision_tower and _same_vision_tower(student, teacher)
+    if shared:  # the student's CLIP forward serves both: the teacher's copy of the tower never reaches the device
+        teacher.vision_tower = None
 
     loss_fn = make_loss(cfg, student, teacher)
 

@@ -50,6 +50,27 @@ def test_adapters_are_trained_in_the_paper_variant_and_frozen_in_release(tmp_pat
     assert not any(id(p) in opt_params for p in rel.loss_fn.parameters())
 
 
+def test_a_shared_clip_runs_once_for_both_and_gives_the_terms_of_two(tmp_path, small_run, monkeypatch):
+    """Teacher and student with the same frozen CLIP (MobileVLM V2's, the demo's): the student's features feed
+    the teacher's projector and the teacher's copy of the tower is never kept; the terms are those of a run
+    where each model runs its own CLIP."""
+    from alignkd.model import build_model
+    from alignkd.train import recipe
+
+    teacher = save_model(build_model("tiny-teacher", seed=1), tmp_path / "teacher")
+    keys = {"teacher": str(teacher), "init_vision_from": str(teacher)}
+    shared = setup(small_run(**keys, output_dir=str(tmp_path / "shared")))
+    assert shared.shared_vision and shared.teacher.vision_tower is None
+    monkeypatch.setattr(recipe, "_same_vision_tower", lambda a, b: False)
+    apart = setup(small_run(**keys, output_dir=str(tmp_path / "apart")))
+    assert not apart.shared_vision and apart.teacher.vision_tower is not None
+    for _ in range(2):
+        a, b = train_step(apart), train_step(shared)
+        for k in ("ce", "kd", "att", "v_all", "v_focus", "total", "grad_norm"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-8), k
+        assert a["kd"] > 0 and a["att"] > 0 and a["v_focus"] > 0
+
+
 def test_baseline_has_no_teacher_terms(small_run):
     run = setup(small_run(method="baseline", teacher=None))
     row = train_step(run)
