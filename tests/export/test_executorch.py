@@ -203,7 +203,7 @@ def test_build_modules_leaves_the_model_untouched(tiny_student):
 
 
 def test_the_vision_program_holds_only_the_clip_layers_that_run(tiny_student):
-    """CLIP's last layer never reaches the features (select_layer −2): it is neither quantized nor shipped."""
+    """CLIP's last layer never reaches the features (select_layer −2): the exported program does not hold it."""
     modules = build_modules(tiny_student, _opts("fp32"))
     program = torch.export.export(modules["vision_encoder"], (torch.zeros(1, 3, 48, 48),), strict=False)
     layers = {k.split("encoder.layers.")[1].split(".")[0] for k in program.state_dict if "encoder.layers." in k}
