@@ -379,7 +379,7 @@ def main() -> None:
         print(f"{a.rounds} interleaved rounds of {a.steps} steps; ratio = median over rounds of the per-round ratio "
               "(min-max: " + ", ".join(f"{r['step']} {r['ratio_min']}-{r['ratio_max']}" for r in rows[1:]) + ")")
     for line in goal_lines(rows) if not tiny else []:  # the goals are set at real shapes
-        print(line)
+        print(line + (f" [both LMs cut to {a.layers} layers: the goal is for the full depth]" if a.layers else ""))
     with open(a.json, "w") as f:
         json.dump({"device": dev, "tiny": tiny, "layers": a.layers, "batch": a.batch, "text": text,
                    "rounds": a.rounds, "steps": a.steps, "cache_k": a.cache_k, "torch": torch.__version__,
