@@ -165,12 +165,12 @@ def main() -> None:
     out = Path(a.out or work)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
+    earlier = out / "export_full_shape.json"
+    result = json.loads(earlier.read_text()) if a.update and earlier.is_file() else None
+    if result and result["preset"] != a.preset:  # before any checkpoint is written
+        ap.error(f"--update: {earlier} is of {result['preset']}, not {a.preset}")
     ckpt, made = make_checkpoint(work, a.preset)
-    result = {"preset": a.preset, "checkpoint": made, "jobs": {}}
-    if a.update and (out / "export_full_shape.json").is_file():
-        result = json.loads((out / "export_full_shape.json").read_text())
-        if result["preset"] != a.preset:
-            raise SystemExit(f"--update: {out / 'export_full_shape.json'} is of {result['preset']}, not {a.preset}")
+    result = result or {"preset": a.preset, "checkpoint": made, "jobs": {}}
     for name in a.jobs.split(","):
         bundle = work / f"bundle-{name}"
         print(f"{name}: alignkd-mobile export {' '.join(JOBS[name])}", flush=True)
