@@ -5,8 +5,8 @@
   alignkd    our Align-KD step: one shared CLIP forward, SDPA everywhere, layer-0 capture by hooks,
              KD on answer positions, teacher frozen in bf16
   cached     Align-KD with logit KD from an offline teacher cache (top --cache-k log-probs per KD position,
-             looked up per step as `train` does): the teacher runs its vision tower, projector and layer 0
-             only, and only those tensors of it exist
+             looked up per step as `train` does): the teacher runs its projector, embeddings and layer 0's
+             attention map only (the student's CLIP serves it), and only its tensors up to layer 0 exist
   logit-kd-cached   plain + KD from the cache: no teacher at all
   +compile   the same step with compile=true (each transformer block but LM layer 0 torch.compiled)
   +memo      the same step with vision_feature_memo_gb: the batch repeats, so after the warm-up step every

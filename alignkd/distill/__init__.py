@@ -1,6 +1,6 @@
 """Align-KD distillation: layer-0 attention capture and the loss terms (DESIGN.md §2)."""
 
-from alignkd.distill.attention import Layer0Capture, capture_layer0_attention
+from alignkd.distill.attention import Layer0Capture, capture_layer0_attention, layer0_attention
 from alignkd.distill.losses import (
     AlignKDLoss,
     AlignKDLossConfig,
@@ -35,6 +35,7 @@ __all__ = [
     "image_spans",
     "kd_loss",
     "kd_positions_mask",
+    "layer0_attention",
     "release_vision_text_block",
     "TAILS",
     "teacher_topk",

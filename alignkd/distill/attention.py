@@ -136,3 +136,18 @@ class Layer0Capture:
 def capture_layer0_attention(lm: nn.Module, query_from: int = 0) -> Layer0Capture:
     """Context manager: `with capture_layer0_attention(lm) as cap: lm(...)`, then read `cap.probs`."""
     return Layer0Capture(lm, query_from=query_from)
+
+
+def layer0_attention(lm: nn.Module, inputs_embeds: Tensor, attention_mask: Tensor | None = None,
+                     query_from: int = 0) -> Tensor:
+    """Layer 0's attention probabilities (B, H, T - query_from, T) from (B, T, D) `inputs_embeds`, without
+    running the layer: its input norm, q_proj, k_proj and the rotary embedding are all the map needs. The same
+    values as a forward under `capture_layer0_attention` (same modules, same order of operations), for a frozen
+    teacher whose layer-0 output nothing reads (a cached Align-KD run): its v_proj, o_proj, attention output
+    and MLP — 5/6 of the layer's work — never run. attention_mask: (B, T) padding mask, 1 = real token."""
+    cap = Layer0Capture(lm, query_from)
+    base = getattr(lm, "model", lm)
+    position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None]  # (1, T), as a full forward
+    pos = base.rotary_emb(inputs_embeds, position_ids=position_ids)  # (cos, sin), each (1, T, d)
+    h = base.layers[0].input_layernorm(inputs_embeds)  # (B, T, D)
+    return cap._compute(cap.attn, cap.attn.q_proj(h), cap.attn.k_proj(h), pos, attention_mask)

@@ -121,7 +121,7 @@ class TrainConfig:
     teacher_cache: str | None = None
     """Folder of an offline teacher cache (`alignkd-mobile teacher-cache` with this config): logit KD reads
     the teacher's top-k log-probs there instead of running the teacher. L_att and L_v still run the teacher,
-    but only its vision tower, projector, embeddings and layer 0 (its other tensors are never read); logit-kd
+    but only its projector, embeddings and layer 0's attention map (its other tensors are never read); logit-kd
     loads no teacher at all. The cache must have been made by `teacher` with this run's loss.kd_topk (null:
     whatever k it was built with; a build without loss.kd_topk keeps the top 32), loss.temperature,
     loss.kd_positions (text or tokens) and data.template, and hold every training sample. Unused by

@@ -44,7 +44,8 @@ from tqdm import tqdm
 
 from ..data.datasets import VQADataset, collate, easyvqa_dataset, llava_json_dataset
 from ..data.image import image_config
-from ..distill import AlignKDLoss, AlignKDLossConfig, DistillInputs, capture_layer0_attention, kd_positions_mask
+from ..distill import (AlignKDLoss, AlignKDLossConfig, DistillInputs, capture_layer0_attention, kd_positions_mask,
+                       layer0_attention)
 from ..errors import AlignKDError, CheckpointError, ConfigError
 from ..fileio import DiskFull, atomic_write, remove_stale_temps, writing
 from ..model.checkpoint import build_model, config_from_name, load_model, read_mtgv_state_dict, save_model
@@ -511,8 +512,8 @@ def teacher_inputs(run: Run, batch: dict[str, torch.Tensor], s_out, need_attn: b
 
     With a teacher cache the logits' part is the cache's top-k rows of the batch's samples (`_next_batch`
     put them in the batch), and the teacher — its prefix up to layer 0, when an alignment term is on —
-    runs only as far as layer 0: no later layer, no LM head. Its layer-0 attention holds the rows from
-    `query_from` on."""
+    runs its projector, embeddings and layer 0's q·k map (`layer0_attention`) only: no later layer, no LM
+    head, not the rest of layer 0. Its layer-0 attention holds the rows from `query_from` on."""
     teacher = run.teacher
     if teacher is None and run.cache is None:
         return None
@@ -523,13 +524,14 @@ def teacher_inputs(run: Run, batch: dict[str, torch.Tensor], s_out, need_attn: b
             if px is not None:
                 t_in.image_features = (teacher.project(s_out.vision_features) if run.shared_vision
                                        else teacher.encode_images(px))  # (B_img, N, D_t)
-            with (capture_layer0_attention(teacher.lm, query_from) if need_attn else contextlib.nullcontext()) as cap:
-                if run.cache is None:
+            if run.cache is None:
+                with (capture_layer0_attention(teacher.lm, query_from) if need_attn else contextlib.nullcontext()) as cap:
                     t_in.logits = teacher(ids, mask, image_features=t_in.image_features, compute_loss=False).logits
-                else:
-                    mm = teacher.build_inputs_embeds(ids, mask, None, t_in.image_features)
-                    teacher.lm.model(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask, use_cache=False)
-            t_in.attn_probs, t_in.attn_query_offset = (cap.probs if need_attn else None), query_from
+                t_in.attn_probs = cap.probs if need_attn else None
+            elif need_attn:  # nothing reads the teacher's layer-0 output: only its q·k map is computed
+                mm = teacher.build_inputs_embeds(ids, mask, None, t_in.image_features)
+                t_in.attn_probs = layer0_attention(teacher.lm, mm.inputs_embeds, mm.attention_mask, query_from)
+            t_in.attn_query_offset = query_from
     if run.cache is not None:
         _check_cached_rows(run, batch, s_out)
         t_in.topk_logprobs, t_in.topk_ids = batch["cache_logprobs"], batch["cache_ids"]

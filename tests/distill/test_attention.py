@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from alignkd.distill.attention import Layer0Capture, capture_layer0_attention
+from alignkd.distill.attention import Layer0Capture, capture_layer0_attention, layer0_attention
 from alignkd.errors import ConfigError
 
 LENGTHS = [10, 7, 4]  # right padding in a batch of 3, T = 10
@@ -108,6 +108,31 @@ def test_gradient_reaches_q_and_k_proj():
     attn = sdpa.model.layers[0].self_attn
     assert attn.q_proj.weight.grad.abs().sum() > 0
     assert attn.k_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("query_from", [0, 6])
+def test_layer0_attention_alone_equals_the_capture_of_a_full_forward_and_runs_no_more_of_the_layer(
+        kv_heads, impl, query_from):
+    sdpa, eager = pair(kv_heads)
+    model = sdpa if impl == "sdpa" else eager
+    ids, mask = batch()
+    embeds = model.model.embed_tokens(ids).detach() + 0.1 * torch.randn(3, 10, 64)
+    with capture_layer0_attention(model, query_from) as cap, torch.no_grad():
+        model(inputs_embeds=embeds, attention_mask=mask)
+    layer = model.model.layers[0]
+    ran = []
+    for m in (layer.self_attn.v_proj, layer.self_attn.o_proj, layer.mlp, layer.post_attention_layernorm,
+              model.model.layers[1], model.model.norm):
+        m.register_forward_hook(lambda mod, a, o: ran.append(type(mod).__name__))
+    with torch.no_grad():
+        got = layer0_attention(model, embeds, mask, query_from)
+    assert ran == []  # only the input norm, q_proj, k_proj and the rotary embedding ran
+    assert got.shape == cap.probs.shape == (3, 4, 10 - query_from, 10)
+    assert torch.equal(got, cap.probs)  # same modules, same operations: identical, not merely close
+    if query_from == 0:  # and the map itself is layer 0's, against transformers' eager attention
+        assert_valid_rows_close(got, eager_layer0(eager, inputs_embeds=embeds, attention_mask=mask), mask)
 
 
 def test_flash_style_2d_mask_equals_bool_4d():
