@@ -6,7 +6,7 @@
              KD on answer positions, teacher frozen in bf16
   cached     Align-KD with logit KD from an offline teacher cache (top --cache-k log-probs per KD position,
              looked up per step as `train` does): the teacher runs its projector, embeddings and layer 0's
-             attention map only (the student's CLIP serves it), and only its tensors up to layer 0 exist
+             attention map only (the student's CLIP serves it), and only the tensors those read exist
   logit-kd-cached   plain + KD from the cache: no teacher at all
   +compile   the same step with compile=true (each transformer block but LM layer 0 torch.compiled)
   +memo      the same step with vision_feature_memo_gb: the batch repeats, so after the warm-up step every
@@ -46,7 +46,7 @@ from alignkd.distill import DistillInputs, teacher_topk
 from alignkd.distill.attention import capture_layer0_attention
 from torch.profiler import ProfilerActivity, profile, record_function
 from alignkd.model import IMAGE_TOKEN_INDEX, MobileVLM, get_preset
-from alignkd.model.checkpoint import keep_layers
+from alignkd.model.checkpoint import keep_attention_map_inputs, keep_layers
 from alignkd.model.vision import attach_feature_memo
 from alignkd.train.config import load_config
 from alignkd.train.recipe import Run, cached_teacher_rows, compile_blocks, make_loss, make_optimizer, micro_step
@@ -64,8 +64,8 @@ def _config(name: str, layers: int | None):
 
 def _models(tiny: bool, device: torch.device, attn: str, with_teacher: bool, layers: int | None,
             teacher_prefix: bool = False):
-    """Student and teacher with random weights; teacher_prefix: only the teacher's layer-0 prefix is built
-    (`keep_layers`), as a cached run loads it."""
+    """Student and teacher with random weights; teacher_prefix: only what the teacher's layer-0 attention map
+    reads is kept (`keep_layers`, `keep_attention_map_inputs`), as a cached run loads it."""
     s_name, t_name = ("tiny-student", "tiny-teacher") if tiny else ("mobilevlm-v2-1.7b", "mobilevlm-v2-7b")
     torch.manual_seed(0)
     with device:
@@ -74,7 +74,7 @@ def _models(tiny: bool, device: torch.device, attn: str, with_teacher: bool, lay
             return student, None
         teacher = MobileVLM(_config(t_name, 1 if teacher_prefix else layers), attn_implementation=attn)
     if teacher_prefix:
-        keep_layers(teacher, 1)
+        keep_attention_map_inputs(keep_layers(teacher, 1))
     teacher.vision_tower.load_state_dict(student.vision_tower.state_dict())  # one shared frozen CLIP
     teacher.to(torch.bfloat16 if device.type == "cuda" else torch.float32).requires_grad_(False).eval()
     return student, teacher

@@ -192,6 +192,19 @@ def keep_layers(model: MobileVLM, num_layers: int) -> MobileVLM:
     return model
 
 
+def keep_attention_map_inputs(model: MobileVLM) -> MobileVLM:
+    """After `keep_layers(model, 1)`: drop, in place, what layer 0's attention map does not read — its value and
+    output projections, its MLP and the MLP's norm — so the model holds its vision side, token embeddings and
+    layer 0's input norm, q_proj and k_proj: what `alignkd.distill.layer0_attention` runs (a cached Align-KD
+    run's teacher). Its LM can no longer run a forward."""
+    layers = model.lm.model.layers
+    if len(layers) != 1 or hasattr(model.lm, "lm_head"):
+        raise ConfigError("keep_attention_map_inputs needs a model cut to layer 0 first (keep_layers(model, 1))")
+    layer = layers[0]
+    del layer.mlp, layer.post_attention_layernorm, layer.self_attn.v_proj, layer.self_attn.o_proj
+    return model
+
+
 def load_model(ckpt_dir: str | Path, dtype: torch.dtype | None = None, attn_implementation: str = "sdpa",
                num_layers: int | None = None) -> MobileVLM:
     """Load an mtgv checkpoint directory. Built on the meta device: no random init, no double memory.

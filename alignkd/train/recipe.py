@@ -48,7 +48,8 @@ from ..distill import (AlignKDLoss, AlignKDLossConfig, DistillInputs, capture_la
                        layer0_attention)
 from ..errors import AlignKDError, CheckpointError, ConfigError
 from ..fileio import DiskFull, atomic_write, remove_stale_temps, writing
-from ..model.checkpoint import build_model, config_from_name, load_model, read_mtgv_state_dict, save_model
+from ..model.checkpoint import (build_model, config_from_name, keep_attention_map_inputs, load_model, read_mtgv_state_dict,
+                                save_model)
 from ..model.config import PRESETS, MobileVLMConfig
 from ..model.mobilevlm import MobileVLM, first_text_after_image
 from ..model.tokenizer import check_tokenizer_matches, load_tokenizer, tiny_tokenizer_dir
@@ -324,8 +325,10 @@ def setup(cfg: TrainConfig) -> Run:
     student = _load_student(cfg)
     teacher, terms = None, loss_config(cfg)
     if cfg.method != "baseline" and (cache is None or terms.att_weight > 0 or terms.v_weight > 0):
-        # with a cache the alignment terms need the teacher's layer 0 and nothing after it
+        # with a cache the alignment terms need the teacher's layer-0 attention map and nothing after it
         teacher = _load_teacher(cfg, num_layers=1 if cache is not None else None)
+        if cache is not None:  # nor the rest of layer 0: its values, output projection and MLP never run
+            keep_attention_map_inputs(teacher)
     # a student CLIP that trains no longer computes the teacher's features
     shared = teacher is not None and not cfg.train_vision_tower and _same_vision_tower(student, teacher)
     if shared:  # the student's CLIP forward serves both: the teacher's copy of the tower never reaches the device

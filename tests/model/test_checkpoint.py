@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -246,6 +247,27 @@ def test_a_prefix_loads_only_its_tensors(tiny_teacher, pixels, tmp_path, monkeyp
     assert torch.equal(a.probs, b.probs)  # layer 0 of the prefix is layer 0 of the whole model
     with pytest.raises(AttributeError, match="lm_head"):  # a prefix has no logits: its forward fails loudly
         prefix(IDS, pixel_values=pixels[:1])
+
+
+def test_the_attention_map_inputs_give_layer_0s_map_and_hold_nothing_else_of_the_layer(tiny_teacher, pixels):
+    from alignkd.distill import capture_layer0_attention, layer0_attention
+    from alignkd.model.checkpoint import keep_attention_map_inputs, keep_layers
+
+    model = copy.deepcopy(tiny_teacher)
+    with pytest.raises(ConfigError, match="cut to layer 0 first"):
+        keep_attention_map_inputs(model)
+    keep_attention_map_inputs(keep_layers(model, 1))
+    layer0 = {k for k in model.state_dict() if k.startswith("lm.model.layers.0.")}
+    assert layer0 == {f"lm.model.layers.0.{n}.weight" for n in ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj")}
+    full_state = tiny_teacher.state_dict()
+    assert set(full_state) - set(model.state_dict()) == {
+        k for k in full_state if k.startswith(("lm.lm_head", "lm.model.norm", "lm.model.layers."))} - layer0
+    with torch.no_grad(), capture_layer0_attention(tiny_teacher.lm, 3) as whole:
+        tiny_teacher(IDS, pixel_values=pixels[:1])
+    with torch.no_grad():
+        mm = model.build_inputs_embeds(IDS, None, None, model.encode_images(pixels[:1]))
+        got = layer0_attention(model.lm, mm.inputs_embeds, mm.attention_mask, 3)
+    assert torch.equal(got, whole.probs)
 
 
 def test_a_prefix_still_checks_every_tensor_of_the_files(tiny_teacher, tmp_path):

@@ -58,9 +58,11 @@ def test_a_cache_at_k_equal_to_the_vocabulary_gives_the_online_step(tmp_path, ru
     assert (summary["samples"], summary["computed_now"], summary["k"]) == (10, 10, 512)
     online = setup(run_cfg(output_dir=str(tmp_path / "online")))
     cached = setup(run_cfg(output_dir=str(tmp_path / "cached"), teacher_cache=str(cache)))  # k: the cache's
-    # the cached run's teacher is its layer-0 prefix: no later layer, no final norm, no LM head
+    # the cached run's teacher is what its layer-0 attention map reads: no later layer, no final norm, no LM head,
+    # no value / output projection or MLP in layer 0
     t = cached.teacher
     assert len(t.lm.model.layers) == 1 and not hasattr(t.lm, "lm_head")
+    assert not hasattr(t.lm.model.layers[0], "mlp") and not hasattr(t.lm.model.layers[0].self_attn, "v_proj")
     assert sum(p.numel() for p in t.parameters()) < sum(p.numel() for p in online.teacher.parameters()) - 512 * 128
     a, b = train_step(online), train_step(cached)
     for k in ("ce", "att", "v_all", "v_focus"):
