@@ -35,6 +35,7 @@ import dataclasses
 import gc
 import hashlib
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -45,6 +46,8 @@ import torch
 from alignkd.distill import DistillInputs, teacher_topk
 from alignkd.distill.attention import capture_layer0_attention
 from torch.profiler import ProfilerActivity, profile, record_function
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 from alignkd.model import IMAGE_TOKEN_INDEX, MobileVLM, get_preset
 from alignkd.model.checkpoint import keep_attention_map_inputs, keep_layers
 from alignkd.model.vision import attach_feature_memo
@@ -311,6 +314,47 @@ def check_capture(tiny: bool, device: torch.device, b: int, text: int, layers: i
     return row
 
 
+class _OpCount(TorchDispatchMode):
+    """Counts the aten operators a step dispatches: in eager mode each is a kernel launch the host pays for."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_flops(kinds: list[str], tiny: bool, device: torch.device, b: int, text: int, layers: int | None,
+                cache_k: int, workdir: str) -> list[dict]:
+    """Matmul / attention FLOPs (torch.utils.flop_counter) and aten operators of one optimizer step of each
+    kind, counted, not timed. With `layers` L also at L + 1: the difference is one student layer's work, which
+    puts the kinds without per-layer teacher work (plain, the cached ones) at the student's full depth."""
+    rows = []
+    for kind in kinds:
+        counts, ops = [], []
+        for depth in ([layers, layers + 1] if layers else [None]):
+            p = prepare(kind, tiny, device, b, text, 1, depth, cache_k, workdir)
+            p.one_step()  # the optimizer's state is made on the first step
+            counter, op_count = FlopCounterMode(display=False), _OpCount()
+            with counter, op_count:
+                p.one_step()
+            counts.append(counter.get_total_flops())
+            ops.append(op_count.n)
+            del p
+            _free(device)
+        row = {"step": kind, "flops": counts[0], "flops_full_depth": None, "aten_ops": ops[0], "aten_ops_full_depth": None}
+        if layers and kind.split("+")[0] in ("plain", "cached", "logit-kd-cached"):
+            extra = get_preset("tiny-student" if tiny else "mobilevlm-v2-1.7b").text.num_layers - layers
+            row["flops_full_depth"] = counts[0] + extra * (counts[1] - counts[0])
+            row["aten_ops_full_depth"] = ops[0] + extra * (ops[1] - ops[0])
+        rows.append(row)
+        print(f"  {kind}: {row['flops'] / 1e12:.4g} TFLOP" + (f", {row['flops_full_depth'] / 1e12:.4g} at full depth"
+                                                             if row["flops_full_depth"] else ""), flush=True)
+    return rows
+
+
 def goal_lines(rows: list[dict]) -> list[str]:
     """Issue 15's goals, read off the rows: each cached Align-KD kind against the plain kind with the same
     modifiers (cached+compile against plain+compile): ≤ 1.15× its step time, peak memory ≤ its + 3 GB."""
@@ -343,11 +387,18 @@ def main() -> None:
     ap.add_argument("--cache-k", type=int, default=32, help="top-k log-probs per KD position of the cached kind")
     ap.add_argument("--rounds", type=int, default=1, help="> 1: every kind built first, then timed in interleaved "
                     "rounds of --steps steps")
+    ap.add_argument("--flops", action="store_true", help="count the FLOPs of one step of each kind instead of "
+                    "timing (eager kinds); with --layers L also at L + 1, extrapolated to the student's full depth")
     ap.add_argument("--json", default="benchmarks/train_step.json")
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tiny = a.tiny or (device.type != "cuda" and not a.layers)  # --layers asks for real widths anywhere
     text = a.text if not tiny else min(a.text, 128)
+    if a.flops:
+        if "compile" in a.kinds:
+            ap.error("--flops counts eager kinds: compiling changes no FLOP (drop +compile)")
+        flops_main(a, tiny, device, text)
+        return
     check = check_capture(tiny, device, a.batch, text, a.layers)
     print(f"layer-0 capture vs eager output_attentions ({'bf16 autocast' if device.type == 'cuda' else 'fp32'}): "
           f"max |diff| {check['max_abs']:.2e}, mean {check['mean_abs']:.2e}, row-sum error {check['row_sum_err']:.2e}, "
@@ -380,11 +431,39 @@ def main() -> None:
               "(min-max: " + ", ".join(f"{r['step']} {r['ratio_min']}-{r['ratio_max']}" for r in rows[1:]) + ")")
     for line in goal_lines(rows) if not tiny else []:  # the goals are set at real shapes
         print(line + (f" [both LMs cut to {a.layers} layers: the goal is for the full depth]" if a.layers else ""))
-    with open(a.json, "w") as f:
-        json.dump({"device": dev, "tiny": tiny, "layers": a.layers, "batch": a.batch, "text": text,
-                   "rounds": a.rounds, "steps": a.steps, "cache_k": a.cache_k, "torch": torch.__version__,
-                   "capture_check": check, "rows": rows}, f, indent=2)
-    print(f"wrote {a.json}")
+    write_json(a.json, {"device": dev, "tiny": tiny, "layers": a.layers, "batch": a.batch, "text": text,
+                        "rounds": a.rounds, "steps": a.steps, "cache_k": a.cache_k, "torch": torch.__version__,
+                        "capture_check": check, "rows": rows})
+
+
+def flops_main(a: argparse.Namespace, tiny: bool, device: torch.device, text: int) -> None:
+    kinds = a.kinds.split(",")
+    with tempfile.TemporaryDirectory(prefix="train-step-cache-") as workdir:
+        rows = count_flops(kinds, tiny, device, a.batch, text, a.layers, a.cache_k, workdir)
+    shape = "tiny presets" if tiny else "1.7B student + 7B teacher" + (f" cut to {a.layers} layers" if a.layers else "")
+    print(f"FLOPs of one step (torch.utils.flop_counter: matmuls, convolutions, attention); {shape}; batch {a.batch} x "
+          f"({text} text + 144 image)")
+    first = rows[0]
+    w = max(9, len(first["step"]) + 3)
+    print(f"{'step':<18}{'TFLOP':>9}{'x ' + first['step']:>{w}}{'full depth':>12}{'x':>7}{'aten ops':>10}"
+          f"{'full depth':>12}")
+    for r in rows:
+        full, ops_full = r["flops_full_depth"], r["aten_ops_full_depth"]
+        x_full = full / first["flops_full_depth"] if full and first["flops_full_depth"] else None
+        print(f"{r['step']:<18}{r['flops'] / 1e12:>9.4g}{r['flops'] / first['flops']:>{w}.4f}"
+              + (f"{full / 1e12:>12.4g}{x_full:>7.4f}" if x_full else f"{'-':>12}{'-':>7}")
+              + f"{r['aten_ops']:>10}" + (f"{ops_full:>12}" if ops_full else f"{'-':>12}"))
+    write_json(a.json, {"mode": "flops", "tiny": tiny, "layers": a.layers, "batch": a.batch, "text": text,
+                        "cache_k": a.cache_k, "torch": torch.__version__, "rows": rows})
+
+
+def write_json(path: str, obj: dict) -> None:
+    """Atomically: a killed run leaves the previous file whole."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
