@@ -11,6 +11,11 @@ import click
 from .errors import AlignKDError
 
 
+_PATH_ERRORS = {NotADirectoryError: "a part of this path is a file, not a folder",
+                FileExistsError: "exists and is not a folder", IsADirectoryError: "is a folder, not a file",
+                PermissionError: "permission denied"}
+
+
 def _clean_errors(fn):
     """Bad input the user can fix → one line on stderr and exit status 2; bugs keep their traceback."""
 
@@ -25,6 +30,10 @@ def _clean_errors(fn):
             if e.errno == 28:  # ENOSPC: writes are atomic, so nothing half-written is left marked done
                 where = f" while writing {e.filename}" if e.filename else ""
                 click.echo(f"error: disk full{where}: no space left on device", err=True)
+                sys.exit(2)
+            said = _PATH_ERRORS.get(type(e))
+            if said and e.filename:  # a path the user gave that cannot be what it must be
+                click.echo(f"error: {e.filename}: {said}", err=True)
                 sys.exit(2)
             raise
 
@@ -243,7 +252,9 @@ def eval_cmd(checkpoints, benches, data_root, answer_files, output_dir, limit, b
       easyvqa  none (shipped in the easy-vqa package)
     """
     from .eval.evaluate import evaluate
+    from .fileio import check_output_dir
 
+    check_output_dir(output_dir)
     evaluate(list(checkpoints), [b.strip() for b in benches.split(",") if b.strip()], data_root, output_dir, limit,
              batch_size, max_new_tokens, distilled, baseline, log=click.echo, answers=list(answer_files))
 
@@ -303,10 +314,13 @@ def export(checkpoint, target, formats, quants, output_dir, overwrite, max_seq_l
     """
     from pathlib import Path
 
+    from .errors import ConfigError
     from .export.exporter import export_bundle, push_bundle
 
     fmts = [f.strip() for f in (formats or ("pte" if target == "android" else "pte,onnx,gguf")).split(",") if f.strip()]
-    qs = [q.strip() for q in quants.split(",") if q.strip()] if quants else None
+    qs = [q.strip() for q in quants.split(",") if q.strip()] if quants is not None else None
+    if qs == []:
+        raise ConfigError(f"--quant {quants!r} names no quantization")
     named = {"group_size": group_size, "vision_quant": vision_quant, "embedding_quant": embedding_quant}
     options = {**{k: v for k, v in named.items() if v is not None}, **opts}
     manifest = export_bundle(checkpoint, output_dir, fmts, qs, target, overwrite, max_seq_len, options=options,
@@ -374,8 +388,10 @@ def bench(bundles, device, n_runs, threads, max_new_tokens, accuracy_limit, outp
     accuracy. Writes bench.png, bench.json and bench.md."""
     from .bench import bench_adb, bench_host, check_options, render_table, write_outputs
     from .errors import ConfigError
+    from .fileio import check_output_dir
 
     check_options(n_runs, threads, max_new_tokens, accuracy_limit)
+    check_output_dir(output_dir)  # before the runs, not after them
     if device == "host":
         rows = bench_host(list(bundles), n_runs, threads, max_new_tokens, accuracy_limit, log=click.echo)
     elif device == "adb" or device.startswith("adb:"):

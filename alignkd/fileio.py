@@ -27,6 +27,10 @@ class DiskFull(AlignKDError):
     """No space left while writing; what was complete before is kept."""
 
 
+class OutputPathError(AlignKDError):
+    """An output path that cannot be written as asked."""
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -106,6 +110,17 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
         raise
 
 
+def check_output_dir(path: str | Path, option: str = "--output-dir") -> Path:
+    """Refuse, before any work, an output folder that cannot be one: itself or an existing parent is a file."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise OutputPathError(f"{option} {path}: {p} is a file, not a folder")
+            break
+    return path
+
+
 def staged_dir(final: str | Path) -> Path:
     """A new empty temp folder beside `final` (same file system, so publishing is a rename), mode per umask.
     Stale temp folders of `final` left by killed processes are removed first."""
@@ -155,6 +170,7 @@ class StagedDir:
         self.exists_error = exists_error
 
     def __enter__(self) -> Path:
+        check_output_dir(self.final, "output directory")  # --overwrite replaces a folder, never a file
         if self.final.exists() and not self.overwrite:
             raise self.exists_error(f"output directory {self.final} exists; pass --overwrite to replace it")
         self.tmp = staged_dir(self.final)

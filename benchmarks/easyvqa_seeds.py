@@ -45,6 +45,7 @@ import torch
 
 from alignkd.demo import (DemoConfig, answers_file, score, student_recipe, teacher_identity,
                           teacher_recipe, train_or_reuse)
+from alignkd.errors import AlignKDError
 from alignkd.eval.benchmarks import EasyVQA, EvalItem
 from alignkd.eval.runner import answered
 from alignkd.eval.scoring import normalize_short_answer
@@ -326,15 +327,21 @@ def plot_curve(rows: list[dict], teacher: float, path: Path) -> None:
 
 # ============================================================================ main
 def seed_list(text: list[str]) -> list[int]:
-    """`0 1 2`, `0-9` or both."""
+    """`0 1 2`, `0-9` or both; ValueError naming the bad one."""
     out = []
     for t in text:
-        lo, _, hi = t.partition("-")
-        out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+        lo, dash, hi = t.partition("-")
+        if not lo.isdecimal() or (dash and not hi.isdecimal()):
+            raise ValueError(f"{t!r} is not a seed (N, a number >= 0) or a range of them (A-B)")
+        if dash and int(hi) < int(lo):
+            raise ValueError(f"{t!r} is an empty range")
+        out += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
     return sorted(set(out))
 
 
-def main() -> None:
+def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[int], DemoConfig, list[tuple[str, str]]]:
+    """The arguments, the seeds, the study's config and the paired contrasts, every one checked: a bad one is
+    one `ap.error` (exit 2) before the teacher trains."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", nargs="+", default=["0-9"], help="student seeds: 0 1 2, or 0-9")
     ap.add_argument("--output-dir", default="runs/easyvqa_seeds")
@@ -345,13 +352,32 @@ def main() -> None:
     ap.add_argument("--alignment-samples", type=int, default=512, help="held-out samples of the attention check (0: skip)")
     ap.add_argument("--curve", action="store_true", help="the learning curve of the first seed (needs curve_every=N)")
     ap.add_argument("overrides", nargs="*", help="DemoConfig key=value (student_steps=, methods=, eval_limit=, ...)")
-    a = ap.parse_args()
-    t_start = time.perf_counter()
-    seeds = seed_list(a.seeds)[:1] if a.curve else seed_list(a.seeds)
-    out = Path(a.output_dir)
-    d = load_config(None, a.overrides, cls=DemoConfig, flags={
-        "output_dir": str(out), "progress": False, "eval_limit": 2000, **STUDY,
-        "methods": "baseline,alignkd" if a.curve else STUDY_METHODS})
+    a = ap.parse_args(argv)
+    # --seeds (nargs="+") swallows the key=value overrides written right after it, as the documented commands do
+    a.overrides = [t for t in a.seeds if "=" in t] + a.overrides
+    a.seeds = [t for t in a.seeds if "=" not in t]
+    if not a.seeds:
+        ap.error("--seeds: no seeds given (0 1 2, or 0-9)")
+    try:
+        seeds = seed_list(a.seeds)
+    except ValueError as e:
+        ap.error(f"--seeds: {e}")
+    if a.workers < 1:
+        ap.error(f"--workers must be at least 1, got {a.workers}")
+    if a.alignment_samples < 0:
+        ap.error(f"--alignment-samples must be >= 0 (0: skip), got {a.alignment_samples}")
+    try:  # the config and every recipe the run will build from it
+        d = load_config(None, a.overrides, cls=DemoConfig, flags={
+            "output_dir": str(Path(a.output_dir)), "progress": False, "eval_limit": 2000, **STUDY,
+            "methods": "baseline,alignkd" if a.curve else STUDY_METHODS})
+        for preset in (d.teacher_preset, d.student_preset):
+            if not Path(preset).is_dir():  # a preset name (train also takes a checkpoint folder)
+                get_preset(preset)
+        teacher_recipe(d)
+        for m in d.students():
+            student_recipe(d, m)
+    except AlignKDError as e:
+        ap.error(f"key=value overrides: {e}")
     if a.curve != bool(d.curve_every):
         ap.error("--curve needs curve_every=N, and curve_every needs --curve")
     methods = d.students()
@@ -359,6 +385,14 @@ def main() -> None:
     if a.pairs and any(len(p) != 2 or not set(p) <= set(methods) for p in pairs):
         ap.error(f"--pairs {a.pairs}: each must be A:B with both in methods ({d.methods})")
     pairs = [p for p in pairs if set(p) <= set(methods)] if not a.curve else []
+    return a, seeds[:1] if a.curve else seeds, d, pairs
+
+
+def main() -> None:
+    a, seeds, d, pairs = parse()
+    t_start = time.perf_counter()
+    out = Path(a.output_dir)
+    methods = d.students()
 
     torch.set_num_threads(a.workers)
     t0 = time.perf_counter()

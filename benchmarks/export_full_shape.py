@@ -151,7 +151,9 @@ def table(result: dict) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments, every one checked before the checkpoint is built: a bad one is one `ap.error` (exit 2).
+    a.work and a.out come back absolute, a.jobs as a list, a.earlier as the rows --update keeps (or None)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", required=True, help="folder for the checkpoint and bundles (several GB)")
     ap.add_argument("--out", help="where the JSON and table go (default: --work)")
@@ -160,18 +162,49 @@ def main() -> None:
     ap.add_argument("--update", action="store_true", help="replace only these jobs in --out's existing "
                     "export_full_shape.json (a rerun of some rows keeps the others)")
     ap.add_argument("--preset", default="mobilevlm-v2-1.7b", help="the shape (tiny-student for a quick try)")
-    a = ap.parse_args()
-    work = Path(a.work)
-    out = Path(a.out or work)
-    work.mkdir(parents=True, exist_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    earlier = out / "export_full_shape.json"
-    result = json.loads(earlier.read_text()) if a.update and earlier.is_file() else None
-    if result and result["preset"] != a.preset:  # before any checkpoint is written
-        ap.error(f"--update: {earlier} is of {result['preset']}, not {a.preset}")
+    a = ap.parse_args(argv)
+    from alignkd.model import PRESETS
+
+    if a.preset not in PRESETS:
+        ap.error(f"--preset: unknown preset {a.preset!r} (known: {', '.join(PRESETS)})")
+    a.jobs = a.jobs.split(",")
+    if unknown := [j for j in a.jobs if j not in JOBS]:
+        ap.error(f"--jobs: unknown job(s) {', '.join(map(repr, unknown))} (known: {', '.join(JOBS)})")
+    # absolute: the export processes run with cwd=REPO, a relative path would land inside the repository
+    a.work = Path(a.work).resolve()
+    a.out = Path(a.out).resolve() if a.out else a.work
+    for flag, folder in (("--work", a.work), ("--out", a.out)):
+        if folder.exists() and not folder.is_dir():
+            ap.error(f"{flag}: {folder} exists and is not a folder")
+    earlier = a.out / "export_full_shape.json"
+    for f in (earlier, earlier.with_suffix(".md")):
+        if f.is_dir():
+            ap.error(f"--out: {f} is a folder, where the results go")
+    a.earlier = None
+    if a.update and earlier.is_file():
+        try:
+            a.earlier = json.loads(earlier.read_text())
+        except (OSError, ValueError) as e:
+            ap.error(f"--update: {earlier} is not readable JSON ({e})")
+        if not (isinstance(a.earlier, dict) and isinstance(a.earlier.get("preset"), str)
+                and isinstance(a.earlier.get("jobs"), dict) and all(isinstance(j, dict) for j in a.earlier["jobs"].values())):
+            ap.error(f"--update: {earlier} is not this script's results (an object with preset and jobs)")
+        if a.earlier["preset"] != a.preset:  # before any checkpoint is written
+            ap.error(f"--update: {earlier} is of {a.earlier['preset']}, not {a.preset}")
+    for flag, folder in (("--work", a.work), ("--out", a.out)):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            ap.error(f"{flag}: cannot make the folder {folder}: {e}")
+    return a
+
+
+def main() -> None:
+    a = parse()
+    work, out = a.work, a.out
     ckpt, made = make_checkpoint(work, a.preset)
-    result = result or {"preset": a.preset, "checkpoint": made, "jobs": {}}
-    for name in a.jobs.split(","):
+    result = a.earlier or {"preset": a.preset, "checkpoint": made, "jobs": {}}
+    for name in a.jobs:
         bundle = work / f"bundle-{name}"
         print(f"{name}: alignkd-mobile export {' '.join(JOBS[name])}", flush=True)
         # --allow-failed-parity: random weights fail the 4-bit LM's logits gate (near-flat logits); the bundle

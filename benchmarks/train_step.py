@@ -159,8 +159,6 @@ def prepare(kind: str, tiny: bool, device: torch.device, b: int, text: int, step
             cache_k: int, workdir: str) -> Prepared:
     base_kind, *mods = kind.split("+")
     compiled, memo = "compile" in mods, "memo" in mods
-    if set(mods) - {"compile", "memo"}:
-        raise SystemExit(f"unknown modifier in {kind!r}: +compile and +memo are known")
     attn = "eager" if base_kind == "release" else "sdpa"
     cached = base_kind in ("cached", "logit-kd-cached")
     student, teacher = _models(tiny, device, attn, with_teacher=base_kind not in ("plain", "logit-kd-cached"),
@@ -374,6 +372,29 @@ def goal_lines(rows: list[dict]) -> list[str]:
     return out
 
 
+KINDS = ("plain", "logit-kd", "alignkd", "cached", "logit-kd-cached", "release")
+MODIFIERS = ("compile", "memo")
+
+
+def check_args(ap: argparse.ArgumentParser, a: argparse.Namespace, tiny: bool) -> None:
+    """Every bad argument refused before any model is built (argparse's error: exit status 2)."""
+    for name in ("batch", "text", "steps", "rounds", "cache_k", "layers"):
+        v = getattr(a, name)
+        if v is not None and v < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    vocab = get_preset("tiny-teacher" if tiny else "mobilevlm-v2-7b").text.vocab_size
+    if a.cache_k > vocab:
+        ap.error(f"--cache-k {a.cache_k} is more than the teacher's {vocab}-token vocabulary")
+    for kind in a.kinds.split(","):
+        base, *mods = kind.split("+")
+        if base not in KINDS or not set(mods) <= set(MODIFIERS):
+            ap.error(f"--kinds: unknown step {kind!r} (steps: {', '.join(KINDS)}; modifiers: "
+                     + ", ".join(f"+{m}" for m in MODIFIERS) + ")")
+    parent = os.path.dirname(os.path.abspath(a.json))
+    if not os.path.isdir(parent):
+        ap.error(f"--json {a.json}: {parent} is not a folder")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny presets (default on a machine without CUDA)")
@@ -394,6 +415,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tiny = a.tiny or (device.type != "cuda" and not a.layers)  # --layers asks for real widths anywhere
     text = a.text if not tiny else min(a.text, 128)
+    check_args(ap, a, tiny)
     if a.flops:
         if "compile" in a.kinds:
             ap.error("--flops counts eager kinds: compiling changes no FLOP (drop +compile)")

@@ -20,7 +20,7 @@ import torch
 from alignkd.data.image import image_config
 from alignkd.data.templates import IMAGE_TOKEN, build_prompt, get_template
 from alignkd.errors import AlignKDError, ConfigError, DataError
-from alignkd.fileio import StagedDir
+from alignkd.fileio import StagedDir, check_output_dir
 from alignkd.model.checkpoint import load_model
 from alignkd.model.config import IMAGE_TOKEN_INDEX
 from alignkd.model.tokenizer import COPIED_FILES, load_tokenizer
@@ -111,7 +111,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, formats: list[str
     whose near-flat logits flip top-1 on near-ties); the manifest keeps each artifact's `parity_passed`, and
     `run` / `bench` warn about such a bundle.
     """
-    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    checkpoint, out_dir = Path(checkpoint), check_output_dir(out_dir)
     if target not in ("android", "desktop"):
         raise ConfigError(f"--target must be android or desktop, got {target!r}")
     formats = _unique(formats)

@@ -226,6 +226,32 @@ CASES = [
         lambda m: m.update(preprocessing="../x.json")), r"outside the bundle", ("bundle", "image")),
     Case("bundle-version", "manifest of an unknown format version", _manifest(
         lambda m: m.update(format_version=99)), r"version", ("bundle", "image")),
+    # ---- checkpoint config.json fields of the wrong type, and output paths that cannot be folders
+    Case("config-hidden-size-string", "checkpoint config.json with `hidden_size: \"64\"`",
+         lambda tmp, ckpt: ["info", _config_edit(ckpt, tmp, lambda d: d.update(hidden_size="64"))], r"hidden_size",
+         ("ckpt",)),
+    Case("config-vocab-null", "checkpoint config.json with `vocab_size: null` (train)",
+         lambda tmp, ckpt, data: ["train", "--method", "baseline", "--student",
+                                  _config_edit(ckpt, tmp, lambda d: d.update(vocab_size=None)), "--data", data,
+                                  "steps=1", "progress=false", "--output-dir", tmp / "o"], r"vocab_size", ("ckpt", "data")),
+    Case("config-a-list", "checkpoint config.json that is a JSON list", lambda tmp, ckpt: [
+        "info", _config_edit(ckpt, tmp, lambda d: [1, 2])], r"config\.json", ("ckpt",)),
+    Case("train-output-under-a-file", "`train --output-dir` inside a path that is a file",
+         lambda tmp, data: _train("--data", data, "--output-dir", _bytes(tmp / "afile", b"x") / "sub"), r"afile",
+         ("data",)),
+    Case("eval-output-is-a-file", "`eval --output-dir` that is a file", lambda tmp: [
+        "eval", "--answers", _bytes(tmp / "a.jsonl", b'{"question_id": "1", "text": "yes"}\n'), "--bench", "easyvqa",
+        "--output-dir", _bytes(tmp / "afile", b"x")], r"afile"),
+    Case("eval-answers-no-rows", "`eval --answers` of a file with no answer rows", lambda tmp: [
+        "eval", "--answers", _bytes(tmp / "a.jsonl", b"not json\n[1, 2]\n"), "--bench", "easyvqa", "--output-dir",
+        tmp / "o"], r"a\.jsonl.*no answer rows"),
+    Case("export-overwrite-a-file", "`export --overwrite` onto a path that is a file", lambda tmp, ckpt: [
+        "export", ckpt, "--output-dir", _bytes(tmp / "afile", b"x"), "--overwrite"], r"afile.*not a folder", ("ckpt",)),
+    Case("export-empty-quant", "`export --quant ''`", lambda tmp, ckpt: [
+        "export", ckpt, "--output-dir", tmp / "o", "--quant", ""], r"--quant", ("ckpt",)),
+    Case("bench-output-under-a-file", "`bench --output-dir` inside a path that is a file (refused before the runs)",
+         lambda tmp, bundle: ["bench", bundle, "--n-runs", "1", "--output-dir", _bytes(tmp / "afile", b"x") / "sub"],
+         r"afile", ("bundle",)),
 ]
 
 
@@ -250,6 +276,15 @@ def _truncated_weights(ckpt: Path, tmp: Path) -> Path:
     c = _copy(ckpt, tmp, "student")
     w = c / "model.safetensors"
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    return c
+
+
+def _config_edit(ckpt: Path, tmp: Path, fn: Callable[[dict], object]) -> Path:
+    """A copy of the checkpoint whose config.json is what `fn` makes of it (an edit in place, or a new value)."""
+    c = _copy(ckpt, tmp, "student")
+    d = json.loads((c / "config.json").read_text())
+    new = fn(d)
+    (c / "config.json").write_text(json.dumps(d if new is None else new))
     return c
 
 

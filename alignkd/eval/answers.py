@@ -53,7 +53,7 @@ def read_answer_rows(path: Path) -> AnswerRows:
     if not path.is_file():
         raise DataError(f"answer file {path} not found (JSON lines {{\"question_id\", \"prompt\", \"text\", ...}})")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not part of line 1
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read answer file {path} as UTF-8 JSON lines: {e}") from e
     out = AnswerRows()

@@ -85,9 +85,11 @@ def _check_request(checkpoints: list[str], benches: list[str], data_root: str | 
         raise ConfigError("nothing to evaluate: give checkpoint directories, or --answers FILE to score an answer file")
     if answers and len(benches) != 1:
         raise ConfigError(f"an answer file answers one benchmark: give one --bench, not {','.join(benches)}")
-    for a in answers:
-        if not a.is_file():
-            raise DataError(f"answer file {a} not found (JSON lines {{\"question_id\", \"prompt\", \"text\", ...}})")
+    for a in answers:  # a file the user names must hold answers: one with none is not a score of 0
+        rows = read_answer_rows(a)
+        if not rows.rows:
+            raise DataError(f"answer file {a} has no answer rows (JSON lines with a question_id and a text"
+                            + (f"; {rows.n_bad_lines} line(s) are not" if rows.n_bad_lines else "; it is empty") + ")")
     names = [Path(a).stem for a in answers] or [Path(c).name or str(c) for c in checkpoints]
     if len(set(names)) != len(names):
         raise ConfigError(f"the runs need different names (checkpoint directory or answer file names): {names}")

@@ -89,6 +89,9 @@ def load_config(ckpt_dir: str | Path) -> MobileVLMConfig:
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"checkpoint directory {ckpt_dir} does not exist")
     d = _read_json(ckpt_dir / "config.json")
+    if not isinstance(d, dict):
+        raise ConfigError(f"{ckpt_dir / 'config.json'}: a JSON object of config fields was expected, got a "
+                          f"{type(d).__name__}")
     vision = resolve_vision_config(d.get("mm_vision_tower", ""), ckpt_dir)
     return MobileVLMConfig.from_mtgv_dict(d, vision, where=str(ckpt_dir / "config.json"))
 

@@ -186,22 +186,45 @@ class MobileVLMConfig:
             raise ConfigError(f"{where}: mm_use_im_start_end=true is not supported by MobileVLM V2")
         if "mm_hidden_size" in d and d["mm_hidden_size"] != vision.hidden_size:
             raise ConfigError(f"{where}: mm_hidden_size {d['mm_hidden_size']} != vision tower hidden size {vision.hidden_size}")
-        vision = dataclasses.replace(vision, select_layer=int(d.get("mm_vision_select_layer", -2)))
-        n_heads = d["num_attention_heads"]
+        select = d.get("mm_vision_select_layer", -2)
+        if isinstance(select, bool) or not isinstance(select, int) or not -vision.num_layers - 1 <= select <= vision.num_layers:
+            raise ConfigError(f"{where}: mm_vision_select_layer must index the hidden states of the "
+                              f"{vision.num_layers}-layer vision tower (e.g. -2), got {select!r}")
+        vision = dataclasses.replace(vision, select_layer=select)
+
+        def size(key: str, default=None) -> int:
+            return _positive_int(d.get(key, default), key, where)
+
+        def number(key: str, default: float) -> float:
+            v = d.get(key, default)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ConfigError(f"{where}: {key} must be a positive number, got {v!r}")
+            return float(v)
+
+        def token_id(key: str, default: int) -> int:
+            v = default if d.get(key) is None else d[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"{where}: {key} must be a token id (an integer ≥ 0), got {v!r}")
+            return v
+
+        n_heads = size("num_attention_heads")
+        tie = d.get("tie_word_embeddings", False)
+        if not isinstance(tie, bool):
+            raise ConfigError(f"{where}: tie_word_embeddings must be true or false, got {tie!r}")
         text = TextConfig(
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            num_layers=d["num_hidden_layers"],
+            vocab_size=size("vocab_size"),
+            hidden_size=size("hidden_size"),
+            num_layers=size("num_hidden_layers"),
             num_heads=n_heads,
-            num_kv_heads=d.get("num_key_value_heads") or n_heads,
-            intermediate_size=d["intermediate_size"],
-            max_position_embeddings=d.get("max_position_embeddings", 2048),
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=d.get("rope_theta", 10000.0),
-            bos_token_id=d.get("bos_token_id", 1),
-            eos_token_id=d.get("eos_token_id", 2),
-            pad_token_id=d.get("pad_token_id", 0) if d.get("pad_token_id") is not None else 0,
-            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            num_kv_heads=size("num_key_value_heads", n_heads) if d.get("num_key_value_heads") else n_heads,
+            intermediate_size=size("intermediate_size"),
+            max_position_embeddings=size("max_position_embeddings", 2048),
+            rms_norm_eps=number("rms_norm_eps", 1e-6),
+            rope_theta=number("rope_theta", 10000.0),
+            bos_token_id=token_id("bos_token_id", 1),
+            eos_token_id=token_id("eos_token_id", 2),
+            pad_token_id=token_id("pad_token_id", 0),
+            tie_word_embeddings=tie,
         )
         return cls(
             name=d.get("alignkd_preset", "custom"),

@@ -274,8 +274,16 @@ def _read_record(path: Path, what: str) -> dict:
         raise CacheError(f"teacher cache {path}: not a {FORMAT} version {VERSION} manifest")
     try:
         CacheSpec(**rec["spec"])
+        if not isinstance(rec["shards"], list) or not isinstance(rec.get("complete", False), bool):
+            raise TypeError("'shards' must be a list and 'complete' true or false")
         for s in rec["shards"]:
-            str(s["file"]), int(s["bytes"]), int(s["samples"]), int(s["rows"])
+            name = s["file"]
+            # a bare file name: the manifest never points outside its own folder
+            if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+                raise ValueError(f"shard file {name!r} is not a file name in the cache folder")
+            if not all(isinstance(s[f], int) and not isinstance(s[f], bool) and s[f] >= 0
+                       for f in ("bytes", "samples", "rows")):
+                raise ValueError(f"shard {name}: bytes, samples and rows must be counts")
     except (KeyError, TypeError, ValueError) as e:
         raise CacheError(f"teacher cache {path}: malformed {what} ({e})") from None
     return rec
@@ -369,8 +377,14 @@ class TeacherCache:
         si, row = self._index[key]
         arr = self._shards[si]
         a, b = int(arr["offsets"][row]), int(arr["offsets"][row + 1])
-        return (torch.from_numpy(arr["logprobs"][a:b].astype(np.float32)),
-                torch.from_numpy(arr["ids"][a:b].astype(np.int64)))
+        logp, ids = arr["logprobs"][a:b].astype(np.float32), arr["ids"][a:b].astype(np.int64)  # (R, k) each
+        # the shards' bytes are memory-mapped, not hashed at open: check the values each lookup reads
+        if ids.size and (ids.min() < 0 or ids.max() >= self.spec.vocab_size or not np.isfinite(logp).all()
+                         or logp.max() > 0):
+            raise CacheError(f"teacher cache {self.root}: shard {self.manifest['shards'][si]['file']} is corrupt (a "
+                             f"row holds ids {ids.min()}..{ids.max()} of a {self.spec.vocab_size}-token vocabulary, "
+                             f"log-probs {logp.min():.3g}..{logp.max():.3g}): rebuild the cache")
+        return torch.from_numpy(logp), torch.from_numpy(ids)
 
     def rows(self, keys: list[bytes]) -> dict[str, torch.Tensor]:
         """The rows of several samples, concatenated in their order: logprobs (M, k), ids (M, k), and each

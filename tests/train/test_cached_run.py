@@ -6,6 +6,7 @@ before any weights load or any step; a build that fails its check writes nothing
 from __future__ import annotations
 
 import functools
+import json
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from alignkd.errors import ConfigError
 from alignkd.model import build_model, save_model
 from alignkd.train.config import load_config
 from alignkd.train.recipe import build_teacher_cache, setup, train, train_step
-from alignkd.train.teacher_cache import CacheError, CacheWriter, TeacherCache, dataset_keys
+from alignkd.train.teacher_cache import CacheError, CacheSpec, CacheWriter, TeacherCache, dataset_keys
 
 TERMS = ("ce", "kd", "att", "v_all", "v_focus", "total", "grad_norm")
 
@@ -137,6 +138,39 @@ def test_a_cache_that_lacks_training_samples_fails_or_skips_them(tmp_path, run_c
     assert all(k in have for k in run.cache_keys)
     with pytest.raises(CacheError, match="lacks 10 of the 10"):  # nothing left to train on: never a silent skip
         setup(run_cfg(teacher_cache=str(cache), teacher_cache_missing="skip", seed=7, output_dir=str(tmp_path / "r3")))
+
+
+@pytest.mark.parametrize("file", [7, None, "../elsewhere.safetensors", "/etc/passwd", ""])
+def test_a_manifest_naming_a_shard_that_is_no_file_name_of_the_folder_is_refused(tmp_path, run_cfg, monkeypatch, file):
+    cache = tmp_path / "cache"
+    build_teacher_cache(run_cfg(teacher_cache=str(cache), data__limit=4))
+    m = json.loads((cache / "cache.json").read_text())
+    m["shards"][0]["file"] = file
+    (cache / "cache.json").write_text(json.dumps(m))
+    _no_weights(monkeypatch)
+    with pytest.raises(CacheError, match="malformed manifest .*shard file .* is not a file name in the cache folder"):
+        setup(run_cfg(teacher_cache=str(cache), data__limit=4))
+
+
+@pytest.mark.parametrize("what", ["ids", "logprobs"])
+def test_a_shard_with_values_no_teacher_makes_is_refused_at_its_lookup_naming_it(tmp_path, run_cfg, what):
+    """Shards are memory-mapped, not hashed when opened: the values a lookup reads are checked (ids within the
+    vocabulary, finite log-probs ≤ 0), so a corrupt shard fails naming itself instead of crashing a step."""
+    cache = tmp_path / "cache"
+    build_teacher_cache(run_cfg(teacher_cache=str(cache), data__limit=4))
+    m = json.loads((cache / "cache.json").read_text())
+    shard = cache / m["shards"][0]["file"]
+    header_len = int.from_bytes(shard.read_bytes()[:8], "little")
+    header = json.loads(shard.read_bytes()[8:8 + header_len])
+    begin, end = header[what]["data_offsets"]
+    data = bytearray(shard.read_bytes())
+    at = 8 + header_len + begin
+    data[at:at + 2] = b"\xff\xff" if what == "ids" else b"\x00\x7e"  # uint16 65535 / float16 NaN
+    shard.write_bytes(bytes(data))
+    c = TeacherCache(cache, CacheSpec(**m["spec"]))  # opens: sizes and headers are whole
+    with pytest.raises(CacheError, match=f"shard {shard.name} is corrupt"):
+        for key in c:
+            c.lookup(key)
 
 
 def test_a_truncated_shard_is_refused_before_any_weights_load(tmp_path, run_cfg, monkeypatch):
