@@ -152,7 +152,7 @@ def _no_block(probs: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def text_vision_block(
-    probs: Tensor, image_mask: Tensor, attention_mask: Tensor, query_offset: int = 0
+    probs: Tensor, image_mask: Tensor, attention_mask: Tensor, query_offset: int = 0, spans: ImageSpans | None = None
 ) -> tuple[Tensor, Tensor]:
     """Text-query × vision-key block of layer-0 attention, for the samples that have an image.
 
@@ -165,7 +165,7 @@ def text_vision_block(
     rows (padding, past the sequence) are zeroed in the block.
     """
     B, H, T_p, T = probs.shape
-    spans = image_spans(image_mask)
+    spans = image_spans(image_mask) if spans is None else spans  # the caller may have it already
     if spans.batch.numel() == 0:
         return _no_block(probs)
     n = spans.n_tokens
@@ -445,9 +445,10 @@ class AlignKDLoss(nn.Module):
             raise ConfigError("student and teacher attention must be captured from the same first row")
 
         if cfg.variant == "paper":
-            t_block, rows = text_vision_block(t.attn_probs, s.image_mask, s.attention_mask, t.attn_query_offset)
+            spans = image_spans(s.image_mask)  # one layout for both models' blocks
+            t_block, rows = text_vision_block(t.attn_probs, s.image_mask, s.attention_mask, t.attn_query_offset, spans)
             if cfg.att_weight > 0:
-                s_block, _ = text_vision_block(s.attn_probs, s.image_mask, s.attention_mask, s.attn_query_offset)
+                s_block, _ = text_vision_block(s.attn_probs, s.image_mask, s.attention_mask, s.attn_query_offset, spans)
                 out["att"] = attention_loss(s_block, self.head_adapter(t_block), rows)
             if cfg.v_weight > 0:
                 focus, focus_rows = focus_indices(t_block, rows, cfg.top_k), rows.any(1)
