@@ -19,6 +19,7 @@
     python benchmarks/train_step.py --layers 1 --batch 1 --text 32   # real widths, one layer: a smoke run
     python benchmarks/train_step.py --kinds plain,alignkd,cached --rounds 5   # interleaved rounds, one process
     python benchmarks/train_step.py --kinds plain+compile,alignkd+compile,cached+compile   # the GPU cache row
+    python benchmarks/train_step.py --flops --layers 1 --batch 1 --kinds plain,cached   # work counted, not timed
 
 Batch 8 × (144 image + 512 text) positions by default. Student: fp32 master weights + bf16 autocast +
 AdamW (as users train). Prints a table (time, tokens/s, MFU, peak memory) with ratios to the first kind,
