@@ -46,6 +46,7 @@ import torch
 
 from alignkd.distill import DistillInputs, teacher_topk
 from alignkd.distill.attention import capture_layer0_attention
+from alignkd.fileio import atomic_write
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
@@ -354,6 +355,10 @@ def count_flops(kinds: list[str], tiny: bool, device: torch.device, b: int, text
     return rows
 
 
+def _shape(tiny: bool, layers: int | None) -> str:
+    return "tiny presets" if tiny else "1.7B student + 7B teacher" + (f" cut to {layers} layers" if layers else "")
+
+
 def goal_lines(rows: list[dict]) -> list[str]:
     """Issue 15's goals, read off the rows: each cached Align-KD kind against the plain kind with the same
     modifiers (cached+compile against plain+compile): ≤ 1.15× its step time, peak memory ≤ its + 3 GB."""
@@ -439,7 +444,7 @@ def main() -> None:
     for r in rows:
         r.setdefault("ratio_median", round(r["seconds"] / rows[0]["seconds"], 3))
     dev = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    shape = "tiny presets" if tiny else "1.7B student + 7B teacher" + (f" cut to {a.layers} layers" if a.layers else "")
+    shape = _shape(tiny, a.layers)
     print(f"device: {dev}; {shape}; batch {a.batch} x "
           f"({text} text + 144 image)")
     first = rows[0]["step"]
@@ -463,7 +468,7 @@ def flops_main(a: argparse.Namespace, tiny: bool, device: torch.device, text: in
     kinds = a.kinds.split(",")
     with tempfile.TemporaryDirectory(prefix="train-step-cache-") as workdir:
         rows = count_flops(kinds, tiny, device, a.batch, text, a.layers, a.cache_k, workdir)
-    shape = "tiny presets" if tiny else "1.7B student + 7B teacher" + (f" cut to {a.layers} layers" if a.layers else "")
+    shape = _shape(tiny, a.layers)
     print(f"FLOPs of one step (torch.utils.flop_counter: matmuls, convolutions, attention); {shape}; batch {a.batch} x "
           f"({text} text + 144 image)")
     first = rows[0]
@@ -481,11 +486,7 @@ def flops_main(a: argparse.Namespace, tiny: bool, device: torch.device, text: in
 
 
 def write_json(path: str, obj: dict) -> None:
-    """Atomically: a killed run leaves the previous file whole."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2))  # a killed run leaves the previous file whole
     print(f"wrote {path}")
 
 

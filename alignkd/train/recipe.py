@@ -596,9 +596,8 @@ def train_step(run: Run) -> dict[str, float]:
         sums = dict(zip(LOSS_TERMS, (t / run.world).tolist()))
     bad = [k for k in LOSS_TERMS if not math.isfinite(sums[k])]
     if bad:
-        ckpts = _ckpt_root(run)
-        kept = (f"The last good checkpoint in {ckpts} is kept" if ckpts.is_dir() and any(ckpts.iterdir())
-                else "No checkpoint had been written yet")
+        ckpt = latest_checkpoint(run.out)
+        kept = f"The last good checkpoint, {ckpt}, is kept" if ckpt else "No checkpoint had been written yet"
         raise TrainingDiverged(f"step {run.step + 1}: loss term(s) {', '.join(bad)} became NaN/inf; stopped. {kept}")
     params = [p for g in run.optimizer.param_groups for p in g["params"]]
     gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
