@@ -4,7 +4,6 @@ nothing here trains or exports."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shlex
 import subprocess
@@ -14,19 +13,10 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))  # the scripts are not a package: they import each other by file name
 
-
-def _load(name: str):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))  # easyvqa_seeds imports easyvqa_alignment beside it
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-seeds = _load("easyvqa_seeds")
-export = _load("export_full_shape")
+import easyvqa_seeds as seeds  # noqa: E402
+import export_full_shape as export  # noqa: E402
 
 
 def _refused(parse, argv: list[str], capsys) -> str:

@@ -3,7 +3,6 @@ hand-made numbers and tiny random models; the study itself is a benchmark, never
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -11,19 +10,10 @@ import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))  # the scripts are not a package: they import each other by file name
 
-
-def _load(name: str):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))  # easyvqa_seeds imports easyvqa_alignment beside it
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-seeds = _load("easyvqa_seeds")
-alignment = _load("easyvqa_alignment")
+import easyvqa_alignment as alignment  # noqa: E402
+import easyvqa_seeds as seeds  # noqa: E402
 
 
 @pytest.mark.parametrize("df, published", [(1, 12.7062), (4, 2.7764), (9, 2.2622), (29, 2.0452)])
