@@ -85,10 +85,6 @@ def test_accuracy_by_question_kind_scores_as_easyvqa_does():
     assert seeds.by_question_type(items, preds) == {"colour": 50.0, "shape": 50.0, "yes/no": pytest.approx(200 / 3)}
 
 
-def test_seed_ranges():
-    assert seeds.seed_list(["0-3", "7", "2"]) == [0, 1, 2, 3, 7]
-
-
 def test_alignment_of_a_model_with_itself_is_perfect_and_of_another_is_not(tmp_path):
     from alignkd.model import build_model
     from alignkd.model.tokenizer import load_tokenizer, tiny_tokenizer_dir

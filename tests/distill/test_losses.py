@@ -302,6 +302,8 @@ def test_release_focus_matches_loop():
         score = [sum(t.attn_probs[b, :, q, key].mean() for q in range(length)) for key in range(T)]
         keys = sorted(range(T), key=lambda k: -score[k])[:2]  # all keys, BOS sink included
         assert set(got[i].tolist()) == {(k - start - 1) % N for k in keys}  # image at 1 -> key - 2
+        if start == 1:  # the release literally: feature index key - 2, a negative one read from the end
+            assert set(got[i].tolist()) == {list(range(N))[k - 2] for k in keys}
 
 
 # ----------------------------------------------------------------------------- through a tiny LLaMA

@@ -14,8 +14,6 @@ from alignkd.data.image import image_config, load_image, preprocess
 from alignkd.errors import ConfigError, DataError
 from alignkd.export.base import EagerRuntime
 from alignkd.export.runtime import ImageTokenCache, PromptPrefix, generate
-from alignkd.model import build_model, save_model
-from alignkd.model.tokenizer import load_tokenizer, tiny_tokenizer_dir
 
 PROMPT = [1, 17, -200, 23, 9, 40]
 # ImageTokenCache.key of easy-vqa test image 0 preprocessed at 48 px (the `tiny48` vector config); the
@@ -115,11 +113,9 @@ def test_pixels_of_another_shape_are_refused_before_compute(tiny_student, pixels
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
+def bundle(ckpt, tmp_path_factory):
     from alignkd.export.exporter import export_bundle
 
-    ckpt = tmp_path_factory.mktemp("ck") / "student"
-    save_model(build_model("tiny-student", seed=0), ckpt, tokenizer=load_tokenizer(tiny_tokenizer_dir()))
     out = tmp_path_factory.mktemp("b") / "bundle"
     export_bundle(ckpt, out, ["onnx", "gguf"], ["fp32"], target="desktop", log=lambda *_: None)
     return out

@@ -1,5 +1,5 @@
 """The ONNX target: genai-style graphs that match the eager student, per quantization of the decoder and of the
-vision graph, onnxruntime's fast int8 kernel on the quantized graphs, and a gate that bites."""
+vision graph, onnxruntime's fused int8 kernel on the int8 vision graph, and a gate that bites."""
 
 from __future__ import annotations
 

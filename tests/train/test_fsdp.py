@@ -44,7 +44,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     train(load_config(None, [f"{k}={v}" for k, v in kw.items()] + ["grad_accum=2", f"output_dir={single}"]))
     a, b = _losses(sharded), _losses(single)
     assert [r["step"] for r in a] == [1, 2, 3, 4]
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         for k in ("ce", "kd", "att", "v_all", "v_focus", "total"):
             # tolerance: gloo's reduce-scatter sums in another order than local accumulation
             assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6), (ra["step"], k)
@@ -57,7 +57,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     _torchrun(sharded)
     again = _losses(sharded)
     assert [r["step"] for r in again] == [1, 2, 3, 4]
-    for ra, rb in zip(first, again):
+    for ra, rb in zip(first, again, strict=True):
         assert ra["total"] == pytest.approx(rb["total"], rel=1e-6), ra["step"]
     assert (sharded / "config.json").is_file() and (sharded / "train" / "adapters.safetensors").is_file()
 
@@ -68,7 +68,7 @@ def test_compiled_blocks_under_fsdp_give_the_same_losses(tmp_path):
     _torchrun(tmp_path / "eager", "steps=2", "save_every=0")
     a, b = _losses(tmp_path / "compiled"), _losses(tmp_path / "eager")
     assert [r["step"] for r in a] == [1, 2]
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         for k in ("ce", "kd", "att", "v_all", "v_focus", "total"):
             assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), (ra["step"], k)
 
@@ -103,6 +103,6 @@ def test_two_processes_build_one_teacher_cache_and_train_from_it(tmp_path):
     train(load_config(None, [f"{k}={v}" for k, v in kw.items()] + ["grad_accum=2", f"output_dir={single}", "steps=2",
                                                                    "save_every=0", f"teacher_cache={tmp_path / 'two'}",
                                                                    "loss.kd_topk=8"]))
-    for ra, rb in zip(_losses(tmp_path / "fsdp"), _losses(single)):
+    for ra, rb in zip(_losses(tmp_path / "fsdp"), _losses(single), strict=True):
         for k in ("ce", "kd", "att", "v_all", "v_focus", "total"):
             assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6), (ra["step"], k)

@@ -25,7 +25,7 @@ def test_resume_logs_the_same_losses_as_an_uninterrupted_run(tmp_path, small_run
     a = [json.loads(x) for x in (tmp_path / "full" / "train" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (tmp_path / "killed" / "train" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in b] == [1, 2, 3, 4]
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         for k in ("ce", "kd", "att", "v_all", "v_focus", "total", "lr"):
             assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-9), (ra["step"], k)
     # the final students are the same
@@ -125,7 +125,7 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path, small_run):
     (a, pa), (b, pb) = rows
     for k in ("ce", "kd", "att", "v_all", "v_focus", "total", "grad_norm"):
         assert a[k] == pytest.approx(b[k], rel=1e-5), k
-    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(pa, pb))
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(pa, pb, strict=True))
 
 
 def test_attention_captures_from_the_text_after_the_image_give_the_same_step(tmp_path, small_run, monkeypatch):
@@ -176,7 +176,7 @@ def test_data_loader_workers_give_the_same_steps(tmp_path, small_run):
     for workers in (0, 2):
         run = setup(small_run(output_dir=str(tmp_path / f"w{workers}"), num_workers=workers))
         rows.append([train_step(run) for _ in range(2)])
-    for a, b in zip(*rows):
+    for a, b in zip(*rows, strict=True):
         for k in ("ce", "kd", "att", "v_all", "v_focus", "total", "grad_norm"):
             assert a[k] == b[k], k
 
@@ -194,6 +194,6 @@ def test_vision_feature_memo_gives_the_same_steps_and_computes_each_image_once(t
     kept = run.student.vision_tower.memo
     distinct = len({s["image"] for s in run.dataset.samples})
     assert (kept.misses, kept.hits, len(kept.store)) == (distinct, 8 - distinct, distinct)
-    for a, b in zip(*rows):
+    for a, b in zip(*rows, strict=True):
         for k in ("ce", "kd", "att", "v_all", "v_focus", "total", "grad_norm"):
             assert a[k] == pytest.approx(b[k], rel=1e-5), k
