@@ -93,9 +93,13 @@ def info(preset_or_dir: str, as_json: bool) -> None:
     """
     import dataclasses
 
+    from .errors import ConfigError
     from .model.checkpoint import config_from_name
+    from .model.config import PRESETS
     from .model.summary import describe, parameter_counts
 
+    if not preset_or_dir.strip():  # '' would read ./config.json
+        raise ConfigError(f"PRESET_OR_DIR is empty: name a preset ({', '.join(PRESETS)}) or a checkpoint directory")
     config = config_from_name(preset_or_dir)
     if as_json:
         click.echo(json.dumps({"config": dataclasses.asdict(config), "parameters": parameter_counts(config)}, indent=2))
@@ -315,8 +319,10 @@ def export(checkpoint, target, formats, quants, output_dir, overwrite, max_seq_l
     from pathlib import Path
 
     from .errors import ConfigError
-    from .export.exporter import export_bundle, push_bundle
+    from .export.exporter import adb_device, export_bundle, push_bundle
 
+    if push:
+        adb_device(serial)  # no adb or no device: said before the export, not after it
     fmts = [f.strip() for f in (formats or ("pte" if target == "android" else "pte,onnx,gguf")).split(",") if f.strip()]
     qs = [q.strip() for q in quants.split(",") if q.strip()] if quants is not None else None
     if qs == []:

@@ -121,6 +121,20 @@ def check_output_dir(path: str | Path, option: str = "--output-dir") -> Path:
     return path
 
 
+def check_replaceable_dir(path: str | Path, option: str = "--output-dir", inputs: tuple[str | Path, ...] = ()) -> Path:
+    """`check_output_dir`, for a folder the command may replace as a whole (`--overwrite`): also refuse the
+    current folder or one holding it, and one that is or holds an input — replacing it would delete them."""
+    path = check_output_dir(path, option)
+    final = path.resolve()
+    if final == Path.cwd().resolve() or final in Path.cwd().resolve().parents:
+        raise OutputPathError(f"{option} {str(path)!r} is the current folder or holds it: name a new folder")
+    for inp in inputs:
+        held = Path(inp).resolve()
+        if final == held or final in held.parents:
+            raise OutputPathError(f"{option} {path} is or holds the input {inp}: name another folder")
+    return path
+
+
 def staged_dir(final: str | Path) -> Path:
     """A new empty temp folder beside `final` (same file system, so publishing is a rename), mode per umask.
     Stale temp folders of `final` left by killed processes are removed first."""

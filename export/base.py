@@ -42,6 +42,10 @@ TARGETS: dict[str, tuple[str, str]] = {
 }
 
 
+# More runtime threads than any CPU has only makes the runtimes' thread pools thrash (100,000 hung llama.cpp).
+MAX_THREADS = 256
+
+
 @dataclass
 class ExportOptions:
     """What every target reads besides the model; a target's own knobs are in `extra`."""

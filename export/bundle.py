@@ -62,6 +62,16 @@ class BundleError(DataError):
 MODEL_FIELDS: tuple[str, ...] = ("hidden_size", "vocab_size", "num_image_tokens", "image_size", "bos_id", "pad_id",
                                  "max_seq_len")
 ARTIFACT_FIELDS: tuple[str, ...] = ("format", "quant", "dir")
+# the bundle's own files, by top-level field, and where they are when the field is absent or not a path
+BUNDLE_FILES: dict[str, str] = {"preprocessing": "preprocessing.json", "template": "template.json",
+                                "tokenizer": "tokenizer/tokenizer.model", "vocab": "tokenizer/vocab.json"}
+
+
+def bundle_file(root: Path, manifest: dict, key: str) -> Path:
+    """The file a top-level field names (inside the bundle), or its default when the field is not a string:
+    what the app's `Manifest.fileOf` does, so both readers open the same bundles."""
+    rel = manifest.get(key)
+    return safe_relpath(root, rel if isinstance(rel, str) else BUNDLE_FILES[key])
 
 
 def sha256_file(path: Path) -> str:

@@ -26,8 +26,8 @@ from alignkd.data.tokenize import tokenize_prompt
 from alignkd.errors import ConfigError, DataError
 from alignkd.model.tokenizer import load_tokenizer
 
-from .base import ExportOptions, Runtime, get_target
-from .bundle import read_manifest, safe_relpath
+from .base import MAX_THREADS, ExportOptions, Runtime, get_target
+from .bundle import bundle_file, read_manifest, safe_relpath
 from .runtime import Generation, ImageTokenCache, PromptPrefix, check_decoding, check_fits, generate
 
 
@@ -46,8 +46,8 @@ class BundleRunner:
 
     def __init__(self, bundle: str | Path, fmt: str | None = None, quant: str | None = None, threads: int = 2,
                  image_cache_size: int = ImageTokenCache.DEFAULT_CAPACITY):
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ConfigError(f"threads (--threads) must be at least 1, got {threads}")
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+            raise ConfigError(f"threads (--threads) must be between 1 and {MAX_THREADS}, got {threads}")
         self.image_cache = ImageTokenCache(image_cache_size)
         self.prefix = PromptPrefix()  # what the runtime's KV cache holds of the last prompt
         self.root = Path(bundle)
@@ -66,12 +66,12 @@ class BundleRunner:
         self.num_image_tokens = m["num_image_tokens"]
         self.image_size = m["image_size"]
         self.preprocessing = ImageProcessingConfig.from_dict(
-            json.loads(safe_relpath(self.root, self.manifest["preprocessing"]).read_text()))
+            json.loads(bundle_file(self.root, self.manifest, "preprocessing").read_text()))
         if self.preprocessing.image_size != self.image_size:  # the app refuses such a bundle at open too
             raise DataError(f"bundle {self.root}: preprocessing image_size {self.preprocessing.image_size} != model "
                             f"image_size {self.image_size}")
-        self.template = json.loads(safe_relpath(self.root, self.manifest["template"]).read_text())
-        self.tokenizer = load_tokenizer(safe_relpath(self.root, self.manifest["tokenizer"]).parent)
+        self.template = json.loads(bundle_file(self.root, self.manifest, "template").read_text())
+        self.tokenizer = load_tokenizer(bundle_file(self.root, self.manifest, "tokenizer").parent)
         opts = ExportOptions(quant=self.artifact["quant"], max_seq_len=self.max_seq_len, threads=threads)
         t0 = time.perf_counter()
         self.runtime: Runtime = get_target(self.artifact["format"]).load(

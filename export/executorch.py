@@ -507,6 +507,13 @@ class ExecuTorchTarget(TargetBase):
     def options(self, options: ExportOptions) -> PteOptions:
         return super().options(options).resolved(options.quant)
 
+    def check(self, model: MobileVLM, options: ExportOptions) -> None:
+        super().check(model, options)
+        o, width = self.options(options), model.config.text.hidden_size
+        if o.embedding_quant != "fp32" and width % o.group_size:  # the table's groups run along its rows
+            raise ConfigError(f"pte: group_size {o.group_size} must divide the embedding width {width} "
+                              f"(embedding_quant {o.embedding_quant}; or embedding_quant=fp32)")
+
     def export(self, model: MobileVLM, tokenizer, out_dir: Path, options: ExportOptions) -> list[Path]:
         self.check(model, options)
         t0 = time.perf_counter()

@@ -20,13 +20,13 @@ import torch
 from alignkd.data.image import image_config
 from alignkd.data.templates import IMAGE_TOKEN, build_prompt, get_template
 from alignkd.errors import AlignKDError, ConfigError, DataError
-from alignkd.fileio import StagedDir, check_output_dir
+from alignkd.fileio import StagedDir, check_replaceable_dir
 from alignkd.model.checkpoint import load_model
 from alignkd.model.config import IMAGE_TOKEN_INDEX
 from alignkd.model.tokenizer import COPIED_FILES, load_tokenizer
 
 from .base import TARGETS, ExportOptions, get_target, option_names
-from .bundle import DEVICE_DIR, write_manifest
+from .bundle import BUNDLE_FILES, DEVICE_DIR, write_manifest
 from .parity import PARITY_QUESTION, gate, parity_inputs
 
 ANDROID_FORMAT = "pte"  # the app runs the .pte
@@ -111,7 +111,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, formats: list[str
     whose near-flat logits flip top-1 on near-ties); the manifest keeps each artifact's `parity_passed`, and
     `run` / `bench` warn about such a bundle.
     """
-    checkpoint, out_dir = Path(checkpoint), check_output_dir(out_dir)
+    checkpoint, out_dir = Path(checkpoint), check_replaceable_dir(out_dir, inputs=(checkpoint,))
     if target not in ("android", "desktop"):
         raise ConfigError(f"--target must be android or desktop, got {target!r}")
     formats = _unique(formats)
@@ -173,10 +173,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, formats: list[str
                       "vocab_size": c.text.vocab_size, "num_image_tokens": c.num_image_tokens,
                       "image_size": c.vision.image_size, "bos_id": c.text.bos_token_id,
                       "eos_ids": [c.text.eos_token_id], "pad_id": c.text.pad_token_id, "max_seq_len": max_seq_len},
-            "preprocessing": "preprocessing.json",
-            "template": "template.json",
-            "tokenizer": "tokenizer/tokenizer.model",
-            "vocab": "tokenizer/vocab.json",
+            **BUNDLE_FILES,
             "artifacts": artifacts,
             "parity": {k: {key: v[key] for key in ("passed", "image_cos", "image_rel", "logits_rel", "top1_agreement",
                                                    "greedy_identical")}
@@ -205,8 +202,9 @@ def write_bundle_metadata(stage: Path, model, tokenizer, checkpoint: Path, templ
     (tok_dir / "vocab.json").write_text(json.dumps(sentencepiece_vocab(tok_dir / "tokenizer.model")))
 
 
-def push_bundle(bundle: Path, serial: str | None = None) -> str:
-    """adb push the bundle to /data/local/tmp/alignkd/<name>; one clear error without adb or a device."""
+def adb_device(serial: str | None = None) -> list[str]:
+    """The adb command line for the device; one clear error without adb or a device. `export --push` asks
+    before exporting, not after."""
     adb = shutil.which("adb")
     if adb is None:
         raise DataError("--push needs adb on PATH (Android platform-tools); none was found")
@@ -214,6 +212,12 @@ def push_bundle(bundle: Path, serial: str | None = None) -> str:
     state = subprocess.run(base + ["get-state"], capture_output=True, text=True)
     if state.returncode != 0 or state.stdout.strip() != "device":
         raise DataError(f"no Android device ready for adb ({(state.stderr or state.stdout).strip() or 'no device'})")
+    return base
+
+
+def push_bundle(bundle: Path, serial: str | None = None) -> str:
+    """adb push the bundle to /data/local/tmp/alignkd/<name>; one clear error without adb or a device."""
+    base = adb_device(serial)
     dest = f"{DEVICE_DIR}/{bundle.name}"
     for cmd in (["shell", "mkdir", "-p", DEVICE_DIR], ["push", str(bundle), f"{DEVICE_DIR}/"]):
         r = subprocess.run(base + cmd, capture_output=True, text=True)

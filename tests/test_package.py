@@ -36,7 +36,12 @@ def test_info_command_counts_parameters():
     r = subprocess.run([str(Path(sys.executable).with_name("alignkd-mobile")), "info", "mobilevlm-v2-1.7b"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    # LM 2·32000·2048 (embeddings, head) + 24·(4·2048² + 3·2048·5632 + 2·2048) + 2048 = 1,364,297,728, CLIP ViT-L/14-336
+    # 303,507,456 (the model card's 304 M), LDPv2 2048·1024 + 2048 + 2048² + 2048 + 9·2048 + 2048 = 6,316,032
     assert "1,674,121,216" in r.stdout and "LDPv2" in r.stdout and r.stderr.strip() == ""
     bad = subprocess.run([str(Path(sys.executable).with_name("alignkd-mobile")), "info", "/nonexistent/ckpt"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: checkpoint directory /nonexistent/ckpt does not exist"
+    empty = subprocess.run([str(Path(sys.executable).with_name("alignkd-mobile")), "info", ""],
+                           capture_output=True, text=True)  # not ./config.json
+    assert empty.returncode == 2 and empty.stderr.startswith("error: PRESET_OR_DIR is empty: name a preset (")

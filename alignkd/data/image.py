@@ -41,12 +41,14 @@ class ImageProcessingConfig:
     resample: str = "bicubic"
 
     def __post_init__(self) -> None:
-        self.image_mean = tuple(float(x) for x in self.image_mean)  # type: ignore[assignment]
-        self.image_std = tuple(float(x) for x in self.image_std)  # type: ignore[assignment]
+        for name in ("image_mean", "image_std"):
+            v = getattr(self, name)
+            if (not isinstance(v, (list, tuple)) or len(v) != 3
+                    or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in v)):
+                raise ConfigError(f"{name} must be 3 numbers (R, G, B), got {v!r}")
+            setattr(self, name, tuple(float(x) for x in v))
         if not isinstance(self.image_size, int) or isinstance(self.image_size, bool) or self.image_size <= 0:
             raise ConfigError(f"image_size must be a positive integer, got {self.image_size!r}")
-        if len(self.image_mean) != 3 or len(self.image_std) != 3:
-            raise ConfigError("image_mean and image_std must have 3 values (R, G, B)")
         if any(s <= 0 for s in self.image_std):
             raise ConfigError(f"image_std must be positive, got {self.image_std}")
         if self.resample not in _RESAMPLE:
@@ -95,8 +97,8 @@ class ImageProcessingConfig:
         resample = _RESAMPLE_FROM_INT.get(resample, resample) if isinstance(resample, int) else resample
         return cls(
             image_size=crop_s,
-            image_mean=tuple(d.get("image_mean", CLIP_MEAN)),
-            image_std=tuple(d.get("image_std", CLIP_STD)),
+            image_mean=d.get("image_mean", CLIP_MEAN),
+            image_std=d.get("image_std", CLIP_STD),
             pad_to_square=pad_to_square,
             resample=resample,
         )
@@ -105,6 +107,7 @@ class ImageProcessingConfig:
 def image_config(config: MobileVLMConfig) -> ImageProcessingConfig:
     """The pixels a model expects, from its vision config (pad to square, then CLIP's processor)."""
     v = config.vision
+    # MobileVLMConfig refuses an image_aspect_ratio other than "pad" and "square" (no padding)
     return ImageProcessingConfig(image_size=v.image_size, image_mean=v.image_mean, image_std=v.image_std,
                                  pad_to_square=config.image_aspect_ratio == "pad")
 

@@ -131,6 +131,9 @@ def _matching_tokenizer(ckpt: str):
 
 def _load(bench: Benchmark, data_root: str | None, limit: int | None, log) -> tuple[Benchmark, list[EvalItem], LoadStats]:
     items, stats = bench.load(Path(data_root) if data_root else None, limit=limit)
+    if not items:  # a score over no question is no score
+        raise DataError(f"{bench.name}: no usable question in {stats.source}" + (
+            f" ({stats.n_malformed} unusable row(s), e.g. {'; '.join(stats.malformed[:2])})" if stats.n_malformed else ""))
     log(f"{bench.name}: {len(items)} questions from {stats.source}")
     if stats.n_malformed:
         log(f"{bench.name}: {stats.n_malformed} unusable row(s) not scored, e.g. {'; '.join(stats.malformed[:2])}")

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from ..fileio import apply_umask, publish_dir, staged_dir, writing
-from .config import BUILTIN_VISION_TOWERS, MobileVLMConfig, VisionConfig, get_preset, PRESETS
+from .config import BUILTIN_VISION_TOWERS, CLIP_L14_336, MobileVLMConfig, VisionConfig, get_preset, PRESETS
 from .mobilevlm import MobileVLM
 from .vision import from_clip_config, preprocessor_dict, to_clip_config
 
@@ -72,10 +72,15 @@ def _read_json(path: Path) -> dict:
 def resolve_vision_config(tower: str, ckpt_dir: Path) -> VisionConfig:
     """`mm_vision_tower` → VisionConfig, offline: a local CLIP folder (absolute or relative to the
     checkpoint) with config.json (+ preprocessor_config.json), or a known hub id."""
+    # "" would be the checkpoint folder itself, whose config.json is not a CLIP config
+    if not isinstance(tower, str) or not tower:
+        raise ConfigError(f"{ckpt_dir / 'config.json'}: mm_vision_tower must name a local CLIP folder or a hub id, "
+                          f"got {tower!r}")
     for cand in (Path(tower), ckpt_dir / tower):
         if (cand / "config.json").is_file():
             pre = cand / "preprocessor_config.json"
-            return from_clip_config(_read_json(cand / "config.json"), _read_json(pre) if pre.is_file() else None)
+            return from_clip_config(_read_json(cand / "config.json"), _read_json(pre) if pre.is_file() else None,
+                                    where=str(cand / "config.json"), preprocessor_where=str(pre))
     if tower in BUILTIN_VISION_TOWERS:
         return BUILTIN_VISION_TOWERS[tower]
     raise ConfigError(
@@ -92,7 +97,7 @@ def load_config(ckpt_dir: str | Path) -> MobileVLMConfig:
     if not isinstance(d, dict):
         raise ConfigError(f"{ckpt_dir / 'config.json'}: a JSON object of config fields was expected, got a "
                           f"{type(d).__name__}")
-    vision = resolve_vision_config(d.get("mm_vision_tower", ""), ckpt_dir)
+    vision = resolve_vision_config(d.get("mm_vision_tower", CLIP_L14_336), ckpt_dir)
     return MobileVLMConfig.from_mtgv_dict(d, vision, where=str(ckpt_dir / "config.json"))
 
 
@@ -105,7 +110,7 @@ def _weight_files(ckpt_dir: Path) -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = ckpt_dir / index_name
         if index.is_file():
-            files = sorted(set(_read_json(index).get("weight_map", {}).values()))
+            files = _shard_names(index)
             missing = [f for f in files if not (ckpt_dir / f).is_file()]
             if missing:
                 raise CheckpointError(f"{index} names shard(s) that are missing: {', '.join(missing)}")
@@ -118,6 +123,21 @@ def _weight_files(ckpt_dir: Path) -> list[Path]:
         return shards
     raise CheckpointError(f"no weights in {ckpt_dir}: expected model.safetensors, model-*.safetensors with an index, "
                           "or pytorch_model*.bin")
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The shard files an index's `weight_map` names: bare file names, so no shard is read from outside the
+    checkpoint folder."""
+    d = _read_json(index)
+    weight_map = d.get("weight_map") if isinstance(d, dict) else d
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: weight_map must be a JSON object mapping tensor names to shard file names, "
+                              f"got {weight_map!r:.80}")
+    bad = [f for f in weight_map.values() if not isinstance(f, str) or f in ("", ".", "..") or Path(f).name != f]
+    if bad:
+        raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names in the checkpoint "
+                              f"folder (no paths), got {bad[0]!r}")
+    return sorted(set(weight_map.values()))
 
 
 def _read_weights(path: Path, keep) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.Tensor]]:
@@ -158,6 +178,9 @@ def read_mtgv_state_dict(ckpt_dir: Path, model: torch.nn.Module,
             if shape != known[ours]:
                 raise CheckpointError(f"{f}: tensor {name!r} has shape {shape}, the config needs {known[ours]}")
             if ours in expected:
+                if not tensors[name].is_floating_point():  # a cast to the model's dtype would hide it
+                    raise CheckpointError(f"{f}: tensor {name!r} has dtype {tensors[name].dtype}, "
+                                          "a floating-point one is needed")
                 state[ours] = tensors[name]
     missing = sorted(set(expected) - set(state))
     if missing:

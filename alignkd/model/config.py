@@ -20,6 +20,8 @@ IGNORE_INDEX = -100
 """Label value that the cross-entropy (and the KD position mask) ignores."""
 CLIP_L14_336 = "openai/clip-vit-large-patch14-336"
 PROJECTOR_TYPES = ("ldpnetv2",)
+IMAGE_ASPECT_RATIOS = ("pad", "square")
+"""`image_aspect_ratio` values: "pad" pads to square with the mean colour first, "square" (LLaVA's) does not."""
 
 
 @dataclass(frozen=True)
@@ -109,19 +111,26 @@ class MobileVLMConfig:
     vision_tower: str = CLIP_L14_336
     """`mm_vision_tower`: a hub id (resolved offline to a built-in config) or a local CLIP folder."""
     image_aspect_ratio: str = "pad"
-    """MobileVLM pads images to square with the mean colour before the CLIP processor."""
+    """MobileVLM pads images to square with the mean colour before the CLIP processor (see IMAGE_ASPECT_RATIOS)."""
 
     def __post_init__(self) -> None:
         if self.projector_type not in PROJECTOR_TYPES:
             raise ConfigError(
                 f"mm_projector_type {self.projector_type!r} is not supported (supported: {', '.join(PROJECTOR_TYPES)})"
             )
+        if self.image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+            raise ConfigError(f"image_aspect_ratio {self.image_aspect_ratio!r} is not supported "
+                              f"(supported: {', '.join(IMAGE_ASPECT_RATIOS)})")
         if self.vision.image_size % self.vision.patch_size:
             raise ConfigError(f"vision image_size {self.vision.image_size} is not a multiple of patch_size {self.vision.patch_size}")
         if self.vision.grid % self.pooled_grid:
             raise ConfigError(f"vision grid {self.vision.grid} is not divisible by the pooled grid {self.pooled_grid}")
-        if self.text.hidden_size % self.text.num_heads or self.text.num_heads % self.text.num_kv_heads:
-            raise ConfigError("text hidden_size must divide by num_heads, and num_heads by num_kv_heads")
+        t = self.text
+        if t.hidden_size % t.num_heads or t.num_heads % t.num_kv_heads:
+            raise ConfigError(f"hidden_size ({t.hidden_size}) must divide by num_attention_heads ({t.num_heads}), "
+                              f"and num_attention_heads by num_key_value_heads ({t.num_kv_heads})")
+        if t.head_dim % 2:  # RoPE rotates pairs of channels
+            raise ConfigError(f"hidden_size / num_attention_heads = {t.head_dim} must be even (the head dim RoPE rotates)")
 
     @property
     def num_image_tokens(self) -> int:
@@ -196,10 +205,7 @@ class MobileVLMConfig:
             return _positive_int(d.get(key, default), key, where)
 
         def number(key: str, default: float) -> float:
-            v = d.get(key, default)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ConfigError(f"{where}: {key} must be a positive number, got {v!r}")
-            return float(v)
+            return _positive_number(d.get(key, default), key, where)
 
         def token_id(key: str, default: int) -> int:
             v = default if d.get(key) is None else d[key]
@@ -207,6 +213,12 @@ class MobileVLMConfig:
                 raise ConfigError(f"{where}: {key} must be a token id (an integer ≥ 0), got {v!r}")
             return v
 
+        act = d.get("hidden_act", "silu")
+        if act != "silu":  # the LM is LLaMA's SwiGLU (to_llama_config): another activation would load a different model
+            raise ConfigError(f"{where}: hidden_act {act!r} is not supported (MobileVLM's LLaMA uses 'silu')")
+        aspect = d.get("image_aspect_ratio", "pad")
+        if aspect is None:  # LLaVA's null: no padding, which is "square"
+            aspect = "square"
         n_heads = size("num_attention_heads")
         tie = d.get("tie_word_embeddings", False)
         if not isinstance(tie, bool):
@@ -226,21 +238,31 @@ class MobileVLMConfig:
             pad_token_id=token_id("pad_token_id", 0),
             tie_word_embeddings=tie,
         )
-        return cls(
-            name=d.get("alignkd_preset", "custom"),
-            vision=vision,
-            text=text,
-            projector_type=d["mm_projector_type"],
-            vision_tower=d.get("mm_vision_tower", CLIP_L14_336),
-            image_aspect_ratio=d.get("image_aspect_ratio", "pad"),
-            pooled_grid=_positive_int(d.get("alignkd_pooled_grid", 12), "alignkd_pooled_grid", where),
-        )
+        pooled_grid = _positive_int(d.get("alignkd_pooled_grid", 12), "alignkd_pooled_grid", where)
+        try:
+            return cls(
+                name=d.get("alignkd_preset", "custom"),
+                vision=vision,
+                text=text,
+                projector_type=d["mm_projector_type"],
+                vision_tower=d.get("mm_vision_tower", CLIP_L14_336),
+                image_aspect_ratio=aspect,
+                pooled_grid=pooled_grid,
+            )
+        except ConfigError as e:  # __post_init__'s checks do not know the file
+            raise ConfigError(f"{where}: {e}") from None
 
 
 def _positive_int(v, name: str, where: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ConfigError(f"{where}: {name} must be a positive integer, got {v!r}")
     return v
+
+
+def _positive_number(v, name: str, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        raise ConfigError(f"{where}: {name} must be a positive number, got {v!r}")
+    return float(v)
 
 
 # ---- presets -------------------------------------------------------------------------------

@@ -9,8 +9,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers.activations import ACT2FN
 
-from .config import VisionConfig
+from ..errors import ConfigError
+from .config import VisionConfig, _positive_int, _positive_number
 
 
 def to_clip_config(v: VisionConfig) -> CLIPVisionConfig:
@@ -28,24 +30,55 @@ def to_clip_config(v: VisionConfig) -> CLIPVisionConfig:
     )
 
 
-def from_clip_config(d: dict, preprocessor: dict | None = None) -> VisionConfig:
-    """A CLIP config dict (a CLIPVisionConfig, or a full CLIPConfig with `vision_config`) → VisionConfig."""
-    d = d.get("vision_config", d)
+def from_clip_config(d: dict, preprocessor: dict | None = None, where: str = "config.json",
+                     preprocessor_where: str = "preprocessor_config.json") -> VisionConfig:
+    """A CLIP config dict (a CLIPVisionConfig, or a full CLIPConfig with `vision_config`) → VisionConfig.
+    `where`, `preprocessor_where`: the files they came from, for the error messages."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: a JSON object of CLIP config fields was expected, got a {type(d).__name__}")
+    if "vision_config" in d:
+        d = d["vision_config"]
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: vision_config must be a JSON object of CLIP vision fields, got {d!r}")
+
+    def size(key: str, default: int) -> int:
+        return _positive_int(d.get(key, default), key, where)
+
+    act = d.get("hidden_act", "quick_gelu")
+    if not isinstance(act, str) or act not in ACT2FN:  # transformers looks it up when it builds the tower
+        raise ConfigError(f"{where}: hidden_act {act!r} is not an activation transformers knows (CLIP's: 'quick_gelu')")
     kw = dict(
-        image_size=d.get("image_size", 224),
-        patch_size=d.get("patch_size", 32),
-        hidden_size=d.get("hidden_size", 768),
-        num_layers=d.get("num_hidden_layers", 12),
-        num_heads=d.get("num_attention_heads", 12),
-        intermediate_size=d.get("intermediate_size", 3072),
-        hidden_act=d.get("hidden_act", "quick_gelu"),
-        layer_norm_eps=d.get("layer_norm_eps", 1e-5),
-        projection_dim=d.get("projection_dim", 512),
+        image_size=size("image_size", 224),
+        patch_size=size("patch_size", 32),
+        hidden_size=size("hidden_size", 768),
+        num_layers=size("num_hidden_layers", 12),
+        num_heads=size("num_attention_heads", 12),
+        intermediate_size=size("intermediate_size", 3072),
+        hidden_act=act,
+        layer_norm_eps=_positive_number(d.get("layer_norm_eps", 1e-5), "layer_norm_eps", where),
+        projection_dim=size("projection_dim", 512),
     )
-    if preprocessor:
-        kw["image_mean"] = tuple(preprocessor.get("image_mean", VisionConfig.image_mean))
-        kw["image_std"] = tuple(preprocessor.get("image_std", VisionConfig.image_std))
+    if kw["image_size"] % kw["patch_size"]:
+        raise ConfigError(f"{where}: image_size {kw['image_size']} is not a multiple of patch_size {kw['patch_size']}")
+    if kw["hidden_size"] % kw["num_heads"]:
+        raise ConfigError(f"{where}: hidden_size {kw['hidden_size']} must divide by num_attention_heads {kw['num_heads']}")
+    if preprocessor is not None:
+        if not isinstance(preprocessor, dict):
+            raise ConfigError(f"{preprocessor_where}: a JSON object of preprocessor fields was expected, "
+                              f"got a {type(preprocessor).__name__}")
+        kw["image_mean"] = _rgb(preprocessor.get("image_mean", VisionConfig.image_mean), "image_mean", preprocessor_where)
+        kw["image_std"] = _rgb(preprocessor.get("image_std", VisionConfig.image_std), "image_std", preprocessor_where,
+                               positive=True)
     return VisionConfig(**kw)
+
+
+def _rgb(v, name: str, where: str, positive: bool = False) -> tuple[float, float, float]:
+    """One number per channel (R, G, B); a std must be positive (pixels are divided by it)."""
+    if (not isinstance(v, (list, tuple)) or len(v) != 3
+            or any(isinstance(x, bool) or not isinstance(x, (int, float)) or positive and not x > 0 for x in v)):
+        kind = "positive numbers" if positive else "numbers"
+        raise ConfigError(f"{where}: {name} must be a list of 3 {kind} (R, G, B), got {v!r}")
+    return tuple(float(x) for x in v)  # type: ignore[return-value]
 
 
 def preprocessor_dict(v: VisionConfig) -> dict:

@@ -252,7 +252,7 @@ def _build(cls: type, values: Any, prefix: str = "") -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix[:-1]} is a group of keys ({', '.join(prefix + n for n in names)}): "
                           f"set them as {prefix}KEY=VALUE (in YAML, a mapping)")
-    unknown = sorted(set(values) - set(names))
+    unknown = sorted((str(k) for k in set(values) - set(names)), key=str)  # YAML keys may be true, 1, null
     if unknown:
         hints = {k.rsplit(".", 1)[-1]: k for k, _, _ in config_keys(cls, prefix)}
         said = ", ".join(prefix + k + (f" (did you mean {hints[k]}?)" if k in hints else "") for k in unknown)

@@ -397,6 +397,16 @@ def build_teacher_cache(cfg: TrainConfig, overwrite: bool = False) -> dict:
             clear(root)
     if world > 1:
         dist.barrier()
+    created = rank == 0 and not root.exists()
+    try:
+        return _build_cache(cfg, spec, root, dataset, keys, rank, world, device)
+    except BaseException:
+        if created and not any(root.glob("shard-*")):  # a build that stopped before its first shard leaves no folder
+            shutil.rmtree(root, ignore_errors=True)
+        raise
+
+
+def _build_cache(cfg: TrainConfig, spec, root: Path, dataset, keys, rank: int, world: int, device) -> dict:
     # rank 0 holds the folder's lock: another build of this cache waits, then finds it done
     with exclusive(root, log=functools.partial(print, file=sys.stderr)) if rank == 0 else contextlib.nullcontext():
         writer = CacheWriter(root, spec, rank)

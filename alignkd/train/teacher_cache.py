@@ -179,7 +179,10 @@ class CacheWriter:
     def add(self, key: bytes, logprobs: torch.Tensor, ids: torch.Tensor) -> None:
         """One sample: (R, k) log-probs and ids of its R KD positions."""
         self.keys.append(key)
-        self.rows.append((logprobs.detach().float().cpu().numpy().astype(np.float16),
+        # a probability below float16's range (a small temperature) is kept as its smallest log-prob, not
+        # -inf: both are probability 0, but the KD term p·(log p − log q) of -inf is 0·inf = NaN
+        lp = np.maximum(logprobs.detach().float().cpu().numpy(), np.finfo(np.float16).min)
+        self.rows.append((lp.astype(np.float16),
                           ids.detach().cpu().numpy().astype(_ids_dtype(self.spec.vocab_size))))
         if len(self.keys) >= self.shard_samples:
             self.flush()

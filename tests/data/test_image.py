@@ -136,6 +136,16 @@ def test_config_round_trip_and_clip_config(tmp_path):
         ImageProcessingConfig(resample="box")
 
 
+@pytest.mark.parametrize("bad", [5, None, [0.5, 0.5], [0.5, "0.5", 0.5], [0.5, 0.5, 0.5, 0.5]])
+def test_mean_and_std_must_be_three_numbers(bad):
+    with pytest.raises(ConfigError, match=r"^image_mean must be 3 numbers \(R, G, B\)"):
+        ImageProcessingConfig(image_mean=bad)
+    with pytest.raises(ConfigError, match=r"^image_std must be 3 numbers"):
+        ImageProcessingConfig.from_clip_preprocessor_config({**CLIP_336, "image_std": bad})
+    with pytest.raises(ConfigError, match="image_std must be positive"):
+        ImageProcessingConfig(image_std=[0.5, 0, 0.5])
+
+
 def test_load_image(tmp_path):
     img = _random_image(40, 30)
     p = tmp_path / "ok.png"

@@ -132,6 +132,21 @@ def test_answers_requests(tmp_path, no_model):
         evaluate([], ["gqa"], str(f), tmp_path / "o", answers=[f], **QUIET)
 
 
+def test_a_benchmark_with_no_usable_question_is_an_error_not_a_score(assets, tmp_path, no_model):
+    root = tmp_path / "data"
+    shutil.copytree(assets / "gqa", root / "gqa")
+    questions = root / "gqa" / "data" / "testdev_balanced_questions.json"
+    f = tmp_path / "a.jsonl"
+    f.write_text('{"question_id": "1", "text": "yes"}\n')
+    questions.write_text("{}")
+    with pytest.raises(DataError, match=r"gqa: no usable question in .*testdev_balanced_questions.json$"):
+        evaluate([], ["gqa"], str(root), tmp_path / "o", answers=[f], **QUIET)
+    questions.write_text(json.dumps({"1": [1, 2], "2": 7}))
+    with pytest.raises(DataError, match=r"gqa: no usable question in .* \(2 unusable row\(s\), e\.g\. "):
+        evaluate([], ["gqa"], str(root), tmp_path / "o", answers=[f], **QUIET)
+    assert not (tmp_path / "o").exists()
+
+
 def test_refuses_a_tokenizer_that_does_not_match_before_loading_weights(two_checkpoints, tmp_path, no_model):
     bad = tmp_path / "bad"
     shutil.copytree(two_checkpoints / "alignkd", bad)

@@ -164,6 +164,7 @@ def test_options_go_to_the_formats_that_have_them():
     (["--format", "onnx", "--vision-quant", "8da8w"], "error: onnx: vision_quant '8da8w' is not supported "
                                                       "(supported: auto, fp32, fp16, int8, int4)"),
     (["--format", "onnx", "--opt", "accuracy_level"], "error: Invalid value for '--opt': expected KEY=VALUE"),
+    (["--format", "pte", "--opt", "pte.group_size=33"], "error: pte: group_size 33 must divide the embedding width 64"),
 ])
 def test_cli_refuses_bad_export_requests_in_one_line(ckpt, tmp_path, args, message):
     out = tmp_path / "b"
@@ -171,6 +172,54 @@ def test_cli_refuses_bad_export_requests_in_one_line(ckpt, tmp_path, args, messa
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith(message) and r.stderr.count("\n") == 1, r.stderr
     assert not out.exists() and not list(tmp_path.glob(".b.*"))
+
+
+@pytest.mark.parametrize("out, says", [
+    ("{ckpt}", "is or holds the input"),  # --overwrite would delete the checkpoint
+    ("{ckpt_parent}", "is or holds the input"),
+    ("", "is the current folder or holds it"),
+    (".", "is the current folder or holds it"),
+    ("..", "is the current folder or holds it"),
+])
+def test_export_never_replaces_its_checkpoint_or_the_current_folder(ckpt, tmp_path, monkeypatch, out, says):
+    work = tmp_path / "work"
+    work.mkdir()
+    before = sorted(p.name for p in ckpt.iterdir())
+    out = out.format(ckpt=ckpt, ckpt_parent=ckpt.parent)
+    r = subprocess.run([CLI, "export", str(ckpt), "--target", "desktop", "--format", "gguf", "--quant", "fp32",
+                        "--output-dir", out, "--overwrite"], capture_output=True, text=True, cwd=work)
+    assert r.returncode == 2 and r.stderr.startswith("error: --output-dir") and says in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert sorted(p.name for p in ckpt.iterdir()) == before and not list(work.iterdir())
+
+
+def test_export_push_without_a_device_is_refused_before_the_export(ckpt, tmp_path):
+    env, _ = _fake_adb(tmp_path, device=False)
+    out = tmp_path / "b"
+    r = subprocess.run([CLI, "export", str(ckpt), "--target", "desktop", "--format", "gguf", "--quant", "fp32",
+                        "--output-dir", str(out), "--push"], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and r.stderr.startswith("error: no Android device ready for adb"), r.stderr
+    assert r.stdout == "" and not out.exists()
+
+
+def test_a_file_field_that_is_no_path_reads_the_default_file_as_the_app_does(bundle, tmp_path):
+    """`tokenizer: null`, `preprocessing: [1]`, no `template`: the app's Manifest.fileOf reads the default file
+    then; so does the emulator (it used to fail with a TypeError)."""
+    from alignkd.export.emulator import BundleRunner
+
+    b = tmp_path / "b"
+    shutil.copytree(bundle, b)
+    m = json.loads((b / "manifest.json").read_text())
+    m.update(tokenizer=None, preprocessing=[1])
+    del m["template"]
+    (b / "manifest.json").write_text(json.dumps(m))
+    edited, plain = BundleRunner(b, "gguf", "fp32", threads=1), BundleRunner(bundle, "gguf", "fp32", threads=1)
+    try:
+        assert edited.preprocessing == plain.preprocessing and edited.template == plain.template
+        assert edited.prompt_ids("What shape?") == plain.prompt_ids("What shape?")
+    finally:
+        edited.close()
+        plain.close()
 
 
 def test_export_help_lists_every_option_of_every_target():

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import re
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from alignkd.errors import CheckpointError, ConfigError
-from alignkd.model import load_model, save_model
+from alignkd.model import load_config, load_model, save_model
 from alignkd.model.checkpoint import to_mtgv_name
 
 IDS = torch.tensor([[1, -200, 17, 23, 9]])
@@ -83,9 +86,11 @@ def test_bin_is_loaded_with_weights_only(tiny_student, tmp_path):
     d = tmp_path / "evil"
     _write_original_layout(tiny_student, d, "bin", shards=1)
 
-    class Boom:  # a pickle that would run code when unpickled without weights_only
+    marker = tmp_path / "pwned"
+
+    class Boom:  # a pickle that would run code (make a folder) when unpickled without weights_only
         def __reduce__(self):
-            return (print, ("pwned",))
+            return (os.mkdir, (str(marker),))
 
     shard = next(d.glob("pytorch_model-*.bin"))
     state = torch.load(shard, weights_only=True)
@@ -93,6 +98,7 @@ def test_bin_is_loaded_with_weights_only(tiny_student, tmp_path):
     torch.save(state, shard)
     with pytest.raises(CheckpointError, match="cannot read weights"):
         load_model(d)
+    assert not marker.exists()
 
 
 def test_bad_checkpoints_give_one_clear_error(tiny_student, tmp_path):
@@ -287,3 +293,65 @@ def test_a_prefix_still_checks_every_tensor_of_the_files(tiny_teacher, tmp_path)
         load_model(d, num_layers=1)
     with pytest.raises(ConfigError, match="num_layers=4: the LM has 3 layers"):
         load_model(tmp_path / "t", num_layers=4)
+
+
+V, P = "vision_tower/config.json", "vision_tower/preprocessor_config.json"
+
+
+@pytest.mark.parametrize("rel, change, match", [
+    ("config.json", {"mm_vision_tower": 5}, "mm_vision_tower must name a local CLIP folder or a hub id, got 5"),
+    ("config.json", {"mm_vision_tower": None}, "mm_vision_tower must name .*, got None"),
+    ("config.json", {"mm_vision_tower": ""}, "mm_vision_tower must name .*, got ''"),  # not the folder's own config
+    ("config.json", {"hidden_act": "nope"}, "hidden_act 'nope' is not supported"),
+    ("config.json", {"hidden_size": 60}, r"hidden_size / num_attention_heads = 15 must be even"),
+    ("config.json", {"num_key_value_heads": 3}, r"hidden_size .* and num_attention_heads by num_key_value_heads \(3\)"),
+    ("config.json", {"image_aspect_ratio": "stretch"}, "image_aspect_ratio 'stretch' is not supported"),
+    ("config.json", {"image_aspect_ratio": 5}, "image_aspect_ratio 5 is not supported"),
+    (V, [1], "a JSON object of CLIP config fields was expected, got a list"),
+    (V, {"vision_config": None}, "vision_config must be a JSON object"),
+    (V, {"patch_size": 0}, "patch_size must be a positive integer, got 0"),
+    (V, {"patch_size": 5}, "image_size 48 is not a multiple of patch_size 5"),
+    (V, {"image_size": "48"}, "image_size must be a positive integer, got '48'"),
+    (V, {"image_size": -48}, "image_size must be a positive integer, got -48"),
+    (V, {"num_attention_heads": 5}, "hidden_size 64 must divide by num_attention_heads 5"),
+    (V, {"layer_norm_eps": "1e-5"}, "layer_norm_eps must be a positive number"),
+    (V, {"hidden_act": "nope"}, "hidden_act 'nope' is not an activation transformers knows"),
+    (P, [1], "a JSON object of preprocessor fields was expected, got a list"),
+    (P, {"image_mean": 5}, r"image_mean must be a list of 3 numbers \(R, G, B\), got 5"),
+    (P, {"image_mean": [0.5, 0.5]}, r"image_mean must be a list of 3 numbers .*, got \[0.5, 0.5\]"),
+    (P, {"image_std": [0.5, 0, 0.5]}, "image_std must be a list of 3 positive numbers"),
+])
+def test_bad_config_fields_name_the_file_and_field(ckpt, tmp_path, rel, change, match):
+    """What a bad-input campaign found crashing (TypeError, KeyError...) or accepted: one ConfigError each."""
+    d = shutil.copytree(ckpt, tmp_path / "ck")
+    f = d / rel
+    f.write_text(json.dumps({**json.loads(f.read_text()), **change} if isinstance(change, dict) else change))
+    with pytest.raises(ConfigError, match=rf"/ck/{re.escape(rel)}: {match}"):
+        load_config(d)
+
+
+@pytest.mark.parametrize("index, match", [
+    ([1, 2], r"weight_map must be a JSON object mapping tensor names to shard file names, got \[1, 2\]"),
+    ({"weight_map": ["model.safetensors"]}, "weight_map must be a JSON object"),
+    ({"metadata": {}}, "weight_map must be a JSON object .*, got None"),
+    ({"weight_map": {"a": 5}}, "weight_map must map tensor names to shard file names .*, got 5"),
+    ({"weight_map": {"a": "../ck/model.safetensors"}}, r"weight_map must map .* \(no paths\), got '../ck/model.safetensors'"),
+    ({"weight_map": {"a": "/etc/model.safetensors"}}, r"weight_map must map .* \(no paths\), got '/etc/model.safetensors'"),
+])
+def test_a_malformed_shard_index_is_refused(ckpt, tmp_path, index, match):
+    d = shutil.copytree(ckpt, tmp_path / "ck")
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"/ck/model\.safetensors\.index\.json: {match}"):
+        load_model(d)
+
+
+def test_an_integer_weight_is_refused_not_cast(ckpt, tmp_path):
+    from safetensors.torch import load_file
+
+    d = shutil.copytree(ckpt, tmp_path / "ck")
+    state = load_file(str(d / "model.safetensors"))
+    state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"].to(torch.int32)
+    save_file(state, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"/ck/model\.safetensors: tensor 'model.embed_tokens.weight' has "
+                                              r"dtype torch.int32, a floating-point one is needed"):
+        load_model(d, dtype=torch.float32)  # not cast to the asked dtype first

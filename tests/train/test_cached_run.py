@@ -233,6 +233,22 @@ def test_a_killed_build_continues_and_a_finished_one_loads_no_teacher(tmp_path, 
     assert build_teacher_cache(run_cfg(teacher_cache=str(killed)))["computed_now"] == 0
 
 
+def test_a_build_that_fails_before_its_first_shard_leaves_no_folder(tmp_path, run_cfg, monkeypatch):
+    from alignkd.errors import CheckpointError
+
+    def unreadable(*a, **k):
+        raise CheckpointError("t/model.safetensors is truncated")
+
+    monkeypatch.setattr(recipe, "_load_teacher", unreadable)
+    with pytest.raises(CheckpointError):
+        build_teacher_cache(run_cfg(teacher_cache=str(tmp_path / "new")))
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()  # a folder the user made is theirs: it stays
+    with pytest.raises(CheckpointError):
+        build_teacher_cache(run_cfg(teacher_cache=str(tmp_path / "mine")))
+    assert (tmp_path / "mine").is_dir()
+
+
 def test_cache_settings_are_checked_with_the_config():
     with pytest.raises(ConfigError, match="teacher_cache needs loss.kd_positions text or tokens"):
         load_config(None, ["teacher=t", "teacher_cache=c", "loss.variant=release"])

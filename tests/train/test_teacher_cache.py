@@ -66,6 +66,17 @@ def test_round_trip_and_bytes_per_kd_position(tmp_path):
     assert 16 <= cache.bytes_per_row() < 16 + 400
 
 
+def test_probabilities_below_float16_are_stored_as_its_smallest_log_and_read_as_zero(tmp_path):
+    """At a small temperature (1e-30) most top-k log-probs are -inf, or below float16's range: the shard keeps
+    float16's smallest value (finite, so the lookup's corruption check passes) and exp gives 0 as before."""
+    w = CacheWriter(tmp_path, SPEC, shard_samples=1)
+    w.add(_key(0), torch.tensor([[0.0, -1e5, float("-inf"), -3.0]]), torch.tensor([[5, 6, 7, 8]]))
+    finalize(tmp_path, SPEC)
+    logp, ids = TeacherCache(tmp_path, SPEC).lookup(_key(0))
+    assert logp.tolist() == [[0.0, -65504.0, -65504.0, -3.0]] and ids.tolist() == [[5, 6, 7, 8]]
+    assert logp.exp().tolist()[0][:3] == [1.0, 0.0, 0.0]
+
+
 def test_a_killed_build_resumes_from_its_last_whole_shard(tmp_path):
     _write(tmp_path, 5, shard_samples=2, stop_before_last_flush=True)  # killed: sample 4 never written
     assert CacheWriter(tmp_path, SPEC).done_keys() == {_key(i) for i in range(4)}
