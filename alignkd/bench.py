@@ -105,9 +105,10 @@ def easyvqa_accuracy(runner, limit: int) -> dict:
 def bench_host(bundles: list[str], n_runs: int = 3, threads: int = 2, max_new_tokens: int = 32,
                accuracy_limit: int = 0, log=print) -> list[dict]:
     check_options(n_runs, threads, max_new_tokens, accuracy_limit)
+    manifests = {b: read_manifest(b) for b in bundles}  # every bundle verified before the first is measured
     rows = []
     for b in bundles:
-        for art in read_manifest(b)["artifacts"]:
+        for art in manifests[b]["artifacts"]:
             log(f"bench {Path(b).name} {art['format']}/{art['quant']} ...")
             args = [sys.executable, "-m", "alignkd.bench", b, art["format"], art["quant"], str(n_runs),
                     str(threads), str(max_new_tokens), str(accuracy_limit)]

@@ -163,8 +163,10 @@ def train(demo, config_path, method, teacher, student, data, image_folder, outpu
     run_keys = {k for k, _, _ in config_keys(TrainConfig)}
     demo_only = sorted({o.split("=", 1)[0] for o in overrides} & ({k for k, _, _ in config_keys(DemoConfig)} - run_keys))
     if demo_only:
+        demo_keys = {k for k, _, _ in config_keys(DemoConfig)}
+        kept = [o for o in overrides if o.split("=", 1)[0].strip() in demo_keys]  # a run's keys would fail there
         raise ConfigError(f"{', '.join(demo_only)}: key(s) of the demo, not of a training run; "
-                          f"run the demo with: alignkd-mobile train --demo {' '.join(overrides)}")
+                          f"run the demo with: alignkd-mobile train --demo {' '.join(kept)}")
     summary = run_training(load_config(config_path, list(overrides), cls=TrainConfig, flags=given))
     click.echo(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
 

@@ -31,7 +31,7 @@ from .eval.benchmarks import EasyVQA, EvalItem
 from .eval.runner import answer_items
 from .fileio import atomic_write
 from .model.checkpoint import load_model, weights_digest
-from .model.config import TINY_VOCAB
+from .model.config import PRESETS, TINY_VOCAB
 from .model.tokenizer import load_tokenizer
 from .model.vision import attach_feature_memo
 from .train.config import TrainConfig, check_values, load_config, run_differences
@@ -105,6 +105,9 @@ class DemoConfig:
     def __post_init__(self) -> None:
         check_values(self, positive=("teacher_steps", "student_steps", "batch_size", "teacher_lr", "lr", "eval_limit"),
                      non_negative=("eval_seed", "seed", "teacher_seed", "curve_every", "vision_feature_memo_gb"))
+        for key in ("teacher_preset", "student_preset"):  # before the teacher trains, not after
+            if getattr(self, key) not in PRESETS:
+                raise ConfigError(f"{key} {getattr(self, key)!r} is not a preset (known: {', '.join(PRESETS)})")
         names = self.students()
         unknown = [m for m in names if m not in STUDENTS]
         if unknown or not names or names[0] != "baseline":

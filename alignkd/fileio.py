@@ -111,7 +111,10 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
 
 
 def check_output_dir(path: str | Path, option: str = "--output-dir") -> Path:
-    """Refuse, before any work, an output folder that cannot be one: itself or an existing parent is a file."""
+    """Refuse, before any work, an output folder that cannot be one: empty, or itself or an existing parent is a
+    file."""
+    if not str(path).strip():  # Path("") is the current folder
+        raise OutputPathError(f"{option} is empty: name a folder")
     path = Path(path)
     for p in (path, *path.parents):
         if p.exists():

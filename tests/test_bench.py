@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from alignkd import bench
+from alignkd.errors import DataError
 from alignkd.fileio import DiskFull
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +63,8 @@ def test_the_chart_is_written_before_the_report(tmp_path, monkeypatch):
     (["bench", "B", "--n-runs", "0"], "--n-runs"),
     (["bench", "B", "--threads", "0"], "--threads"),
     (["bench", "B", "--threads", "100000"], "between 1 and 256"),
+    (["bench", "B", "--output-dir", ""], "--output-dir is empty"),  # was: the current folder
+    (["eval", "--answers", "a.jsonl", "--bench", "easyvqa", "--output-dir", ""], "--output-dir is empty"),
     (["bench", "B", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["bench", "B", "--accuracy-limit", "-1"], "--accuracy-limit"),
     (["bench", "B", "--device", "phone"], "--device"),
@@ -86,6 +89,12 @@ def bundle(ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("b") / "bundle"
     export_bundle(ckpt, out, ["gguf"], ["fp32"], target="desktop", log=lambda *_: None)
     return out
+
+
+def test_every_bundle_is_verified_before_the_first_is_measured(bundle, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: pytest.fail("a bundle was measured"))
+    with pytest.raises(DataError, match="nope is not a complete bundle"):
+        bench.bench_host([str(bundle), str(tmp_path / "nope")], n_runs=1)
 
 
 def test_host_worker_reports_every_field_cold_and_warm(bundle):

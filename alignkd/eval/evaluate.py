@@ -10,6 +10,7 @@ same path as `--answers`, so both give the same number for the same file.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -38,6 +39,26 @@ def evaluate(checkpoints: Sequence[str], benches: Sequence[str], data_root: str 
     tokenizers = [_matching_tokenizer(c) for c in checkpoints]
     loaded = {b: _load(get_benchmark(b), data_root, limit, log) for b in benches}
     out = Path(out_dir)
+    created = not out.exists()
+    try:
+        results = _answer_and_score(names, list(checkpoints), tokenizers, loaded, out, [Path(a) for a in answers],
+                                    batch_size, max_new_tokens, progress, log)
+    except BaseException:
+        # an eval that stops before its first answer (a prompt beyond the model's context) leaves no folder
+        if created and not any(p.stat().st_size for p in out.rglob("*.jsonl")):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    info = {b: {"rule": bench.rule, "source": stats.source, "notes": stats.notes} for b, (bench, _, stats) in loaded.items()}
+    paths = write_report(results, out, distilled=distilled, baseline=baseline, benchmarks=list(benches), info=info)
+    log(render_markdown(build_report(results, distilled, baseline, list(benches), info=info)))
+    log("wrote " + ", ".join(str(p) for p in paths.values()))
+    return results
+
+
+def _answer_and_score(names: list[str], checkpoints: list[str], tokenizers: list, loaded: dict, out: Path,
+                      answers: list[Path], batch_size: int, max_new_tokens: int, progress: bool, log) -> dict:
+    """{run name: {benchmark: metrics}}: each checkpoint answers each benchmark (resuming its answer file), or
+    an answer file is read; then scored."""
     results: dict[str, dict] = {}
     for i, name in enumerate(names):
         results[name] = {}
@@ -53,10 +74,6 @@ def evaluate(checkpoints: Sequence[str], benches: Sequence[str], data_root: str 
                              desc=f"{name} {b}", progress=progress, answer_keys=bench.answer_keys, model_id=name)
             results[name][b] = _score(bench, items, stats, path, name, log)
         del model
-    info = {b: {"rule": bench.rule, "source": stats.source, "notes": stats.notes} for b, (bench, _, stats) in loaded.items()}
-    paths = write_report(results, out, distilled=distilled, baseline=baseline, benchmarks=list(benches), info=info)
-    log(render_markdown(build_report(results, distilled, baseline, list(benches), info=info)))
-    log("wrote " + ", ".join(str(p) for p in paths.values()))
     return results
 
 

@@ -206,7 +206,7 @@ class MobileVLM(nn.Module):
         if t + max_new_tokens > self.config.text.max_position_embeddings:
             raise DataError(
                 f"prompt of {t} positions + {max_new_tokens} new tokens exceeds the context of "
-                f"{self.config.text.max_position_embeddings}"
+                f"{self.config.text.max_position_embeddings} (the model's max_position_embeddings)"
             )
         cache = DynamicCache() if use_cache else None
         state = {"embeds": embeds, "mask": mask}

@@ -218,6 +218,8 @@ def _coerce(name: str, raw: Any, typ: Any) -> Any:
     for t in allowed:
         if t is not type(None) and isinstance(value, t) and not (t is int and isinstance(value, bool)):
             return value
+    if isinstance(raw, str) and not raw.strip():  # `method=`: no value at all
+        raise ConfigError(f"{name} is empty: it needs {_type_name(typ)}")
     raise ConfigError(f"{name}: {raw!r} is not {_type_name(typ)}")
 
 
@@ -238,6 +240,8 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def _set(tree: dict[str, Any], key: str, value: Any) -> None:
+    if not all(key.split(".")):  # "", ".steps", "data..path"
+        raise ConfigError(f"config key {key!r} is not a key: KEY or GROUP.KEY (alignkd-mobile train-keys lists them)")
     *groups, leaf = key.split(".")
     node = tree
     for i, g in enumerate(groups):

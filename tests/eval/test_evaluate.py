@@ -147,6 +147,15 @@ def test_a_benchmark_with_no_usable_question_is_an_error_not_a_score(assets, tmp
     assert not (tmp_path / "o").exists()
 
 
+def test_an_eval_that_stops_before_its_first_answer_leaves_no_folder(ckpt, tmp_path):
+    short = shutil.copytree(ckpt, tmp_path / "short")
+    cfg = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 8}))
+    with pytest.raises(DataError, match=r"exceeds the context of 8 \(the model's max_position_embeddings\)"):
+        evaluate([str(short)], ["easyvqa"], None, tmp_path / "o", limit=2, **QUIET)
+    assert not (tmp_path / "o").exists()
+
+
 def test_refuses_a_tokenizer_that_does_not_match_before_loading_weights(two_checkpoints, tmp_path, no_model):
     bad = tmp_path / "bad"
     shutil.copytree(two_checkpoints / "alignkd", bad)

@@ -177,7 +177,7 @@ def test_cli_refuses_bad_export_requests_in_one_line(ckpt, tmp_path, args, messa
 @pytest.mark.parametrize("out, says", [
     ("{ckpt}", "is or holds the input"),  # --overwrite would delete the checkpoint
     ("{ckpt_parent}", "is or holds the input"),
-    ("", "is the current folder or holds it"),
+    ("", "is empty: name a folder"),
     (".", "is the current folder or holds it"),
     ("..", "is the current folder or holds it"),
 ])

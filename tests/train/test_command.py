@@ -23,6 +23,10 @@ def cli(monkeypatch):
     (["steps=5"], "method alignkd needs a teacher"),  # a training key, as lr=1e-3 is: never the demo
     (["teacher_steps=5"], "teacher_steps: key(s) of the demo, not of a training run; run the demo with: "
                           "alignkd-mobile train --demo teacher_steps=5"),
+    # the suggested command leaves out steps, a key the demo does not have (lr it has)
+    (["steps=1", "teacher_steps=5", "lr=1e-3"], "run the demo with: alignkd-mobile train --demo teacher_steps=5 lr=1e-3\n"),
+    (["--demo", "student_preset=nope"], "student_preset 'nope' is not a preset (known: "),
+    (["--demo", "teacher_preset=nope"], "teacher_preset 'nope' is not a preset (known: "),
     (["--demo", "--teacher", "x"], "--demo takes --config, --output-dir and the demo's keys"),
     (["--demo", "steps=5"], "unknown config key(s) steps"),
     (["--teacher", "t", "teacher_dtype=banana"], "teacher_dtype must be one of auto, bf16, fp16, fp32, got 'banana'"),

@@ -55,6 +55,11 @@ def test_yaml_groups_and_overrides(tmp_path):
     (["loss.nope=1"], r"unknown config key\(s\) loss.nope"),
     (["method=alignkd"], "method alignkd needs a teacher"),
     (["steps"], "override 'steps' is not key=value"),
+    (["method="], "method is empty: it needs a string$"),
+    (["steps= "], "steps is empty: it needs an integer$"),
+    ([".steps=1"], r"config key '\.steps' is not a key: KEY or GROUP\.KEY"),
+    (["=1"], "config key '' is not a key"),
+    (["data..path=x"], r"config key 'data\.\.path' is not a key"),
 ])
 def test_every_bad_value_is_one_error_naming_the_key(overrides, message):
     teacher = [] if overrides == ["method=alignkd"] else ["teacher=t"]

@@ -92,7 +92,7 @@ class MMBench(Benchmark):
         for lineno, r in enumerate(rows, 2):
             try:
                 index = int(float(r["index"]))
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):  # OverflowError: "inf"
                 index = None
             if index is None or index in seen:
                 stats.n_rows += 1

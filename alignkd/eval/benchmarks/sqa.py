@@ -91,6 +91,8 @@ class ScienceQA(Benchmark):
         choices, answer = prob.get("choices"), prob.get("answer")
         if not text_field(prob.get("question")):
             return "missing question"
+        if prob.get("hint") is not None and not isinstance(prob["hint"], str):  # the prompt puts it first
+            return f"hint {prob['hint']!r} is not text"
         if (not isinstance(choices, list) or not 2 <= len(choices) <= len(scoring.SQA_OPTIONS)
                 or not all(isinstance(c, str) for c in choices)):
             return f"choices must be 2..{len(scoring.SQA_OPTIONS)} strings"

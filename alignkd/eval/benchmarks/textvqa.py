@@ -128,19 +128,30 @@ class TextVQA(Benchmark):
         if not self.use_ocr:
             stats.notes.append("OCR tokens left out of the prompts (use_ocr=False)")
             return {}, None
+        # a prompt file that is there but unreadable is an error, not a silent run without OCR tokens
         if (folder / LLAVA_PROMPTS).is_file():
-            prompts = {}
+            prompts, bad = {}, []
             for lineno, row in read_jsonl(folder / LLAVA_PROMPTS, self.name):
                 q = prompt_question(row.get("text")) if isinstance(row, dict) else None
                 if q is not None and "question_id" in row:
                     prompts[_key(row["question_id"], q)] = row["text"]
+                else:
+                    bad.append(f"line {lineno}: {row if isinstance(row, str) else 'no question_id and text'}")
+            if not prompts:
+                raise DataError(f"textvqa: {folder / LLAVA_PROMPTS} holds no prompt row (question_id, text)")
             stats.notes.append(f"prompts (with OCR tokens) from {LLAVA_PROMPTS}")
+            if bad:  # their questions get our prompt, without OCR tokens
+                stats.notes.append(f"{len(bad)} unusable line(s) of {LLAVA_PROMPTS} (e.g. {bad[0]}): questions "
+                                   "without a prompt line are asked without OCR tokens")
             return prompts, None
         if (folder / ROSETTA_OCR).is_file():
-            o = read_json(folder / ROSETTA_OCR, self.name, '{"data": [{"image_id", "ocr_tokens"}]} JSON')
-            ocr = {str(r.get("image_id")): [str(t) for t in r["ocr_tokens"]]
-                   for r in (o.get("data", []) if isinstance(o, dict) else [])
-                   if isinstance(r, dict) and isinstance(r.get("ocr_tokens"), list)}
+            what = '{"data": [{"image_id", "ocr_tokens"}]} JSON'
+            o = read_json(folder / ROSETTA_OCR, self.name, what)
+            rows = o.get("data") if isinstance(o, dict) else None
+            ocr = {str(r.get("image_id")): [str(t) for t in r["ocr_tokens"]] for r in rows or []
+                   if isinstance(r, dict) and isinstance(r.get("ocr_tokens"), list)} if isinstance(rows, list) else {}
+            if not ocr:
+                raise DataError(f"textvqa: {folder / ROSETTA_OCR} holds no OCR entry: {what} expected")
             stats.notes.append(f"OCR tokens from {ROSETTA_OCR} for {len(ocr)} images")
             return {}, ocr
         stats.notes.append(f"no {LLAVA_PROMPTS} or {ROSETTA_OCR}: prompts without OCR tokens, "

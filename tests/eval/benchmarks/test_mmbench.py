@@ -139,3 +139,12 @@ def test_a_repeated_index_is_unusable(copy_assets):
     (folder / TSV).write_text("".join(lines) + lines[3])  # row 2 (Q2's original) again
     items, stats = MMBench().load(folder)
     assert len(items) == 9 and stats.n_malformed == 3 + 1 and any("'2' is not a new integer" in m for m in stats.malformed)
+
+
+@pytest.mark.parametrize("index", ["inf", "-inf"])
+def test_an_infinite_index_is_unusable_not_a_crash(copy_assets, index):
+    folder = copy_assets("mmbench", "mmbench")
+    lines = (folder / TSV).read_text().splitlines(keepends=True)
+    (folder / TSV).write_text("".join(lines) + index + lines[3][lines[3].index("\t"):])  # row 2 with index ±inf
+    items, stats = MMBench().load(folder)
+    assert len(items) == 9 and any(f"{index!r} is not a new integer" in m for m in stats.malformed)

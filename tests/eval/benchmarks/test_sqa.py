@@ -67,3 +67,16 @@ def test_score(assets, score_rows, answer):
     # 103's "E" would be beyond its 2 choices: index -1 (unparsed), wrong; 101-108 unanswered: wrong
     m, _ = score_rows(bench, items, stats, [answer("103", "", "E")])
     assert m["score"] == 0.0 and m["n_missing"] == 3 and m["unparsed_rate"] == 100.0
+
+
+@pytest.mark.parametrize("hint", [5, ["a"]])
+def test_a_hint_that_is_not_text_is_an_unusable_row(copy_assets, hint):
+    import json
+
+    folder = copy_assets("scienceqa", "root/scienceqa")
+    problems = json.loads((folder / "problems.json").read_text())
+    problems["101"]["hint"] = hint
+    (folder / "problems.json").write_text(json.dumps(problems))
+    items, stats = ScienceQA().load(folder.parent)
+    assert sorted(by_id(items)) == ["102", "103", "108"]
+    assert any(m.startswith("problems.json[101]") and f"hint {hint!r} is not text" in m for m in stats.malformed)

@@ -2,6 +2,7 @@
 
 import pytest
 
+from alignkd.errors import DataError
 from alignkd.eval.benchmarks import TextVQA
 from alignkd.eval.benchmarks.textvqa import prompt_question
 
@@ -37,6 +38,31 @@ def test_prompts_from_rosetta_then_none(copy_assets):
     items, stats = TextVQA().load(folder)
     assert by_image_question(items)["t2", "what brand is the phone?"].question == "what brand is the phone?\n" + Q
     assert any("not comparable" in n for n in stats.notes)
+
+
+@pytest.mark.parametrize("file, content", [
+    ("llava_textvqa_val_v051_ocr.jsonl", "not json\n{also not\n"),
+    ("TextVQA_Rosetta_OCR_v0.2_val.json", "[]"),
+    ("TextVQA_Rosetta_OCR_v0.2_val.json", '{"data": {"a": 1}}'),
+    ("TextVQA_Rosetta_OCR_v0.2_val.json", '{"data": "abc"}'),
+])
+def test_an_ocr_file_with_nothing_usable_is_an_error_not_prompts_without_ocr(copy_assets, file, content):
+    folder = copy_assets("textvqa", "textvqa")
+    if file.startswith("TextVQA"):
+        (folder / "llava_textvqa_val_v051_ocr.jsonl").unlink()
+    (folder / file).write_text(content)
+    with pytest.raises(DataError, match=rf"textvqa: .*{file} holds no"):
+        TextVQA().load(folder)
+
+
+def test_unusable_prompt_lines_are_said(copy_assets):
+    folder = copy_assets("textvqa", "textvqa")
+    with open(folder / "llava_textvqa_val_v051_ocr.jsonl", "a") as f:
+        f.write("not json\n")
+    items, stats = TextVQA().load(folder)
+    assert len(items) == 4 and stats.n_malformed == 1  # 34606's 9 answers, as before
+    assert any(n.startswith("1 unusable line(s) of llava_textvqa_val_v051_ocr.jsonl (e.g. line ") and "not JSON" in n
+               for n in stats.notes)
 
 
 def test_without_ocr(assets):
