@@ -75,7 +75,7 @@ def test_seeds_then_overrides_then_options(tmp_path):
     (["student_steps=abc"], "student_steps: 'abc' is not an integer"),
     (["methods=foo"], "got 'foo'"),
     (["vision_feature_memo_gb=-1"], "vision_feature_memo_gb must be >= 0"),
-    (["student_preset=nonesuch"], "unknown preset 'nonesuch'"),
+    (["student_preset=nonesuch"], "student_preset 'nonesuch' is not a preset (known: "),
     (["student_steps"], "'student_steps' is not key=value"),
     (["--workers", "0"], "--workers must be at least 1"),
     (["--workers", "-2"], "--workers must be at least 1"),
