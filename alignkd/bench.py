@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -123,11 +122,10 @@ def bench_adb(bundles: list[str], serial: str | None = None, n_runs: int = 3, ma
               timeout_s: float = 600, log=print) -> list[dict]:
     """Run the demo app's headless benchmark on a phone for each pushed bundle and pull its JSON (the app
     runs ExecuTorch with its default thread count, the phone's big cores)."""
+    from alignkd.export.exporter import adb_device  # torch and the targets load only for a phone run
+
     check_options(n_runs, 1, max_new_tokens, 0)
-    adb = shutil.which("adb")
-    if adb is None:
-        raise DataError("--device adb needs adb on PATH (Android platform-tools); none was found")
-    base = [adb] + (["-s", serial] if serial else [])
+    base = adb_device(serial, "--device adb")
 
     def call(*cmd: str) -> str:
         r = subprocess.run(base + list(cmd), capture_output=True, text=True)
@@ -135,9 +133,6 @@ def bench_adb(bundles: list[str], serial: str | None = None, n_runs: int = 3, ma
             raise DataError(f"adb {' '.join(cmd)} failed: {(r.stderr or r.stdout).strip()}")
         return r.stdout
 
-    state = subprocess.run(base + ["get-state"], capture_output=True, text=True)
-    if state.returncode != 0 or state.stdout.strip() != "device":
-        raise DataError(f"no Android device ready for adb ({(state.stderr or state.stdout).strip() or 'no device'})")
     rows = []
     for b in bundles:
         name = Path(b).name

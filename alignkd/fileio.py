@@ -128,8 +128,8 @@ def check_replaceable_dir(path: str | Path, option: str = "--output-dir", inputs
     """`check_output_dir`, for a folder the command may replace as a whole (`--overwrite`): also refuse the
     current folder or one holding it, and one that is or holds an input — replacing it would delete them."""
     path = check_output_dir(path, option)
-    final = path.resolve()
-    if final == Path.cwd().resolve() or final in Path.cwd().resolve().parents:
+    final, cwd = path.resolve(), Path.cwd().resolve()
+    if final == cwd or final in cwd.parents:
         raise OutputPathError(f"{option} {str(path)!r} is the current folder or holds it: name a new folder")
     for inp in inputs:
         held = Path(inp).resolve()

@@ -202,12 +202,12 @@ def write_bundle_metadata(stage: Path, model, tokenizer, checkpoint: Path, templ
     (tok_dir / "vocab.json").write_text(json.dumps(sentencepiece_vocab(tok_dir / "tokenizer.model")))
 
 
-def adb_device(serial: str | None = None) -> list[str]:
-    """The adb command line for the device; one clear error without adb or a device. `export --push` asks
-    before exporting, not after."""
+def adb_device(serial: str | None = None, option: str = "--push") -> list[str]:
+    """The adb command line for the device; one clear error (naming `option`) without adb or a device.
+    `export --push` asks before exporting, not after; `bench --device adb` before the first bundle."""
     adb = shutil.which("adb")
     if adb is None:
-        raise DataError("--push needs adb on PATH (Android platform-tools); none was found")
+        raise DataError(f"{option} needs adb on PATH (Android platform-tools); none was found")
     base = [adb] + (["-s", serial] if serial else [])
     state = subprocess.run(base + ["get-state"], capture_output=True, text=True)
     if state.returncode != 0 or state.stdout.strip() != "device":
