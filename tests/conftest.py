@@ -11,28 +11,16 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-def spread_norms(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Norm weights 1 + 0.1·N(0, 1) and biases 0.1·N(0, 1), in place. A fresh model's are exactly 1 and 0, so
-    a parity test on one cannot see a norm that is dropped, swapped or read from the wrong layer (an export's
-    name table, a checkpoint's mapping); a trained model's never are."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name.split(".")[-2] or "layrnorm" in name:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
-    return model
-
-
 @pytest.fixture(scope="session")
 def tiny_student():
-    from alignkd.model import build_model
+    from alignkd.model import build_model, spread_norms
 
     return spread_norms(build_model("tiny-student", seed=0), seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_teacher():
-    from alignkd.model import build_model
+    from alignkd.model import build_model, spread_norms
 
     return spread_norms(build_model("tiny-teacher", seed=1), seed=1)
 
@@ -65,7 +53,7 @@ def sp():
 def ckpt(tmp_path_factory):
     """A tiny student checkpoint (mtgv format + tokenizer) as `train` writes one; one copy per test module
     (a module may define its own `ckpt`)."""
-    from alignkd.model import build_model, save_model
+    from alignkd.model import build_model, save_model, spread_norms
     from alignkd.model.tokenizer import load_tokenizer, tiny_tokenizer_dir
 
     out = tmp_path_factory.mktemp("ckpt") / "student"

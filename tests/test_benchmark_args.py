@@ -1,4 +1,4 @@
-"""Bad input to benchmarks/easyvqa_seeds.py, export_full_shape.py and train_step.py: one `prog: error:` naming the
+"""Bad input to benchmarks/easyvqa_seeds.py, export_full_shape.py, train_step.py and parity_gates.py: one `prog: error:` naming the
 argument, exit 2, no traceback, before any work; and the documented commands parse as meant. Parsing only:
 nothing here trains or exports."""
 
@@ -155,6 +155,7 @@ def test_export_relative_paths_are_made_absolute(tmp_path, monkeypatch):
     ("train_step.py", ["--tiny", "--kinds", "plain,bogus"], "train_step.py: error: --kinds: unknown step 'bogus'"),
     ("train_step.py", ["--tiny", "--cache-k", "100000"], "train_step.py: error: --cache-k 100000 is more than"),
     ("train_step.py", ["--tiny", "--batch", "0"], "train_step.py: error: --batch must be at least 1"),
+    ("parity_gates.py", ["--formats", "gguf,tflite"], "parity_gates.py: error: --formats: unknown format tflite"),
 ])
 def test_scripts_exit_2_with_one_line(script, argv, says, tmp_path):
     r = subprocess.run([sys.executable, str(BENCH / script), *[x.format(tmp=tmp_path) for x in argv]],

@@ -265,6 +265,18 @@ def build_model(preset_or_dir: str, seed: int = 0, dtype: torch.dtype | None = N
     return (model.to(dtype) if dtype else model).eval()
 
 
+def spread_norms(model: MobileVLM, seed: int) -> MobileVLM:
+    """Norm weights 1 + 0.1·N(0, 1) and biases 0.1·N(0, 1), in place. A fresh model's are exactly 1 and 0, so
+    a parity check on random weights cannot see a norm that is dropped, swapped or read from the wrong layer
+    (an export's name table, a checkpoint's mapping); a trained model's never are."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.split(".")[-2] or "layrnorm" in name:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
 # ---- saving ------------------------------------------------------------------------------------
 def save_model(model: MobileVLM, out_dir: str | Path, tokenizer=None, dtype: torch.dtype | None = None,
                extra_files: dict[str, bytes] | None = None, state: dict[str, torch.Tensor] | None = None,
