@@ -25,7 +25,7 @@ from pathlib import Path
 import click
 
 from alignkd.errors import ConfigError, DataError
-from alignkd.export.base import MAX_THREADS
+from alignkd.export.base import check_threads
 from alignkd.export.bundle import DEVICE_DIR, read_manifest
 from alignkd.export.parity import PARITY_QUESTION, parity_image
 from alignkd.fileio import atomic_write
@@ -38,13 +38,12 @@ APP_BENCH_ACTIVITY = f"{APP_PACKAGE}/.BenchmarkActivity"
 
 def check_options(n_runs: int, threads: int, max_new_tokens: int, accuracy_limit: int) -> None:
     """Refuse, before any bundle is loaded, options that measure nothing."""
-    for name, value, least in (("n_runs (--n-runs)", n_runs, 1), ("threads (--threads)", threads, 1),
+    check_threads(threads)
+    for name, value, least in (("n_runs (--n-runs)", n_runs, 1),
                                ("max_new_tokens (--max-new-tokens)", max_new_tokens, 1),
                                ("accuracy_limit (--accuracy-limit)", accuracy_limit, 0)):
         if value < least:
             raise ConfigError(f"{name} must be at least {least}, got {value}")
-    if threads > MAX_THREADS:
-        raise ConfigError(f"threads (--threads) must be between 1 and {MAX_THREADS}, got {threads}")
 
 
 def bench_artifact(bundle: str, fmt: str, quant: str, n_runs: int = 3, threads: int = 2, max_new_tokens: int = 32,

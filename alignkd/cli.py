@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import sys
@@ -14,6 +15,7 @@ from .errors import AlignKDError
 _PATH_ERRORS = {NotADirectoryError: "a part of this path is a file, not a folder",
                 FileExistsError: "exists and is not a folder", IsADirectoryError: "is a folder, not a file",
                 PermissionError: "permission denied"}
+_PATH_ERRNOS = {errno.ENAMETOOLONG: "a file or folder name is too long", errno.ELOOP: "a symbolic link loop"}
 
 
 def _clean_errors(fn):
@@ -31,7 +33,7 @@ def _clean_errors(fn):
                 where = f" while writing {e.filename}" if e.filename else ""
                 click.echo(f"error: disk full{where}: no space left on device", err=True)
                 sys.exit(2)
-            said = _PATH_ERRORS.get(type(e))
+            said = _PATH_ERRORS.get(type(e)) or _PATH_ERRNOS.get(e.errno)
             if said and e.filename:  # a path the user gave that cannot be what it must be
                 click.echo(f"error: {e.filename}: {said}", err=True)
                 sys.exit(2)
@@ -88,8 +90,8 @@ def main() -> None:
 def info(preset_or_dir: str, as_json: bool) -> None:
     """Architecture summary and parameter counts per part.
 
-    PRESET_OR_DIR is a preset name (mobilevlm-v2-1.7b, mobilevlm-v2-7b, tiny-student, tiny-teacher) or a
-    local checkpoint directory in the mtgv format.
+    PRESET_OR_DIR is a preset name (mobilevlm-v2-1.7b, mobilevlm-v2-7b, tiny-student, tiny-teacher,
+    tiny-student-36, tiny-teacher-36) or a local checkpoint directory in the mtgv format.
     """
     import dataclasses
 
@@ -224,7 +226,8 @@ def teacher_cache(config_path, teacher, student, data, image_folder, output_dir,
               help="Score this LLaVA / MobileVLM answer file (JSON lines) instead of checkpoints; no model is "
               "loaded. Repeatable (one run each, named by the file name); one --bench.")
 @click.option("--output-dir", default="runs/eval", show_default=True, help="Answers (JSON lines) and the report.")
-@click.option("--limit", type=int, help="Score only the first N questions of each benchmark (smoke runs).")
+@click.option("--limit", type=int, help="Score only N questions of each benchmark: the first N (easy-vqa: a "
+              "seeded random N, as the demo scores). For smoke runs.")
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--max-new-tokens", type=int, default=16, show_default=True)
 @click.option("--distilled", help="Run (checkpoint directory or answer file name) to compare against --baseline.")
@@ -302,7 +305,7 @@ def _key_value(ctx, param, values) -> dict:
 @click.option("--opt", "opts", multiple=True, callback=_key_value, metavar="KEY=VALUE",
               help="A target's own option, KEY for every format that has it or FORMAT.KEY for one (repeatable). "
               "pte: group_size (32), embedding_quant (auto, fp32, 8, 4), vision_quant (auto, fp32, 8da8w, 8da4w). "
-              "onnx: group_size (64; a power of 2), accuracy_level (4; 0-4, MatMulNBits compute type), "
+              "onnx: group_size (64; 16-256, a power of 2), accuracy_level (4; 0-4, MatMulNBits compute type), "
               "int4_symmetric (true), vision_quant (auto, fp32, fp16, int8, int4), share_buffer (true; runtime KV "
               "buffer), embedding_fp16 (true; int8/int4 table in fp16). gguf: vision_quant (auto, fp32, fp16, q8_0).")
 @click.option("--allow-failed-parity", is_flag=True, help="Write the bundle even when an artifact fails its "
@@ -355,14 +358,22 @@ def export(checkpoint, target, formats, quants, output_dir, overwrite, max_seq_l
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="In (0, 1].")
 @click.option("--threads", type=int, default=2, show_default=True, help="At least 1.")
+@click.option("--short-answer", is_flag=True, help="Add the short-answer instruction (\"Answer the question using "
+              "a single word or phrase.\") on a new line, as eval asks and the easy-vqa demo trains.")
 @_clean_errors
-def run(bundle, image, prompts, fmt, quant, max_new_tokens, temperature, top_p, threads) -> None:
+def run(bundle, image, prompts, fmt, quant, max_new_tokens, temperature, top_p, threads, short_answer) -> None:
     """Answer PROMPT about IMAGE with an exported BUNDLE, through the desktop emulator (as the app does).
     Answers go to stdout, one per prompt; timings to stderr."""
+    from .data.image import load_image
+    from .data.templates import short_answer as instruct
+    from .export.base import check_threads
     from .export.emulator import BundleRunner
     from .export.runtime import check_decoding
 
     check_decoding(max_new_tokens, temperature, top_p)  # before the bundle loads
+    check_threads(threads)
+    image = load_image(image)  # a missing or broken image too
+    prompts = [instruct(p) for p in prompts] if short_answer else list(prompts)
     runner = BundleRunner(bundle, fmt, quant, threads)
     if not runner.parity_passed:
         click.echo(f"warning: {runner.name} failed its parity gate at export (--allow-failed-parity)", err=True)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import click
 
@@ -57,6 +57,8 @@ STUDENTS: dict[str, tuple[str, dict[str, Any]]] = {
 @dataclass
 class DemoConfig:
     """The easy-vqa recipe; every field can be set in YAML (`train --demo --config`) or as key=value."""
+
+    KEYS_COMMAND: ClassVar[str] = "alignkd-mobile train-keys --demo"  # named when a key is unknown
 
     output_dir: str = "runs/easyvqa"
     """Holds teacher/ and one folder per student (mtgv checkpoints), and summary.json."""

@@ -14,6 +14,7 @@ import errno
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -25,6 +26,12 @@ _OLD = ".old-"
 
 class DiskFull(AlignKDError):
     """No space left while writing; what was complete before is kept."""
+
+
+# What json.loads raises on a file that is no JSON we can use: JSONDecodeError and UnicodeDecodeError (both
+# ValueErrors), an int of more than 4300 digits (ValueError), nesting deeper than the stack (RecursionError).
+BAD_JSON = (ValueError, RecursionError)
+NAME_MAX = 255  # bytes of one file or folder name (Linux, macOS)
 
 
 class OutputPathError(AlignKDError):
@@ -116,11 +123,18 @@ def check_output_dir(path: str | Path, option: str = "--output-dir") -> Path:
     if not str(path).strip():  # Path("") is the current folder
         raise OutputPathError(f"{option} is empty: name a folder")
     path = Path(path)
+    if any(len(os.fsencode(part)) > NAME_MAX for part in path.parts):  # met only below a folder not made yet
+        raise OutputPathError(f"{option} {path}: a file or folder name is longer than {NAME_MAX} bytes")
     for p in (path, *path.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise OutputPathError(f"{option} {path}: {p} is a file, not a folder")
-            break
+        try:
+            mode = p.stat().st_mode
+        except (FileNotFoundError, NotADirectoryError):  # not there yet (a file further up is met there)
+            continue
+        except OSError as e:  # a name too long, a symbolic-link loop: found here, not after the work
+            raise OutputPathError(f"{option} {path}: {e.strerror}") from None
+        if not stat.S_ISDIR(mode):
+            raise OutputPathError(f"{option} {path}: {p} is a file, not a folder")
+        break
     return path
 
 

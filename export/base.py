@@ -46,6 +46,12 @@ TARGETS: dict[str, tuple[str, str]] = {
 MAX_THREADS = 256
 
 
+def check_threads(threads) -> None:
+    """Runtime threads (`--threads`): 1 to MAX_THREADS (100000 hung llama.cpp)."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+        raise ConfigError(f"threads (--threads) must be between 1 and {MAX_THREADS}, got {threads}")
+
+
 @dataclass
 class ExportOptions:
     """What every target reads besides the model; a target's own knobs are in `extra`."""

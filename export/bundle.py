@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 
 from alignkd import __version__
 from alignkd.errors import DataError
-from alignkd.fileio import atomic_write
+from alignkd.fileio import BAD_JSON, atomic_write
 
 FORMAT = "alignkd-bundle"
 FORMAT_VERSION = 1
@@ -87,7 +87,10 @@ def safe_relpath(root: Path, rel: str) -> Path:
     p = PurePosixPath(rel)
     if not rel or p.is_absolute() or ".." in p.parts or "\\" in rel or ":" in rel:
         raise BundleError(Refusal.PATH_OUTSIDE, f"bundle {root}: manifest names a path outside the bundle: {rel!r}")
-    full = (root / p).resolve()
+    try:
+        full = (root / p).resolve()
+    except (OSError, RuntimeError):  # a symbolic-link loop (RuntimeError before Python 3.13)
+        raise BundleError(Refusal.MISSING_FILE, f"bundle {root}: {rel} is a symbolic link loop") from None
     if not full.is_relative_to(root.resolve()):
         raise BundleError(Refusal.PATH_OUTSIDE, f"bundle {root}: manifest names a path outside the bundle: {rel!r}")
     return full
@@ -147,7 +150,7 @@ def read_manifest(root: str | Path, verify: bool = True) -> dict:
         raise BundleError(Refusal.MISSING_MANIFEST, f"{root} is not a complete bundle: {MANIFEST} is missing")
     try:
         m = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except BAD_JSON as e:
         raise BundleError(Refusal.BAD_JSON, f"{path} is not valid JSON: {e}") from None
     if not isinstance(m, dict):
         raise BundleError(Refusal.WRONG_FORMAT, f"{path}: not an alignkd bundle (the manifest is not a JSON object)")

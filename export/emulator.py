@@ -23,12 +23,31 @@ import numpy as np
 
 from alignkd.data.image import ImageProcessingConfig, load_image, preprocess
 from alignkd.data.tokenize import tokenize_prompt
-from alignkd.errors import ConfigError, DataError
+from alignkd.errors import AlignKDError, ConfigError, DataError
 from alignkd.model.tokenizer import load_tokenizer
 
-from .base import MAX_THREADS, ExportOptions, Runtime, get_target
+from .base import ExportOptions, Runtime, check_threads, get_target
 from .bundle import bundle_file, read_manifest, safe_relpath
 from .runtime import Generation, ImageTokenCache, PromptPrefix, check_decoding, check_fits, generate
+
+
+def _loaded(root: Path, what: str, load):
+    """`load()`, any failure of it one DataError naming the bundle's file: a file that passed its checksum can
+    still be damaged (edited and re-signed, or written by another tool)."""
+    try:
+        return load()
+    except AlignKDError as e:
+        raise DataError(f"bundle {root}: its {what}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - json, PIL, tokenizers, ExecuTorch, onnxruntime, gguf: each its own errors
+        said = (str(e).strip().splitlines() or [""])[0][:200]
+        raise DataError(f"bundle {root}: cannot read its {what}: {type(e).__name__} ({said})") from None
+
+
+def _check_template(t) -> dict:
+    """template.json as the emulator uses it: a prompt_format with the {question} slot."""
+    if not (isinstance(t, dict) and isinstance(t.get("prompt_format"), str) and "{question}" in t["prompt_format"]):
+        raise DataError("prompt_format must be text with a {question} slot")
+    return t
 
 
 @dataclass
@@ -46,8 +65,7 @@ class BundleRunner:
 
     def __init__(self, bundle: str | Path, fmt: str | None = None, quant: str | None = None, threads: int = 2,
                  image_cache_size: int = ImageTokenCache.DEFAULT_CAPACITY):
-        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
-            raise ConfigError(f"threads (--threads) must be between 1 and {MAX_THREADS}, got {threads}")
+        check_threads(threads)
         self.image_cache = ImageTokenCache(image_cache_size)
         self.prefix = PromptPrefix()  # what the runtime's KV cache holds of the last prompt
         self.root = Path(bundle)
@@ -63,20 +81,29 @@ class BundleRunner:
         m = self.manifest["model"]
         self.max_seq_len = m["max_seq_len"]
         self.eos_ids = list(m["eos_ids"])
+        if not all(0 <= i < m["vocab_size"] for i in self.eos_ids):
+            raise DataError(f"bundle {self.root}: model.eos_ids {self.eos_ids} are not all token ids of the "
+                            f"vocabulary ({m['vocab_size']})")
         self.num_image_tokens = m["num_image_tokens"]
         self.image_size = m["image_size"]
-        self.preprocessing = ImageProcessingConfig.from_dict(
-            json.loads(bundle_file(self.root, self.manifest, "preprocessing").read_text()))
+        self.preprocessing = self._part("preprocessing", ImageProcessingConfig.from_dict)
         if self.preprocessing.image_size != self.image_size:  # the app refuses such a bundle at open too
             raise DataError(f"bundle {self.root}: preprocessing image_size {self.preprocessing.image_size} != model "
                             f"image_size {self.image_size}")
-        self.template = json.loads(bundle_file(self.root, self.manifest, "template").read_text())
-        self.tokenizer = load_tokenizer(bundle_file(self.root, self.manifest, "tokenizer").parent)
+        self.template = self._part("template", _check_template)
+        self.tokenizer = self._part("tokenizer", lambda path: load_tokenizer(path.parent))
         opts = ExportOptions(quant=self.artifact["quant"], max_seq_len=self.max_seq_len, threads=threads)
         t0 = time.perf_counter()
-        self.runtime: Runtime = get_target(self.artifact["format"]).load(
-            safe_relpath(self.root, self.artifact["dir"]), opts)
+        where = f"{self.artifact['format']}/{self.artifact['quant']} artifact"
+        self.runtime: Runtime = _loaded(self.root, where, lambda: get_target(self.artifact["format"]).load(
+            safe_relpath(self.root, self.artifact["dir"]), opts))
         self.load_s = time.perf_counter() - t0
+
+    def _part(self, key: str, read):
+        """A bundle file (preprocessing, template, tokenizer) through `read`: JSON files arrive parsed."""
+        path = bundle_file(self.root, self.manifest, key)
+        return _loaded(self.root, f"{key} file {path.relative_to(self.root.resolve())}",
+                       lambda: read(json.loads(path.read_text(encoding="utf-8")) if path.suffix == ".json" else path))
 
     @property
     def name(self) -> str:

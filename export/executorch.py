@@ -69,6 +69,7 @@ from .parity import Thresholds, combine, lm_gate
 
 log = logging.getLogger(__name__)
 
+PTE_MAGIC = b"ET12"  # the program flatbuffer's file identifier, bytes 4-8
 PTE_NAME = "model.pte"
 EMBEDDING_QUANTS = ("8", "4")
 VISION_QUANTS = ("fp32", "8da4w", "8da8w")
@@ -452,6 +453,9 @@ class PteRuntime(_StepRuntime):
 
         if not Path(path).is_file():
             raise DataError(f"no ExecuTorch program at {path}")
+        with open(path, "rb") as f:  # the runtime aborts the process (C++ terminate) on some non-programs
+            if f.read(8)[4:8] != PTE_MAGIC:
+                raise DataError(f"{path} is not an ExecuTorch program (no {PTE_MAGIC.decode()} flatbuffer header)")
         _register_kernels()
         _unsafe_reset_threadpool(threads)  # before any method runs: the pool is process-wide
         self.program = Runtime.get().load_program(Path(path))

@@ -70,6 +70,7 @@ _FLOAT_TYPE = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "int8": T
 # block than llama.cpp's: at the 1.7B widths block 64 decodes as fast as llama.cpp's Q4_0 and block 32
 # slower (README, Results). Block 64 stores 4.5 bits per weight (an fp32 scale per 64), as Q4_0 does.
 DEFAULT_GROUP_SIZE = 64
+INT4_BLOCKS = (16, 32, 64, 128, 256)  # what MlasQuantizeBlockwise accepts
 VISION_QUANTS = ("fp32", "fp16", "int8", "int4")
 
 
@@ -78,7 +79,7 @@ class OnnxOptions:
     """The ONNX target's own options (`ExportOptions.extra`)."""
 
     group_size: int = DEFAULT_GROUP_SIZE
-    """int4 block size (a power of 2, at least 16)."""
+    """int4 block size: 16, 32, 64, 128 or 256."""
     accuracy_level: int = 4
     """MatMulNBits compute type: 0 = unset (fp32), 1 fp32, 2 fp16, 3 bf16, 4 = int8 activations (fastest on
     CPU; what DESIGN.md §3 measured)."""
@@ -93,9 +94,9 @@ class OnnxOptions:
     token, so this is size, not speed; its rounding (at most 4.9e-4 relative) is far below the weights'."""
 
     def __post_init__(self):
-        g = self.group_size
-        if g < 16 or g & (g - 1):
-            raise ConfigError(f"onnx: int4 group_size must be a power of 2 and at least 16, got {g}")
+        if self.group_size not in INT4_BLOCKS:
+            raise ConfigError(f"onnx: int4 group_size must be one of {', '.join(map(str, INT4_BLOCKS))} (the blocks "
+                              f"onnxruntime's quantizer takes), got {self.group_size}")
         check_choice("onnx", "accuracy_level", self.accuracy_level, (0, 1, 2, 3, 4))
         check_choice("onnx", "vision_quant", self.vision_quant, ("auto",) + VISION_QUANTS)
 

@@ -45,3 +45,13 @@ def test_info_command_counts_parameters():
     empty = subprocess.run([str(Path(sys.executable).with_name("alignkd-mobile")), "info", ""],
                            capture_output=True, text=True)  # not ./config.json
     assert empty.returncode == 2 and empty.stderr.startswith("error: PRESET_OR_DIR is empty: name a preset (")
+
+
+def test_info_help_names_every_preset():
+    from click.testing import CliRunner
+
+    from alignkd.cli import main
+    from alignkd.model import PRESETS
+
+    text = " ".join(CliRunner().invoke(main, ["info", "--help"], terminal_width=1000).output.split())
+    assert [p for p in PRESETS if p not in text.replace("- ", "-")] == []

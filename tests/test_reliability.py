@@ -246,6 +246,8 @@ CASES = [
     Case("train-output-under-a-file", "`train --output-dir` inside a path that is a file",
          lambda tmp, data: _train("--data", data, "--output-dir", _bytes(tmp / "afile", b"x") / "sub"), r"afile",
          ("data",)),
+    Case("train-output-is-the-teacher", "`train --output-dir` that is the teacher's folder (trained over it)",
+         lambda tmp, ckpt: _into_teacher(_copy(ckpt, tmp, "t")), r"output_dir .*/t is the teacher folder", ("ckpt",)),
     Case("eval-output-is-a-file", "`eval --output-dir` that is a file", lambda tmp: [
         "eval", "--answers", _bytes(tmp / "a.jsonl", b'{"question_id": "1", "text": "yes"}\n'), "--bench", "easyvqa",
         "--output-dir", _bytes(tmp / "afile", b"x")], r"afile"),
@@ -260,6 +262,11 @@ CASES = [
          lambda tmp, bundle: ["bench", bundle, "--n-runs", "1", "--output-dir", _bytes(tmp / "afile", b"x") / "sub"],
          r"afile", ("bundle",)),
 ]
+
+
+def _into_teacher(teacher: Path) -> list:
+    return ["train", "--method", "logit-kd", "--teacher", teacher, "--student", "tiny-student", "steps=2",
+            "batch_size=2", "data.limit=8", "progress=false", "--output-dir", teacher]
 
 
 def _mkdir(p: Path) -> Path:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..errors import AlignKDError, ConfigError, DataError
+from ..fileio import BAD_JSON
 from ..model.config import IGNORE_INDEX
 from . import easyvqa
 from .image import ImageProcessingConfig, image_problem, load_image, preprocess
@@ -91,10 +92,11 @@ def _tokenize_all(entries, tokenizer, template, max_length, num_image_tokens, on
             stats.note(str(e))
             continue
         except DataError as e:
+            said = str(e) if str(e).startswith(f"sample {idx}") else f"sample {idx}: {e}"  # the tokenizer's own
             if on_malformed != "skip":
-                raise DataError(f"{where}: {e} (use on_malformed=skip to skip and count such entries)") from None
+                raise DataError(f"{where}: {said} (use on_malformed=skip to skip and count such entries)") from None
             stats.n_malformed += 1
-            stats.note(str(e))
+            stats.note(said)
             continue
         samples.append({**ex, "image": image})
     return samples, stats
@@ -124,7 +126,7 @@ def llava_json_dataset(json_path: str | Path, image_folder: str | Path | None, t
         raise ConfigError(f"on_malformed must be 'fail' or 'skip', got {on_malformed!r}")
     try:
         data = json.loads(read_text(json_path, "data file", "LLaVA-format JSON"))
-    except json.JSONDecodeError as e:
+    except BAD_JSON as e:
         raise DataError(f"{json_path} is not valid JSON: {e}") from None
     if not isinstance(data, list):
         raise DataError(f"{json_path}: expected a JSON list of samples")

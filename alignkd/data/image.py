@@ -9,6 +9,9 @@ need something explicit to follow; a test checks it against transformers' own CL
 from __future__ import annotations
 
 import io
+import math
+import os
+import stat
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -44,13 +47,15 @@ class ImageProcessingConfig:
         for name in ("image_mean", "image_std"):
             v = getattr(self, name)
             if (not isinstance(v, (list, tuple)) or len(v) != 3
-                    or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in v)):
-                raise ConfigError(f"{name} must be 3 numbers (R, G, B), got {v!r}")
+                    or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) for x in v)):
+                raise ConfigError(f"{name} must be 3 finite numbers (R, G, B), got {v!r}")
             setattr(self, name, tuple(float(x) for x in v))
         if not isinstance(self.image_size, int) or isinstance(self.image_size, bool) or self.image_size <= 0:
             raise ConfigError(f"image_size must be a positive integer, got {self.image_size!r}")
         if any(s <= 0 for s in self.image_std):
             raise ConfigError(f"image_std must be positive, got {self.image_std}")
+        if not isinstance(self.pad_to_square, bool):  # "no" would be truthy
+            raise ConfigError(f"pad_to_square must be true or false, got {self.pad_to_square!r}")
         if self.resample not in _RESAMPLE:
             raise ConfigError(f"resample must be one of {sorted(_RESAMPLE)}, got {self.resample!r}")
 
@@ -117,6 +122,8 @@ def load_image(source: str | Path | bytes) -> Image.Image:
     rather than deep inside a training step."""
     name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
     try:
+        if not isinstance(source, (bytes, bytearray)) and not stat.S_ISREG(os.stat(source).st_mode):
+            raise DataError(f"image {name} is not a file")  # a folder, or a pipe that would block the read
         fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
     except FileNotFoundError:
         raise DataError(f"image not found: {name}") from None
@@ -124,6 +131,9 @@ def load_image(source: str | Path | bytes) -> Image.Image:
         raise DataError(f"cannot read image {name}: {e}") from None
     try:
         with fp, Image.open(fp) as img:
+            problem = _size_problem(*img.size)
+            if problem:
+                raise DataError(f"image {name} {problem}")
             img.load()
             return img.convert("RGB")
     except UnidentifiedImageError:  # PIL's own message names the file object, not the file
@@ -135,6 +145,8 @@ def load_image(source: str | Path | bytes) -> Image.Image:
 def image_problem(path: Path) -> str | None:
     """Why `path` is not a usable image (missing, not a file, unknown format, corrupt header or data, no
     pixels), or None. Cheap: the header is decoded and the file's structure checked, pixels are not."""
+    if path.exists() and not (path.is_file() or path.is_dir()):  # a pipe or a device would block the read
+        return f"image {path} is not a file"
     try:
         with Image.open(path) as img:
             w, h = img.size
@@ -147,7 +159,19 @@ def image_problem(path: Path) -> str | None:
         return f"image {path} is not in an image format PIL reads"
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         return f"image {path} is corrupt or truncated ({e})"
-    return None if w > 0 and h > 0 else f"image {path} has no pixels ({w}x{h})"
+    problem = _size_problem(w, h)
+    return f"image {path} {problem}" if problem else None
+
+
+def _size_problem(w: int, h: int) -> str | None:
+    """An image with no pixels, or so thin that its padded square (`expand_to_square`) passes PIL's
+    decompression-bomb limit: a 1×100000 PNG of 471 bytes would need a 30 GB canvas."""
+    if w <= 0 or h <= 0:
+        return f"has no pixels ({w}x{h})"
+    if Image.MAX_IMAGE_PIXELS and max(w, h) ** 2 > Image.MAX_IMAGE_PIXELS:
+        return (f"is {w}x{h}: its padded square would have {max(w, h) ** 2:,} pixels, more than PIL's limit "
+                f"({Image.MAX_IMAGE_PIXELS:,})")
+    return None
 
 
 def expand_to_square(img: Image.Image, background: Sequence[int] = (122, 116, 104)) -> Image.Image:

@@ -78,3 +78,8 @@ def turn_prompt(template: str | Template, user_text: str, first: bool) -> str:
 
 # LLaVA-1.5 / MobileVLM's instruction for one-word answers (easy-vqa, GQA, POPE, MME, TextVQA evaluation)
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
+
+
+def short_answer(question: str) -> str:
+    """LLaVA-1.5's short-answer question: the question, a newline, the instruction."""
+    return f"{question}\n{SHORT_ANSWER_PROMPT}"

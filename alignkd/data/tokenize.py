@@ -44,6 +44,10 @@ def encode_text(text: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """
     if not text:
         return []
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate (a JSON "\\ud800" escape, bytes decoded with surrogateescape)
+        raise DataError(f"text {text[:40]!r} is not valid Unicode: a lone surrogate at character {e.start}") from None
     return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
 

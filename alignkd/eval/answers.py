@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from alignkd.errors import DataError
+from alignkd.fileio import BAD_JSON
 
 from .benchmarks import EvalItem
 
@@ -53,7 +54,8 @@ def read_answer_rows(path: Path) -> AnswerRows:
     if not path.is_file():
         raise DataError(f"answer file {path} not found (JSON lines {{\"question_id\", \"prompt\", \"text\", ...}})")
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not part of line 1
+        # lines end at "\n" only: a JSON string may hold U+2028 or U+0085, where str.splitlines would cut it
+        lines = path.read_text(encoding="utf-8-sig").split("\n")  # a byte-order mark is not part of line 1
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read answer file {path} as UTF-8 JSON lines: {e}") from e
     out = AnswerRows()
@@ -62,7 +64,7 @@ def read_answer_rows(path: Path) -> AnswerRows:
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except BAD_JSON:
             out.n_bad_lines += 1
             continue
         if isinstance(row, dict) and "question_id" in row and isinstance(row.get("text"), str):
@@ -89,7 +91,8 @@ def match_answers(rows: Iterable[Mapping[str, Any]], item_ids: set[str],
         else:
             m.n_unknown += 1
             if len(m.unknown) < MAX_EXAMPLES:
-                m.unknown.append(str(row["question_id"]))
+                # printable as given: an id may hold a lone surrogate ("\ud800" in the JSON)
+                m.unknown.append(str(row["question_id"]).encode("utf-8", "backslashreplace").decode())
     return m
 
 

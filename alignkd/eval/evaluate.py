@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
-from ..fileio import atomic_write
+from ..fileio import BAD_JSON, atomic_write
 from ..model.checkpoint import load_config, load_model, weights_digest
 from ..model.tokenizer import check_tokenizer_matches, load_tokenizer
 from .answers import match_answers, read_answer_rows
@@ -126,7 +126,7 @@ def _forget_other_models_answers(folder: Path, ckpt: str, log) -> None:
     if stamp.is_file():
         try:
             same = json.loads(stamp.read_text()).get("weights_digest") == digest
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        except (*BAD_JSON, AttributeError):
             same = False
         if not same:
             stale = sorted(folder.glob("*.jsonl"))
@@ -148,6 +148,7 @@ def _matching_tokenizer(ckpt: str):
 
 def _load(bench: Benchmark, data_root: str | None, limit: int | None, log) -> tuple[Benchmark, list[EvalItem], LoadStats]:
     items, stats = bench.load(Path(data_root) if data_root else None, limit=limit)
+    stats.limited = limit is not None
     if not items:  # a score over no question is no score
         raise DataError(f"{bench.name}: no usable question in {stats.source}" + (
             f" ({stats.n_malformed} unusable row(s), e.g. {'; '.join(stats.malformed[:2])})" if stats.n_malformed else ""))
@@ -168,8 +169,9 @@ def _score(bench: Benchmark, items: list[EvalItem], stats: LoadStats, path: Path
                "n_malformed_rows": float(stats.n_malformed)}
     n_missing = len(items) - len(m.predictions)
     if m.n_unknown:
-        log(f"{name} {bench.name}: {m.n_unknown} answer(s) to questions the benchmark does not know, not scored "
-            f"(question ids e.g. {', '.join(m.unknown)})")
+        what = (f"outside the {len(items)} questions scored (--limit)" if stats.limited
+                else "to questions the benchmark does not know")
+        log(f"{name} {bench.name}: {m.n_unknown} answer(s) {what}, not scored (question ids e.g. {', '.join(m.unknown)})")
     if n_missing:
         log(f"{name} {bench.name}: {n_missing} of {len(items)} questions have no answer in {path}: scored as wrong")
     if rows.n_bad_lines:

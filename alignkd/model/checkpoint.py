@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from ..fileio import apply_umask, publish_dir, staged_dir, writing
+from ..fileio import BAD_JSON, apply_umask, publish_dir, staged_dir, writing
 from .config import BUILTIN_VISION_TOWERS, CLIP_L14_336, MobileVLMConfig, VisionConfig, get_preset, PRESETS
 from .mobilevlm import MobileVLM
 from .vision import from_clip_config, preprocessor_dict, to_clip_config
@@ -65,7 +65,7 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except BAD_JSON as e:
         raise ConfigError(f"{path} is not valid JSON: {e}") from None
 
 

@@ -253,9 +253,15 @@ class MobileVLMConfig:
             raise ConfigError(f"{where}: {e}") from None
 
 
+# Above any real model's width, depth, vocabulary or context (2**24 = 16.8 M), below sizes whose tensors overflow.
+MAX_SIZE = 2**24
+
+
 def _positive_int(v, name: str, where: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ConfigError(f"{where}: {name} must be a positive integer, got {v!r}")
+    if v > MAX_SIZE:
+        raise ConfigError(f"{where}: {name} {v} is beyond any model's (at most {MAX_SIZE:,})")
     return v
 
 

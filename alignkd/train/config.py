@@ -232,6 +232,8 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         what = getattr(e, "problem", None) or type(e).__name__
         raise ConfigError(f"{path} is not valid YAML{where}: {what}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -239,9 +241,12 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
+KEYS_COMMAND = "alignkd-mobile train-keys"
+
+
 def _set(tree: dict[str, Any], key: str, value: Any) -> None:
     if not all(key.split(".")):  # "", ".steps", "data..path"
-        raise ConfigError(f"config key {key!r} is not a key: KEY or GROUP.KEY (alignkd-mobile train-keys lists them)")
+        raise ConfigError(f"config key {key!r} is not a key: KEY or GROUP.KEY ({KEYS_COMMAND} lists them)")
     *groups, leaf = key.split(".")
     node = tree
     for i, g in enumerate(groups):
@@ -260,7 +265,7 @@ def _build(cls: type, values: Any, prefix: str = "") -> Any:
     if unknown:
         hints = {k.rsplit(".", 1)[-1]: k for k, _, _ in config_keys(cls, prefix)}
         said = ", ".join(prefix + k + (f" (did you mean {hints[k]}?)" if k in hints else "") for k in unknown)
-        raise ConfigError(f"unknown config key(s) {said}; alignkd-mobile train-keys lists them")
+        raise ConfigError(f"unknown config key(s) {said}; {getattr(cls, 'KEYS_COMMAND', KEYS_COMMAND)} lists them")
     hints = get_type_hints(cls)
     kwargs = {}
     for k, v in values.items():

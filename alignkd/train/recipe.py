@@ -47,7 +47,7 @@ from ..data.image import image_config
 from ..distill import (AlignKDLoss, AlignKDLossConfig, DistillInputs, capture_layer0_attention, kd_positions_mask,
                        layer0_attention)
 from ..errors import AlignKDError, CheckpointError, ConfigError
-from ..fileio import DiskFull, atomic_write, remove_stale_temps, writing
+from ..fileio import DiskFull, OutputPathError, atomic_write, check_output_dir, remove_stale_temps, writing
 from ..model.checkpoint import (build_model, config_from_name, keep_attention_map_inputs, load_model, read_mtgv_state_dict,
                                 save_model)
 from ..model.config import PRESETS, MobileVLMConfig
@@ -56,7 +56,8 @@ from ..model.tokenizer import check_tokenizer_matches, load_tokenizer, tiny_toke
 from ..model.vision import attach_feature_memo
 from .config import TrainConfig, dump_config, run_differences
 from .teacher_cache import (DEFAULT_CACHE_K, CacheError, CacheSpec, CacheWriter, TeacherCache, build, check_folder,
-                            clear, dataset_keys, exclusive, finalize, pending, recorded_k, teacher_fingerprint)
+                            dataset_keys, discard_replaced, exclusive, finalize, pending, recorded_k, restore, set_aside,
+                            teacher_fingerprint)
 
 LOSS_TERMS = ("ce", "kd", "att", "v_all", "v_focus", "total")
 
@@ -309,6 +310,7 @@ def setup(cfg: TrainConfig) -> Run:
     """Everything a run needs, checked in order of cost: the checkpoint to resume (same run?), the model
     configs and tokenizer, the samples and images, then the weights."""
     rank, world, device = _dist_init()
+    _check_output_dir(cfg)
     resume_from = _resume_point(cfg, world)
     if cfg.deterministic:
         # atomics in GPU backward kernels (embedding, attention) sum in a different order on each run
@@ -369,6 +371,17 @@ def setup(cfg: TrainConfig) -> Run:
     return run
 
 
+def _check_output_dir(cfg: TrainConfig) -> None:
+    """Refuse an output_dir that is a file, or that is one of the run's input folders: the trained student's
+    config.json and weights are written into it, over the teacher's or the starting student's."""
+    out = check_output_dir(cfg.output_dir, "output_dir").resolve()
+    for key in ("student", "teacher", "tokenizer", "init_vision_from", "teacher_cache"):
+        given = getattr(cfg, key)
+        if given and Path(given).is_dir() and Path(given).resolve() == out:
+            raise OutputPathError(f"output_dir {cfg.output_dir} is the {key} folder: the trained student would be "
+                                  f"written over it; name another folder")
+
+
 # ============================================================================ the teacher cache
 def build_teacher_cache(cfg: TrainConfig, overwrite: bool = False) -> dict:
     """`alignkd-mobile teacher-cache`: run the teacher once over this config's training samples and write their
@@ -382,28 +395,36 @@ def build_teacher_cache(cfg: TrainConfig, overwrite: bool = False) -> dict:
         raise ConfigError("teacher-cache needs the cache folder: --output-dir DIR (or teacher_cache=DIR)")
     if cfg.method == "baseline":
         raise ConfigError("method baseline uses no teacher: there is nothing to cache")
+    check_output_dir(cfg.teacher_cache, "teacher cache folder")
     rank, world, device = _dist_init()
     tokenizer = _tokenizer_for(cfg)
     student_cfg, teacher_cfg = _check_models(cfg, tokenizer)
     dataset = build_dataset(cfg, tokenizer, student_cfg)
     spec, root = cache_spec(cfg, teacher_cfg, building=True), Path(cfg.teacher_cache)
     keys = dataset_keys(dataset, cfg.data.template)
+    created, aside = rank == 0 and not root.exists(), None
     if rank == 0:
         try:
             check_folder(root, spec)  # a cache of another run is refused here, before anything is written
         except CacheError:
             if not overwrite:
                 raise
-            clear(root)
+            aside = set_aside(root)  # removed once the new cache is complete
     if world > 1:
         dist.barrier()
-    created = rank == 0 and not root.exists()
     try:
-        return _build_cache(cfg, spec, root, dataset, keys, rank, world, device)
+        summary = _build_cache(cfg, spec, root, dataset, keys, rank, world, device)
     except BaseException:
-        if created and not any(root.glob("shard-*")):  # a build that stopped before its first shard leaves no folder
-            shutil.rmtree(root, ignore_errors=True)
+        # a build that stopped before its first shard (a teacher that does not load) leaves the folder as it was
+        if rank == 0 and not any(root.glob("shard-*")):
+            if aside is not None:
+                restore(root, aside)
+            elif created:
+                shutil.rmtree(root, ignore_errors=True)
         raise
+    if rank == 0:
+        discard_replaced(root)
+    return summary
 
 
 def _build_cache(cfg: TrainConfig, spec, root: Path, dataset, keys, rank: int, world: int, device) -> dict:

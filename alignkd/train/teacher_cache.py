@@ -33,7 +33,9 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +49,7 @@ from ..data.datasets import collate
 from ..distill.losses import kd_positions_mask
 from ..distill.topk import teacher_topk
 from ..errors import AlignKDError, DataError
-from ..fileio import atomic_write, remove_stale_temps
+from ..fileio import BAD_JSON, atomic_write, remove_stale_temps
 
 FORMAT = "alignkd-teacher-cache"
 VERSION = 2
@@ -220,10 +222,35 @@ def check_folder(root: Path, spec: CacheSpec) -> dict[Path, dict]:
     return progress
 
 
-def clear(root: Path) -> None:
-    """Remove a cache's own files (manifest first, then progress files and shards); others are left."""
-    for p in [root / MANIFEST, *root.glob("progress-r*.json"), *root.glob("shard-r*-*.safetensors")]:
-        p.unlink(missing_ok=True)
+_ASIDE = ".replaced-"
+
+
+def _own_files(root: Path) -> list[Path]:
+    """A cache's own files, manifest first (a reader trusts the shards only through it)."""
+    return [root / MANIFEST, *root.glob("progress-r*.json"), *root.glob("shard-r*-*.safetensors")]
+
+
+def set_aside(root: Path) -> Path:
+    """`--overwrite`: move the cache's own files (others are left) into a hidden folder inside it, where a
+    reader never looks, so that a build which fails before its first shard can put them back (`restore`)."""
+    aside = Path(tempfile.mkdtemp(prefix=_ASIDE, dir=root))
+    for p in _own_files(root):
+        if p.exists():
+            os.replace(p, aside / p.name)
+    return aside
+
+
+def restore(root: Path, aside: Path) -> None:
+    """Put back what `set_aside` moved, the manifest last; the folder it was in goes."""
+    for p in sorted(aside.iterdir(), key=lambda p: p.name == MANIFEST):
+        os.replace(p, root / p.name)
+    aside.rmdir()
+
+
+def discard_replaced(root: Path) -> None:
+    """Remove what earlier `--overwrite` builds set aside, once a cache in `root` is complete."""
+    for aside in root.glob(_ASIDE + "*"):
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -262,7 +289,7 @@ def finalize(root: str | Path, spec: CacheSpec) -> dict:
 def _read_json(path: Path, what: str) -> dict:
     try:
         return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except BAD_JSON as e:
         raise CacheError(f"teacher cache {path} is not valid JSON: {e}") from None
     except OSError as e:
         raise CacheError(f"cannot read teacher cache {what} {path}: {e.strerror}") from None
@@ -329,6 +356,8 @@ def _open_shard(root: Path, shard: dict, k: int) -> dict[str, np.ndarray]:
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
+            if n > size - 8:  # read as asked, a damaged length would allocate up to 2**64 bytes
+                raise ValueError(f"its header length {n} is beyond the file's {size} bytes")
             header = json.loads(f.read(n))
         arrays = {}
         for name, shape in want.items():
@@ -341,7 +370,7 @@ def _open_shard(root: Path, shard: dict, k: int) -> dict[str, np.ndarray]:
                 arrays[name] = np.zeros(shape, dtype)
             else:
                 arrays[name] = np.memmap(path, dtype, "r", offset=8 + n + begin, shape=shape)
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, OverflowError) as e:
         raise CacheError(f"teacher cache {root}: shard {shard['file']} is unreadable ({e})") from None
     arrays["keys"], arrays["offsets"] = np.array(arrays["keys"]), np.array(arrays["offsets"])
     if arrays["offsets"][-1] != shard["rows"]:

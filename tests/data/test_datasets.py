@@ -52,6 +52,15 @@ def test_plain_template_trains_the_caption(tmp_path, tok):
     assert tok.decode(trained) == "a red square\n"
 
 
+def test_a_lone_surrogate_is_a_bad_sample_naming_it(tmp_path, tok):
+    """JSON's "\\ud800" escape decodes to text no tokenizer takes (a TypeError deep in tokenizers before)."""
+    odd = {"id": "s", "image": "red.png", "conversations": [{"from": "human", "value": "<image>\nwhat \ud800?"},
+                                                            {"from": "gpt", "value": "red"}]}
+    data = _write(tmp_path, [GOOD, odd])
+    with pytest.raises(DataError, match=r"data.json: sample 1: text .* is not valid Unicode: a lone surrogate"):
+        llava_json_dataset(data, tmp_path / "imgs", tok, "v1", CFG, max_length=512)
+
+
 def test_bad_entries_fail_with_their_index_or_are_skipped_and_counted(tmp_path, tok):
     bad_turns = {"id": "d", "image": "red.png", "conversations": [{"from": "human", "value": "no image token"},
                                                                    {"from": "gpt", "value": "x"}]}

@@ -4,6 +4,7 @@ MobileVLM ran: transformers 4.x's slow CLIPImageProcessor), plus MobileVLM's pad
 from __future__ import annotations
 
 import io
+import os
 import json
 
 import numpy as np
@@ -15,6 +16,7 @@ from transformers import CLIPImageProcessorPil
 from alignkd.data.image import (
     ImageProcessingConfig,
     expand_to_square,
+    image_problem,
     load_image,
     preprocess,
     preprocess_batch,
@@ -134,13 +136,16 @@ def test_config_round_trip_and_clip_config(tmp_path):
         ImageProcessingConfig(image_size=0)
     with pytest.raises(ConfigError, match="resample"):
         ImageProcessingConfig(resample="box")
+    with pytest.raises(ConfigError, match="pad_to_square must be true or false, got 'no'"):
+        ImageProcessingConfig(pad_to_square="no")
 
 
-@pytest.mark.parametrize("bad", [5, None, [0.5, 0.5], [0.5, "0.5", 0.5], [0.5, 0.5, 0.5, 0.5]])
-def test_mean_and_std_must_be_three_numbers(bad):
-    with pytest.raises(ConfigError, match=r"^image_mean must be 3 numbers \(R, G, B\)"):
+@pytest.mark.parametrize("bad", [5, None, [0.5, 0.5], [0.5, "0.5", 0.5], [0.5, 0.5, 0.5, 0.5], [float("nan"), 1, 1],
+                                 [0.5, float("inf"), 0.5]])
+def test_mean_and_std_must_be_three_finite_numbers(bad):
+    with pytest.raises(ConfigError, match=r"^image_mean must be 3 finite numbers \(R, G, B\)"):
         ImageProcessingConfig(image_mean=bad)
-    with pytest.raises(ConfigError, match=r"^image_std must be 3 numbers"):
+    with pytest.raises(ConfigError, match=r"^image_std must be 3 finite numbers"):
         ImageProcessingConfig.from_clip_preprocessor_config({**CLIP_336, "image_std": bad})
     with pytest.raises(ConfigError, match="image_std must be positive"):
         ImageProcessingConfig(image_std=[0.5, 0, 0.5])
@@ -171,7 +176,18 @@ def test_load_image_errors(tmp_path):
         cut.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
         with pytest.raises(DataError, match=rf"cannot decode image .*cut\.{fmt.lower()}"):
             load_image(cut)
-    with pytest.raises(DataError, match="cannot read image"):
+    with pytest.raises(DataError, match="is not a file"):
         load_image(tmp_path)  # a directory
+    os.mkfifo(tmp_path / "pipe.png")  # read, it would block forever
+    with pytest.raises(DataError, match="pipe.png is not a file"):
+        load_image(tmp_path / "pipe.png")
+    assert image_problem(tmp_path / "pipe.png").endswith("pipe.png is not a file")
+    # 471 bytes whose padded square needs a 30 GB canvas: refused from the header, before any pixel is decoded
+    Image.new("RGB", (1, 100_000)).save(tmp_path / "thin.png")
+    with pytest.raises(DataError, match=r"thin.png is 1x100000: its padded square would have 10,000,000,000 pixels"):
+        load_image(tmp_path / "thin.png")
+    assert "its padded square" in image_problem(tmp_path / "thin.png")
+    Image.new("RGB", (1, 9_000)).save(tmp_path / "tall.png")  # 81 M pixels padded: under PIL's limit, loads
+    assert load_image(tmp_path / "tall.png").size == (1, 9_000)
     with pytest.raises(DataError, match="no images"):
         preprocess_batch([], ImageProcessingConfig())

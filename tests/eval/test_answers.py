@@ -22,6 +22,24 @@ def test_read_counts_lines_that_are_not_rows(tmp_path):
     assert [r["question_id"] for r in rows.rows] == [1, 3] and rows.n_bad_lines == 3
 
 
+def test_a_line_ends_at_newline_only(tmp_path):
+    """U+2028 and U+0085 are line breaks to str.splitlines, not to JSON lines (our writer keeps them raw:
+    ensure_ascii=False); the answer holding one was cut in two and scored wrong. Unusable JSON (nesting deeper
+    than the stack, a 5000-digit id) is a bad line, not a crash."""
+    f = tmp_path / "a.jsonl"
+    f.write_text(json.dumps({"question_id": 1, "text": "red\u2028circle"}, ensure_ascii=False) + "\n"
+                 + json.dumps({"question_id": 2, "text": "a\x85b"}, ensure_ascii=False) + "\n"
+                 + "[" * 100_000 + "]" * 100_000 + "\n" + '{"question_id": ' + "9" * 5000 + ', "text": "x"}\n',
+                 encoding="utf-8")
+    rows = read_answer_rows(f)
+    assert [r["text"] for r in rows.rows] == ["red\u2028circle", "a\x85b"] and rows.n_bad_lines == 2
+
+
+def test_an_unknown_id_with_a_lone_surrogate_is_printable():
+    m = match_answers([{"question_id": "\ud800x", "text": "a"}], {"1"}, lambda r: (str(r["question_id"]),))
+    assert m.unknown == ["\\ud800x"] and m.unknown[0].encode("utf-8")
+
+
 def test_read_errors_name_the_file(tmp_path):
     with pytest.raises(DataError, match="answer file .*nope.jsonl not found"):
         read_answer_rows(tmp_path / "nope.jsonl")

@@ -6,15 +6,17 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from alignkd.errors import CheckpointError, ConfigError, DataError
-from alignkd.export.bundle import BundleError, Refusal, read_manifest
+from alignkd.errors import AlignKDError, CheckpointError, ConfigError, DataError
+from alignkd.export.bundle import BundleError, Refusal, read_manifest, sha256_file
 from alignkd.export.exporter import ExportFailed, export_bundle
 
 CLI = str(Path(sys.executable).with_name("alignkd-mobile"))
@@ -82,7 +84,10 @@ def test_bad_bundles_are_refused(bundle, tmp_path, damage, refusal, message):
 def test_a_mistyped_manifest_is_one_error_line_in_the_cli(bundle, tmp_path):
     b = _copy(bundle, tmp_path)
     _edit(b, lambda m: m.update(model={}))
-    r = subprocess.run([CLI, "run", str(b), "--image", "x.png", "--prompt", "?"], capture_output=True, text=True)
+    from alignkd.data.easyvqa import first_test_image
+
+    r = subprocess.run([CLI, "run", str(b), "--image", str(first_test_image()), "--prompt", "?"], capture_output=True,
+                       text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith(f"error: {b / 'manifest.json'}: invalid field 'model': hidden_size")
 
@@ -220,6 +225,65 @@ def test_a_file_field_that_is_no_path_reads_the_default_file_as_the_app_does(bun
     finally:
         edited.close()
         plain.close()
+
+
+def _resign(b: Path) -> None:
+    """Rewrite the manifest's sizes and checksums: a damaged file that passes verification (edited by hand, or
+    written by another tool)."""
+    _edit(b, lambda m: m.update(files=[{**f, "size": (b / f["path"]).stat().st_size,
+                                        "sha256": sha256_file(b / f["path"])} for f in m["files"]]))
+
+
+def _artifact_damage(fmt: str, data: bytes):
+    """The artifact's main file replaced by `data`, or cut to 1000 bytes."""
+    main = {"onnx": "onnx/fp32/decoder.onnx", "gguf": "gguf/fp32/model-f32.gguf"}[fmt]
+    return lambda b: (b / main).write_bytes(data if data else (b / main).read_bytes()[:1000])
+
+
+@pytest.mark.parametrize("fmt, damage, says", [
+    ("gguf", lambda b: (b / "template.json").write_text("[1, 2]"), r"template file template.json: prompt_format"),
+    ("gguf", lambda b: (b / "template.json").write_text('{"prompt_format": 3}'), r"template file .*prompt_format"),
+    ("gguf", lambda b: (b / "template.json").write_bytes(b"\xff\xfe"), r"template file template.json: UnicodeDecodeError"),
+    ("gguf", lambda b: (b / "preprocessing.json").write_text(""), r"preprocessing file .*JSONDecodeError"),
+    ("gguf", lambda b: _edit_json(b / "preprocessing.json", lambda d: d.update(image_std=[float("nan"), 1, 1])),
+     r"preprocessing file .*image_std must be 3 finite numbers"),
+    ("gguf", lambda b: _edit_json(b / "preprocessing.json", lambda d: d.update(pad_to_square="no")),
+     r"preprocessing file .*pad_to_square must be true or false"),
+    ("gguf", lambda b: (b / "tokenizer/tokenizer.model").write_bytes(b"garbage"), r"tokenizer file tokenizer/tokenizer"),
+    ("gguf", _artifact_damage("gguf", b""), r"gguf/fp32 artifact"),
+    ("onnx", _artifact_damage("onnx", b""), r"onnx/fp32 artifact"),
+    ("onnx", lambda b: (b / "onnx/fp32/onnx_model.json").write_text("[]"), r"onnx/fp32 artifact"),
+    ("gguf", lambda b: _edit(b, lambda m: m["model"].update(eos_ids=[10**30])),
+     r"model.eos_ids \[10{30}\] are not all token ids of the vocabulary \(512\)"),
+    ("gguf", lambda b: _edit(b, lambda m: m.update(template="manifest.json")), r"template file manifest.json"),
+    ("gguf", lambda b: _edit(b, lambda m: m.update(preprocessing="nope.json")),
+     r"preprocessing file nope.json: FileNotFoundError"),
+])
+def test_a_damaged_file_that_passes_its_checksum_is_one_error_naming_it(bundle, tmp_path, fmt, damage, says):
+    """What a bad-input campaign found crashing `run` (JSON, PIL, tokenizer, runtime errors) once a damaged file's
+    checksum was rewritten, or a manifest edited to name the wrong file."""
+    from alignkd.export.emulator import BundleRunner
+
+    b = _copy(bundle, tmp_path)
+    damage(b)
+    _resign(b)
+    with pytest.raises(AlignKDError, match=f"bundle {re.escape(str(b))}: .*{says}"):
+        BundleRunner(b, fmt, "fp32", threads=1)
+
+
+def test_a_file_that_is_no_executorch_program_is_refused_before_the_runtime_reads_it(tmp_path):
+    """ExecuTorch aborts the process (C++ terminate, exit 134) on some such files: no Python error to catch."""
+    from alignkd.export.executorch import PteRuntime
+
+    (tmp_path / "model.pte").write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(DataError, match=r"model.pte is not an ExecuTorch program \(no ET12 flatbuffer header\)"):
+        PteRuntime(tmp_path / "model.pte")
+
+
+def _edit_json(path: Path, fn) -> None:
+    d = json.loads(path.read_text())
+    fn(d)
+    path.write_text(json.dumps(d))
 
 
 def test_export_help_lists_every_option_of_every_target():
@@ -404,6 +468,21 @@ def test_push_without_adb_is_one_clear_error(bundle, tmp_path):
             push_bundle(bundle)
     finally:
         os.environ["PATH"] = env_path
+
+
+def test_run_short_answer_asks_as_eval_and_the_demo_do(bundle):
+    """`run --short-answer` sends the question eval sends (and the easy-vqa demo trains on)."""
+    from alignkd.data.easyvqa import first_test_image
+    from alignkd.data.templates import SHORT_ANSWER_PROMPT
+
+    def prefill(*prompt: str) -> tuple[str, str]:
+        r = subprocess.run([CLI, "run", str(bundle), "--image", str(first_test_image()), "--format", "gguf",
+                            "--max-new-tokens", "3", *prompt], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return r.stdout, re.search(r"prefill (\d+) positions", r.stderr).group(1)
+
+    typed = prefill("--prompt", f"What shape?\n{SHORT_ANSWER_PROMPT}")
+    assert prefill("--prompt", "What shape?", "--short-answer") == typed != prefill("--prompt", "What shape?")
 
 
 def test_run_and_host_bench_commands(bundle, tmp_path):

@@ -220,7 +220,9 @@ def test_onnx_model_json_describes_the_graphs(tiny_student, export):
 
 def test_bad_options_are_config_errors(tiny_student, tmp_path):
     for opts, msg in [(ExportOptions(quant="q4_0"), "supported: fp32, fp16, int8, int4"),
-                      (ExportOptions(quant="int4", extra={"group_size": 24}), "power of 2"),
+                      (ExportOptions(quant="int4", extra={"group_size": 24}), "must be one of 16, 32, 64, 128, 256"),
+                      # a power of 2 that onnxruntime's quantizer refuses (MlasQuantizeBlockwise)
+                      (ExportOptions(quant="int4", extra={"group_size": 512}), "must be one of 16, 32, 64, 128, 256"),
                       (ExportOptions(extra={"acc_level": 4}), r"unknown option\(s\) acc_level \(known: group_size"),
                       (ExportOptions(quant="int4", extra={"accuracy_level": 7}), "accuracy_level"),
                       (ExportOptions(quant="int4", extra={"int4_symmetric": "maybe"}), "must be true or false"),

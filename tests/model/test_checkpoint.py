@@ -307,6 +307,8 @@ V, P = "vision_tower/config.json", "vision_tower/preprocessor_config.json"
     ("config.json", {"num_key_value_heads": 3}, r"hidden_size .* and num_attention_heads by num_key_value_heads \(3\)"),
     ("config.json", {"image_aspect_ratio": "stretch"}, "image_aspect_ratio 'stretch' is not supported"),
     ("config.json", {"image_aspect_ratio": 5}, "image_aspect_ratio 5 is not supported"),
+    ("config.json", {"hidden_size": 10**12}, "hidden_size 1000000000000 is beyond any model's"),  # tensors overflow
+    ("config.json", {"vocab_size": 10**30}, "vocab_size 10{30} is beyond any model.s"),
     (V, [1], "a JSON object of CLIP config fields was expected, got a list"),
     (V, {"vision_config": None}, "vision_config must be a JSON object"),
     (V, {"patch_size": 0}, "patch_size must be a positive integer, got 0"),

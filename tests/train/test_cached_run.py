@@ -249,6 +249,28 @@ def test_a_build_that_fails_before_its_first_shard_leaves_no_folder(tmp_path, ru
     assert (tmp_path / "mine").is_dir()
 
 
+def test_overwrite_keeps_the_old_cache_until_the_new_one_is_built(tmp_path, run_cfg, monkeypatch):
+    from alignkd.errors import CheckpointError
+
+    cache = tmp_path / "cache"
+    build_teacher_cache(run_cfg(teacher_cache=str(cache), data__limit=4))
+    before = _listing(cache)
+    load_teacher = recipe._load_teacher
+
+    def unreadable(*a, **k):
+        raise CheckpointError("t/model.safetensors is truncated")
+
+    monkeypatch.setattr(recipe, "_load_teacher", unreadable)
+    with pytest.raises(CheckpointError):  # a teacher that does not load: the old cache is as it was
+        build_teacher_cache(run_cfg(teacher_cache=str(cache), data__limit=4, loss__kd_topk=8), overwrite=True)
+    assert _listing(cache) == before
+    monkeypatch.setattr(recipe, "_load_teacher", load_teacher)
+    setup(run_cfg(teacher_cache=str(cache), data__limit=4, output_dir=str(tmp_path / "r")))  # and still reads
+    summary = build_teacher_cache(run_cfg(teacher_cache=str(cache), data__limit=4, loss__kd_topk=8), overwrite=True)
+    assert summary["k"] == 8 and summary["computed_now"] == summary["samples"] == 4
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # nothing of the old one is kept
+
+
 def test_cache_settings_are_checked_with_the_config():
     with pytest.raises(ConfigError, match="teacher_cache needs loss.kd_positions text or tokens"):
         load_config(None, ["teacher=t", "teacher_cache=c", "loss.variant=release"])

@@ -145,6 +145,10 @@ def test_truncated_missing_and_incomplete_caches_are_refused_naming_the_file(tmp
     shard.write_bytes(b"\0" * len(data))  # the right size, garbage inside
     with pytest.raises(CacheError, match=f"{shard.name} is unreadable"):
         TeacherCache(tmp_path, SPEC)
+    for n in (2**62, 2**64 - 1):  # a header length beyond the file: refused, not allocated
+        shard.write_bytes(n.to_bytes(8, "little") + data[8:])
+        with pytest.raises(CacheError, match=f"{shard.name} is unreadable \\(its header length {n} is beyond"):
+            TeacherCache(tmp_path, SPEC)
     shard.unlink()
     with pytest.raises(CacheError, match=f"{shard.name} is missing"):
         TeacherCache(tmp_path, SPEC)

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from alignkd.data.templates import SHORT_ANSWER_PROMPT
 from alignkd.errors import ConfigError, DataError
+from alignkd.fileio import BAD_JSON
 
 from .. import scoring
 
@@ -60,6 +60,7 @@ class LoadStats:
     notes: list[str] = field(default_factory=list)
     source: str = ""  # the layout and main file read
     unscored: set[str] = field(default_factory=set)
+    limited: bool = False  # `limit` left questions out: an answer to one of them is not an unknown id
 
     MAX_EXAMPLES = 5
 
@@ -142,7 +143,7 @@ def read_json(path: Path, bench: str, fmt: str) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, *BAD_JSON) as e:
         raise DataError(f"{bench}: cannot read {path} as {fmt}: {e}") from e
 
 
@@ -156,7 +157,7 @@ def read_jsonl(path: Path, bench: str) -> Iterator[tuple[int, dict | str]]:
                     continue
                 try:
                     row = json.loads(line)
-                except json.JSONDecodeError as e:
+                except BAD_JSON as e:
                     yield lineno, f"not JSON ({e.msg})"
                     continue
                 yield lineno, row if isinstance(row, dict) else "line is not a JSON object"
@@ -188,9 +189,6 @@ def check_limit(limit: int | None) -> None:
         raise ConfigError(f"limit must be a positive integer or None, got {limit!r}")
 
 
-def short_answer(question: str) -> str:
-    """LLaVA-1.5's short-answer question: the question, a newline, the instruction."""
-    return f"{question}\n{SHORT_ANSWER_PROMPT}"
 
 
 def prediction(predictions: Mapping[str, str], item: EvalItem) -> tuple[str, bool]:

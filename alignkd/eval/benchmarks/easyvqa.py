@@ -13,8 +13,10 @@ from pathlib import Path
 
 from alignkd.data import easyvqa
 
+from alignkd.data.templates import short_answer
+
 from .. import scoring
-from .base import Benchmark, EvalItem, LoadStats, check_limit, mean_scores, short_answer
+from .base import Benchmark, EvalItem, LoadStats, check_limit, mean_scores
 
 
 class EasyVQA(Benchmark):

@@ -23,9 +23,11 @@ from pathlib import Path
 
 from alignkd.errors import DataError
 
+from alignkd.data.templates import short_answer
+
 from .. import scoring
 from .base import (Benchmark, EvalItem, Layout, LoadStats, check_limit, locate, missing_fields, prediction,
-                   read_json, short_answer)
+                   read_json)
 
 QUESTIONS = "testdev_balanced_questions.json"
 FORMAT = '{qid: {"imageId", "question", "answer", ...}} JSON'

@@ -31,11 +31,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from alignkd.data.templates import SHORT_ANSWER_PROMPT
+from alignkd.data.templates import SHORT_ANSWER_PROMPT, short_answer
 from alignkd.errors import DataError
 
 from .. import scoring
-from .base import Benchmark, EvalItem, Layout, LoadStats, check_limit, find_image, locate, short_answer
+from .base import Benchmark, EvalItem, Layout, LoadStats, check_limit, find_image, locate
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
@@ -144,7 +144,7 @@ class MME(Benchmark):
             raise DataError(f"mme: no question files (*.txt) in {qdir} ({_TXT})")
         for txt in txts:
             try:
-                lines = [ln for ln in txt.read_text(encoding="utf-8").splitlines() if ln.strip()]
+                lines = [ln for ln in txt.read_text(encoding="utf-8").split("\n") if ln.strip()]  # as readlines()
             except (OSError, UnicodeDecodeError) as e:
                 stats.n_rows += 1
                 stats.add_malformed(f"{sub}/{txt.name}", f"unreadable ({e})")

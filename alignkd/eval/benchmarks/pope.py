@@ -26,9 +26,11 @@ from pathlib import Path
 
 from alignkd.errors import DataError
 
+from alignkd.data.templates import short_answer
+
 from .. import scoring
 from .base import (Benchmark, EvalItem, Layout, LoadStats, check_limit, locate, missing_fields, prediction,
-                   read_jsonl, short_answer)
+                   read_jsonl)
 
 # llava_pope_test.jsonl's order and question-id offsets
 SPLIT_OFFSETS = {"adversarial": 0, "random": 10_000_000, "popular": 20_000_000}

@@ -27,12 +27,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from alignkd.data.templates import SHORT_ANSWER_PROMPT
+from alignkd.data.templates import SHORT_ANSWER_PROMPT, short_answer
 from alignkd.errors import DataError
 
 from .. import scoring
 from .base import (Benchmark, EvalItem, Layout, LoadStats, check_limit, locate, mean_scores, missing_fields,
-                   read_json, read_jsonl, short_answer)
+                   read_json, read_jsonl)
 
 QUESTIONS = "TextVQA_0.5.1_val.json"
 LLAVA_PROMPTS = "llava_textvqa_val_v051_ocr.jsonl"
