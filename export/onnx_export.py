@@ -59,6 +59,7 @@ from .parity import Thresholds, combine, lm_gate
 
 CONFIG_FILE = "onnx_model.json"
 GRAPH_FILES = {"vision": "vision.onnx", "embedding": "embedding.onnx", "decoder": "decoder.onnx"}
+GRAPH_INPUTS = {"vision": "pixel_values", "embedding": "input_ids", "decoder": "inputs_embeds"}  # one each
 OPSET = 21
 MS = "com.microsoft"
 # Protobuf cannot serialise a message past 2 GiB: bigger graphs keep their weights in a side file.
@@ -516,6 +517,9 @@ class OnnxRuntime:
             if not graph.is_file():
                 raise CheckpointError(f"{graph} not found (listed in {path})")
             self.sessions[part] = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
+            names = [i.name for i in self.sessions[part].get_inputs()]
+            if GRAPH_INPUTS[part] not in names:  # graphs swapped or renamed: found here, not at the first call
+                raise CheckpointError(f"{graph} is not the {part} graph (its inputs: {', '.join(names)})")
         d = m["decoder"]
         self.context_length = int(m["context_length"])
         self.kv_heads, self.head_size = int(d["num_key_value_heads"]), int(d["head_size"])

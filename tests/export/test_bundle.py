@@ -253,6 +253,8 @@ def _artifact_damage(fmt: str, data: bytes):
     ("gguf", _artifact_damage("gguf", b""), r"gguf/fp32 artifact"),
     ("onnx", _artifact_damage("onnx", b""), r"onnx/fp32 artifact"),
     ("onnx", lambda b: (b / "onnx/fp32/onnx_model.json").write_text("[]"), r"onnx/fp32 artifact"),
+    ("onnx", lambda b: _swap(b / "onnx/fp32/vision.onnx", b / "onnx/fp32/decoder.onnx"),
+     r"onnx/fp32 artifact: .*vision.onnx is not the vision graph \(its inputs: inputs_embeds"),
     ("gguf", lambda b: _edit(b, lambda m: m["model"].update(eos_ids=[10**30])),
      r"model.eos_ids \[10{30}\] are not all token ids of the vocabulary \(512\)"),
     ("gguf", lambda b: _edit(b, lambda m: m.update(template="manifest.json")), r"template file manifest.json"),
@@ -278,6 +280,13 @@ def test_a_file_that_is_no_executorch_program_is_refused_before_the_runtime_read
     (tmp_path / "model.pte").write_bytes(np.random.default_rng(0).bytes(4096))
     with pytest.raises(DataError, match=r"model.pte is not an ExecuTorch program \(no ET12 flatbuffer header\)"):
         PteRuntime(tmp_path / "model.pte")
+
+
+def _swap(a: Path, b: Path) -> None:
+    tmp = a.with_name("swap")
+    a.rename(tmp)
+    b.rename(a)
+    tmp.rename(b)
 
 
 def _edit_json(path: Path, fn) -> None:
