@@ -134,8 +134,21 @@ def check_output_dir(path: str | Path, option: str = "--output-dir") -> Path:
             raise OutputPathError(f"{option} {path}: {e.strerror}") from None
         if not stat.S_ISDIR(mode):
             raise OutputPathError(f"{option} {path}: {p} is a file, not a folder")
+        _check_writable(p, f"{option} {path}")
         break
     return path
+
+
+def _check_writable(folder: Path, what: str) -> None:
+    """Write and remove a temp file in `folder`, the nearest existing folder of an output: a read-only mount or
+    an immutable folder (which even root cannot write; permission bits do not stop root) is found before the work,
+    not at its first write."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".write-check{_TMP}", dir=folder)
+    except OSError as e:
+        raise OutputPathError(f"{what}: cannot write in {folder} ({e.strerror})") from None
+    os.close(fd)
+    os.unlink(name)
 
 
 def check_replaceable_dir(path: str | Path, option: str = "--output-dir", inputs: tuple[str | Path, ...] = ()) -> Path:

@@ -78,3 +78,28 @@ def test_a_full_disk_from_any_writer_names_the_file(tmp_path):
     with pytest.raises(ValueError):  # anything else passes through
         with writing(tmp_path / "y"):
             raise ValueError("not a disk problem")
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_the_work(tmp_path):
+    """A read-only mount (root writes through permission bits, not through this): found by check_output_dir,
+    which every command runs before its work, not at the first write after it (bench measured everything
+    first). Also a name longer than a file system takes, and a symbolic-link loop."""
+    from alignkd.fileio import OutputPathError, check_output_dir
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root and mount to make a read-only tmpfs")
+    try:
+        with pytest.raises(OutputPathError, match=rf"--output-dir {ro}/bench/x: cannot write in {ro} \(Read-only"):
+            check_output_dir(ro / "bench" / "x")
+        assert list(ro.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+    assert check_output_dir(ro / "bench") == ro / "bench" and list(tmp_path.iterdir()) == [ro]  # the check left nothing
+    with pytest.raises(OutputPathError, match="a file or folder name is longer than 255 bytes"):
+        check_output_dir(tmp_path / "new" / ("a" * 256))
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(OutputPathError, match="loop/sub: Too many levels of symbolic links"):
+        check_output_dir(tmp_path / "loop" / "sub")
