@@ -92,11 +92,10 @@ def _tokenize_all(entries, tokenizer, template, max_length, num_image_tokens, on
             stats.note(str(e))
             continue
         except DataError as e:
-            said = str(e) if str(e).startswith(f"sample {idx}") else f"sample {idx}: {e}"  # the tokenizer's own
             if on_malformed != "skip":
-                raise DataError(f"{where}: {said} (use on_malformed=skip to skip and count such entries)") from None
+                raise DataError(f"{where}: {e} (use on_malformed=skip to skip and count such entries)") from None
             stats.n_malformed += 1
-            stats.note(said)
+            stats.note(str(e))
             continue
         samples.append({**ex, "image": image})
     return samples, stats

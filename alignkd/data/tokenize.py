@@ -164,18 +164,21 @@ def build_training_example(
         for role, text in turns
     ]
 
+    if t.name == "plain" and len(turns) != 2:
+        raise DataError(f"{w}the plain template takes one (prompt, caption) pair, got {len(turns) // 2} turns")
     pieces: list[tuple[list[int], bool]] = []  # (ids, trained?)
-    if t.name == "plain":
-        if len(turns) != 2:
-            raise DataError(f"{w}the plain template takes one (prompt, caption) pair, got {len(turns) // 2} turns")
-        pieces.append(([_bos(tokenizer)] + ([IMAGE_TOKEN_INDEX] if has_image else []), False))
-        pieces.append((encode_text(turns[1][1] + t.sep, tokenizer), True))
-    else:
-        for k in range(0, len(turns), 2):
-            question, answer = turns[k][1], turns[k + 1][1]
-            ids = _encode_with_image(turn_prompt(t, question, first=k == 0), tokenizer)
-            pieces.append((([_bos(tokenizer)] + ids) if k == 0 else ids, False))
-            pieces.append((encode_text(answer, tokenizer) + [_eos(tokenizer)], True))
+    try:
+        if t.name == "plain":
+            pieces.append(([_bos(tokenizer)] + ([IMAGE_TOKEN_INDEX] if has_image else []), False))
+            pieces.append((encode_text(turns[1][1] + t.sep, tokenizer), True))
+        else:
+            for k in range(0, len(turns), 2):
+                question, answer = turns[k][1], turns[k + 1][1]
+                ids = _encode_with_image(turn_prompt(t, question, first=k == 0), tokenizer)
+                pieces.append((([_bos(tokenizer)] + ids) if k == 0 else ids, False))
+                pieces.append((encode_text(answer, tokenizer) + [_eos(tokenizer)], True))
+    except DataError as e:  # the text's own (not valid Unicode): name the sample
+        raise DataError(f"{w}{e}") from None
 
     input_ids: list[int] = []
     labels: list[int] = []
