@@ -372,6 +372,8 @@ def run(bundle, image, prompts, fmt, quant, max_new_tokens, temperature, top_p, 
 
     check_decoding(max_new_tokens, temperature, top_p)  # before the bundle loads
     check_threads(threads)
+    if any(not p.strip() for p in prompts):  # the model would answer a question nobody asked
+        raise click.BadParameter("a prompt is empty: ask a question about the image", param_hint="'--prompt'")
     image = load_image(image)  # a missing or broken image too
     prompts = [instruct(p) for p in prompts] if short_answer else list(prompts)
     runner = BundleRunner(bundle, fmt, quant, threads)
@@ -424,6 +426,7 @@ def bench(bundles, device, n_runs, threads, max_new_tokens, accuracy_limit, outp
 
 @main.command("train-keys")
 @click.option("--demo", is_flag=True, help="The demo's keys (train --demo) instead of the training config's.")
+@_clean_errors
 def train_keys(demo: bool) -> None:
     """List every training config key (groups dotted: data.KEY, loss.KEY) with its default and meaning."""
     import textwrap

@@ -131,6 +131,9 @@ def _check_types(path: Path, m: dict) -> None:
                 and isinstance(entry.get("files"), list) and all(isinstance(f, str) for f in entry["files"])):
             raise invalid("artifacts", f"malformed entry {entry!r} (needs {', '.join(ARTIFACT_FIELDS)} as strings "
                                        "and files as a list of paths)")
+        if not isinstance(entry.get("parity_passed", True), bool):  # "no" is truthy: it would read as passed
+            raise invalid("artifacts", f"parity_passed of {entry['format']}/{entry['quant']} must be true or false, "
+                                       f"not {entry['parity_passed']!r}")
     model = m["model"]
     bad = [k for k in MODEL_FIELDS if not _is_int(model.get(k))]
     eos = model.get("eos_ids")

@@ -60,6 +60,7 @@ def test_the_chart_is_written_before_the_report(tmp_path, monkeypatch):
     (["run", "B", "--image", "i.png", "--prompt", "q", "--max-new-tokens", "-5"], "--max-new-tokens"),
     (["run", "B", "--image", "i.png", "--prompt", "q", "--threads", "0"], "--threads"),
     (["run", "B", "--image", "i.png", "--prompt", "q", "--threads", "100000"], "between 1 and 256"),
+    (["run", "B", "--image", "i.png", "--prompt", "q", "--prompt", " "], "a prompt is empty"),
     (["bench", "B", "--n-runs", "0"], "--n-runs"),
     (["bench", "B", "--threads", "0"], "--threads"),
     (["bench", "B", "--threads", "100000"], "between 1 and 256"),

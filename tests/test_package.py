@@ -55,3 +55,12 @@ def test_info_help_names_every_preset():
 
     text = " ".join(CliRunner().invoke(main, ["info", "--help"], terminal_width=1000).output.split())
     assert [p for p in PRESETS if p not in text.replace("- ", "-")] == []
+
+
+def test_a_full_standard_output_is_one_error_line():
+    """`train-keys > /dev/full` (a full disk under a redirected listing) raised a traceback from click.echo."""
+    cli = str(Path(sys.executable).with_name("alignkd-mobile"))
+    for args in (["train-keys"], ["info", "tiny-student", "--json"]):
+        with open("/dev/full", "w") as full:
+            r = subprocess.run([cli, *args], stdout=full, stderr=subprocess.PIPE, text=True)
+        assert r.returncode == 2 and r.stderr == "error: disk full: no space left on device\n", (args, r.stderr)

@@ -223,10 +223,30 @@ def _coerce(name: str, raw: Any, typ: Any) -> Any:
     raise ConfigError(f"{name}: {raw!r} is not {_type_name(typ)}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys silently: a config that sets lr twice trains with whichever
+    came last. Here a mapping that names a key twice is a YAML error at the second one."""
+
+    def construct_mapping(self, node, deep=False):
+        first: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may be overridden, as YAML intends
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                seen = first.setdefault(key, key_node.start_mark)
+            except TypeError:  # an unhashable key: the base class names it
+                continue
+            if seen is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (first at line {seen.line + 1})", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def _read_yaml(path: str | Path) -> dict[str, Any]:
     text = read_text(Path(path), "config file", "YAML", ConfigError)
     try:
-        loaded = yaml.safe_load(text)
+        loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -68,6 +68,9 @@ def test_bundle_is_complete_and_verified(bundle):
     (lambda b: _edit(b, lambda m: m["model"].update(max_seq_len="512")), Refusal.INVALID_FIELD,
      "invalid field 'model': max_seq_len missing or not integers"),
     (lambda b: _edit(b, lambda m: m["model"].update(eos_ids=[])), Refusal.INVALID_FIELD, "eos_ids"),
+    # "no" is truthy: a failed gate must not read as passed
+    (lambda b: _edit(b, lambda m: m["artifacts"][0].update(parity_passed="no")), Refusal.INVALID_FIELD,
+     "parity_passed of .* must be true or false, not 'no'"),
 ])
 def test_bad_bundles_are_refused(bundle, tmp_path, damage, refusal, message):
     from alignkd.export.emulator import BundleRunner

@@ -10,7 +10,7 @@ import pytest
 from alignkd.demo import DemoConfig
 from alignkd.distill import AlignKDLossConfig
 from alignkd.errors import ConfigError
-from alignkd.train.config import TrainConfig, config_keys, load_config, run_differences
+from alignkd.train.config import TrainConfig, _read_yaml, config_keys, load_config, run_differences
 from alignkd.train.recipe import loss_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -80,6 +80,18 @@ def test_bad_config_files_are_one_line(tmp_path):
         with pytest.raises(ConfigError, match=message) as e:
             load_config(path)
         assert "\n" not in str(e.value), str(e.value)
+
+
+def test_a_key_set_twice_in_a_config_file_is_refused_but_a_merge_may_be_overridden(tmp_path):
+    """PyYAML keeps the later of two equal keys without a word: the run would train with one of two values."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("steps: 3\nloss:\n  kd_weight: 1\n  kd_weight: 2\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml is not valid YAML at line 4, column 3: key 'kd_weight' appears "
+                                          r"twice \(first at line 3\)"):
+        load_config(twice)
+    merged = tmp_path / "merged.yaml"  # YAML's own override: a merged-in default replaced by a key of the mapping
+    merged.write_text("defaults: &d {kd_weight: 1, att_weight: 3}\nloss:\n  <<: *d\n  kd_weight: 2\n")
+    assert _read_yaml(merged)["loss"] == {"kd_weight": 2, "att_weight": 3}
 
 
 def test_keys_are_listed_with_groups_and_a_doc_each():
