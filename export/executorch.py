@@ -49,8 +49,11 @@ import contextlib
 import dataclasses
 import io
 import logging
+import os
 import re
+import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -201,7 +204,8 @@ LINEAR_QUANT: dict[str, Callable[[nn.Module, int], nn.Module]] = {
 def _quantize_embedding(embedding: nn.Embedding, bits: str, group_size: int) -> nn.Module:
     holder = nn.ModuleDict({"table": embedding})  # the handler swaps children, so give it a parent
     if bits != "fp32":
-        from executorch.examples.models.llama.source_transformation.quantize import EmbeddingQuantHandler
+        with _native_logs_silenced():  # the import loads pytorch_tokenizers, whose C++ side logs a line
+            from executorch.examples.models.llama.source_transformation.quantize import EmbeddingQuantHandler
 
         b = int(bits)
         _quiet(lambda: EmbeddingQuantHandler(holder, bitwidth=b, group_size=group_size, packed=b == 4).quantized_model())
@@ -415,6 +419,35 @@ def _lower(programs: dict, metadata: dict):
 
 
 # ---- runtimes ------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _library_warnings_ignored():
+    """torch.export's and ExecuTorch's warnings about their own deprecations (FutureWarning, from inside their
+    passes and custom ops) and the KV cache's in-place update (a buffer mutation, intended): ~70 lines per
+    export that no user of it can act on."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", message="Mutation on a buffer", category=UserWarning)
+        yield
+
+
+@contextlib.contextmanager
+def _native_logs_silenced():
+    """Standard error to nowhere, Python's and file descriptor 2, around ExecuTorch calls that log what a user
+    cannot act on: the threadpool's CPU probing on every reset (through `sys.stderr`), "No temp allocator
+    provided" from the custom and quantized kernels run eagerly (`ModuleRuntime`, straight to fd 2), the
+    tokenizer library's regex note at import. Their C++ logs have no level to set from Python."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        with contextlib.redirect_stderr(io.StringIO()), _library_warnings_ignored():
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class _StepRuntime:
     """`Runtime` over three callables with the .pte methods' signatures (tensors in, a tensor out)."""
 
@@ -457,7 +490,8 @@ class PteRuntime(_StepRuntime):
             if f.read(8)[4:8] != PTE_MAGIC:
                 raise DataError(f"{path} is not an ExecuTorch program (no {PTE_MAGIC.decode()} flatbuffer header)")
         _register_kernels()
-        _unsafe_reset_threadpool(threads)  # before any method runs: the pool is process-wide
+        with _native_logs_silenced():  # six lines of CPU probing around `run`'s answers and error lines
+            _unsafe_reset_threadpool(threads)  # before any method runs: the pool is process-wide
         self.program = Runtime.get().load_program(Path(path))
         self.methods = {m: self.program.load_method(m) for m in ("vision_encoder", "token_embedding", "text_decoder")}
         self.metadata = _read_constants(self.program)
@@ -475,7 +509,8 @@ class ModuleRuntime(_StepRuntime):
 
         @torch.no_grad()
         def call(name: str, inputs: list) -> torch.Tensor:
-            return self.modules[name](*inputs)
+            with _native_logs_silenced():  # the kernels log one line per call
+                return self.modules[name](*inputs)
 
         super().__init__(call, max_seq_len)
 
@@ -522,7 +557,8 @@ class ExecuTorchTarget(TargetBase):
         self.check(model, options)
         t0 = time.perf_counter()
         modules = build_modules(model.eval(), options)
-        program = _lower(_export_programs(modules, model, options.max_seq_len), _metadata(model, tokenizer, options))
+        with _library_warnings_ignored():
+            program = _lower(_export_programs(modules, model, options.max_seq_len), _metadata(model, tokenizer, options))
         del modules
         path = Path(out_dir) / PTE_NAME
         with writing(path), open(path, "wb") as f:

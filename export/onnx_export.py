@@ -39,6 +39,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -297,7 +298,10 @@ def export_vision(model: MobileVLM) -> onnx.ModelProto:
     of `vision_encoder` (float32, the CLIP layers that run only)."""
     encoder = vision_encoder(model)
     side = model.config.vision.image_size
-    with torch.no_grad():
+    # the exporter warns that torchvision (which we do not use) is missing, and torch's pytree of its own
+    # deprecations: lines no user of the export can act on
+    with torch.no_grad(), _quiet_logging(logging.WARNING), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
         program = torch.onnx.export(encoder, (torch.zeros(1, 3, side, side),), dynamo=True, verbose=False,
                                     input_names=["pixel_values"], output_names=["image_features"])
     proto = program.model_proto

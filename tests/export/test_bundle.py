@@ -517,3 +517,20 @@ def test_run_and_host_bench_commands(bundle, tmp_path):
     assert {(x["format"], x["quant"]) for x in rows} == {("onnx", "fp32"), ("gguf", "fp32")}
     assert all(x["decode_tok_s"] > 0 and x["peak_rss_mb"] > 0 and x["easyvqa_n"] == 2 for x in rows)
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow  # two quantized exports and their gates: about a minute
+def test_export_and_run_print_only_their_own_lines(ckpt, tmp_path):
+    """ExecuTorch's and torch.onnx's logs (CPU probing on every runtime load, a kernel note per eager call,
+    deprecation warnings from inside torch.export: ~130 lines per export) reached the user's terminal."""
+    from alignkd.data.easyvqa import first_test_image
+
+    out = tmp_path / "b"
+    r = subprocess.run([CLI, "export", str(ckpt), "--target", "desktop", "--format", "pte,onnx", "--output-dir",
+                        str(out)], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stderr == "", r.stderr[-3000:]
+    assert "parity passed for pte/8da4w, onnx/int4" in r.stdout, r.stdout
+    for fmt in ("pte", "onnx"):
+        r = subprocess.run([CLI, "run", str(out), "--format", fmt, "--image", str(first_test_image()), "--prompt",
+                            "What shape?", "--max-new-tokens", "2"], capture_output=True, text=True)
+        assert r.returncode == 0 and re.fullmatch(r"\[b:\w+/\w+\] load .*\n", r.stderr), r.stderr[-3000:]

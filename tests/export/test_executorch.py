@@ -78,6 +78,16 @@ def test_metadata_methods(tiny_student, fp32_dir):
     assert {"vision_encoder", "token_embedding", "text_decoder", "get_max_context_len"} <= set(names)
 
 
+def test_loading_prints_nothing_and_keeps_standard_error(fp32_dir, capfd):
+    """ExecuTorch's threadpool reset logged six lines of CPU probing to standard error on every load."""
+    import sys
+
+    capfd.readouterr()
+    ExecuTorchTarget().load(fp32_dir, _opts()).close()
+    print("still here", file=sys.stderr, flush=True)  # fd 2 is back where it was
+    assert capfd.readouterr().err == "still here\n"
+
+
 def test_decode_restarts_and_bounds(fp32_dir, tiny_student):
     rt = ExecuTorchTarget().load(fp32_dir, _opts())
     ids = np.arange(3, 13, dtype=np.int64)
