@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import os
 import sys
 
 import click
@@ -42,6 +43,14 @@ def _clean_errors(fn):
     return wrapper
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # the lone surrogates of undecodable bytes (PEP 383)
+        return False
+
+
 class _Group(click.Group):
     """Click's usage errors (a missing argument, an option value of the wrong type or range) as one
     `error:` line with exit status 2, like every other bad input, instead of click's four-line block."""
@@ -49,6 +58,24 @@ class _Group(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        if sys.stdout is None:  # started with `>&-`: every answer and listing would vanish, with exit status 0
+            click.echo("error: standard output is closed: nothing this command prints could be read", err=True)
+            sys.exit(2)
+        for arg in sys.argv[1:] if args is None else args:
+            if not _is_utf8(arg):  # bytes that are not UTF-8: onnxruntime and sentencepiece cannot open such paths
+                said = os.fsencode(arg).decode("utf-8", "backslashreplace")
+                click.echo(f"error: argument '{said}' is not UTF-8 text: paths and prompts must be (ExecuTorch, "
+                           "onnxruntime and SentencePiece open UTF-8 paths only)", err=True)
+                sys.exit(2)
+        try:
+            return self._main(args, prog_name, complete_var, **extra)
+        except OSError as e:  # --help or --version into a full disk (a command's own output: _clean_errors)
+            if e.errno != errno.ENOSPC:
+                raise
+            click.echo("error: disk full: no space left on device", err=True)
+            sys.exit(2)
+
+    def _main(self, args, prog_name, complete_var, **extra):
         try:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as e:  # bare `alignkd-mobile`: the help, as click prints it
@@ -275,6 +302,8 @@ def _key_value(ctx, param, values) -> dict:
         key, sep, value = v.partition("=")
         if not sep or not key.strip():
             raise click.BadParameter(f"expected KEY=VALUE, got {v!r}", ctx, param)
+        if key.strip() in out:  # the last would win silently
+            raise click.BadParameter(f"{key.strip()} is given twice", ctx, param)
         out[key.strip()] = value.strip()
     return out
 

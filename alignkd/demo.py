@@ -34,7 +34,7 @@ from .model.checkpoint import load_model, weights_digest
 from .model.config import PRESETS, TINY_VOCAB
 from .model.tokenizer import load_tokenizer
 from .model.vision import attach_feature_memo
-from .train.config import TrainConfig, check_values, load_config, run_differences
+from .train.config import MAX_BATCH, MAX_SEED, MAX_STEPS, TrainConfig, check_values, load_config, run_differences
 from .train.recipe import build_teacher_cache, checkpoint_differences, checkpoints, train
 
 # Students the demo can train: name → (method, loss keys). The ablations switch single terms off.
@@ -106,7 +106,9 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         check_values(self, positive=("teacher_steps", "student_steps", "batch_size", "teacher_lr", "lr", "eval_limit"),
-                     non_negative=("eval_seed", "seed", "teacher_seed", "curve_every", "vision_feature_memo_gb"))
+                     non_negative=("eval_seed", "seed", "teacher_seed", "curve_every", "vision_feature_memo_gb"),
+                     at_most={"teacher_steps": MAX_STEPS, "student_steps": MAX_STEPS, "batch_size": MAX_BATCH,
+                              "seed": MAX_SEED, "teacher_seed": MAX_SEED, "eval_seed": MAX_SEED})
         for key in ("teacher_preset", "student_preset"):  # before the teacher trains, not after
             if getattr(self, key) not in PRESETS:
                 raise ConfigError(f"{key} {getattr(self, key)!r} is not a preset (known: {', '.join(PRESETS)})")

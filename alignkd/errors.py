@@ -4,6 +4,8 @@ The CLI prints the message of an `AlignKDError` on one line and exits with statu
 bug and keeps its traceback. Messages name the file or field at fault.
 """
 
+import reprlib
+
 
 class AlignKDError(Exception):
     """A bad input: missing/corrupt file, wrong config, mismatched tokenizer, over-long sample..."""
@@ -19,3 +21,14 @@ class CheckpointError(AlignKDError):
 
 class DataError(AlignKDError):
     """An image, sample, prompt or dataset entry is unusable."""
+
+
+_SHOWN = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlong = 2, 80, 80, 40
+_SHOWN.maxtuple = _SHOWN.maxlist = _SHOWN.maxdict = _SHOWN.maxset = 4
+
+
+def shown(value) -> str:
+    """A user's value as an error message quotes it: repr, cut short. A 392-byte YAML of nested aliases
+    ("billion laughs") expands to gigabytes under plain repr()."""
+    return _SHOWN.repr(value)

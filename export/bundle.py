@@ -24,7 +24,7 @@ import json
 from pathlib import Path, PurePosixPath
 
 from alignkd import __version__
-from alignkd.errors import DataError
+from alignkd.errors import DataError, shown
 from alignkd.fileio import BAD_JSON, atomic_write
 
 FORMAT = "alignkd-bundle"
@@ -131,9 +131,12 @@ def _check_types(path: Path, m: dict) -> None:
                 and isinstance(entry.get("files"), list) and all(isinstance(f, str) for f in entry["files"])):
             raise invalid("artifacts", f"malformed entry {entry!r} (needs {', '.join(ARTIFACT_FIELDS)} as strings "
                                        "and files as a list of paths)")
-        if not isinstance(entry.get("parity_passed", True), bool):  # "no" is truthy: it would read as passed
-            raise invalid("artifacts", f"parity_passed of {entry['format']}/{entry['quant']} must be true or false, "
-                                       f"not {entry['parity_passed']!r}")
+        name = f"{entry['format']}/{entry['quant']}"
+        if not isinstance(entry.get("parity_passed"), bool):  # "no" is truthy, and absent is no verdict
+            raise invalid("artifacts", f"parity_passed of {name} must be true or false, not "
+                                       f"{shown(entry['parity_passed']) if 'parity_passed' in entry else 'absent'}")
+        if not isinstance(entry.get("options", {}), dict):
+            raise invalid("artifacts", f"options of {name} must be an object, not {shown(entry['options'])}")
     model = m["model"]
     bad = [k for k in MODEL_FIELDS if not _is_int(model.get(k))]
     eos = model.get("eos_ids")
@@ -159,7 +162,7 @@ def read_manifest(root: str | Path, verify: bool = True) -> dict:
         raise BundleError(Refusal.WRONG_FORMAT, f"{path}: not an alignkd bundle (the manifest is not a JSON object)")
     if m.get("format") != FORMAT:
         raise BundleError(Refusal.WRONG_FORMAT, f"{path}: not an alignkd bundle (format {m.get('format')!r})")
-    if m.get("format_version") != FORMAT_VERSION:
+    if m.get("format_version") != FORMAT_VERSION or isinstance(m.get("format_version"), bool):  # True == 1
         raise BundleError(Refusal.UNKNOWN_VERSION,
                           f"{path}: unknown format_version {m.get('format_version')!r} (this reader knows {FORMAT_VERSION})")
     for key, typ, name in (("files", list, "list"), ("artifacts", list, "list"), ("model", dict, "object")):

@@ -23,7 +23,7 @@ import numpy as np
 
 from alignkd.data.image import ImageProcessingConfig, load_image, preprocess
 from alignkd.data.tokenize import tokenize_prompt
-from alignkd.errors import AlignKDError, ConfigError, DataError
+from alignkd.errors import AlignKDError, ConfigError, DataError, shown
 from alignkd.model.tokenizer import load_tokenizer
 
 from .base import ExportOptions, Runtime, check_threads, get_target
@@ -77,13 +77,14 @@ class BundleRunner:
             raise ConfigError(f"bundle {self.root} has no artifact {fmt or '*'}/{quant or '*'} (it has: {have})")
         self.artifact = arts[0]
         # False for a bundle written with --allow-failed-parity: fit for timing, not for answers
-        self.parity_passed = self.artifact.get("parity_passed", True) is not False
+        self.parity_passed = self.artifact["parity_passed"]  # a bool: read_manifest checks it
         m = self.manifest["model"]
         self.max_seq_len = m["max_seq_len"]
         self.eos_ids = list(m["eos_ids"])
-        if not all(0 <= i < m["vocab_size"] for i in self.eos_ids):
-            raise DataError(f"bundle {self.root}: model.eos_ids {self.eos_ids} are not all token ids of the "
-                            f"vocabulary ({m['vocab_size']})")
+        for key, ids in (("eos_ids", self.eos_ids), ("bos_id", [m["bos_id"]]), ("pad_id", [m["pad_id"]])):
+            if not all(0 <= i < m["vocab_size"] for i in ids):
+                raise DataError(f"bundle {self.root}: model.{key} {shown(m[key])} is outside the vocabulary "
+                                f"(token ids 0 to {m['vocab_size'] - 1})")
         self.num_image_tokens = m["num_image_tokens"]
         self.image_size = m["image_size"]
         self.preprocessing = self._part("preprocessing", ImageProcessingConfig.from_dict)
@@ -127,6 +128,10 @@ class BundleRunner:
         gen = generate(self.runtime, ids, self.pixels(image), max_new_tokens, eos, self.max_seq_len,
                        self.num_image_tokens, temperature, top_p, seed, image_cache=self.image_cache,
                        image_size=self.image_size, prefix=self.prefix)
+        made = gen.image_embeddings.shape[0]
+        if made != self.num_image_tokens:  # the budget check above (and the app's) counted the manifest's number
+            raise DataError(f"bundle {self.root}: model.num_image_tokens is {self.num_image_tokens}, but its image "
+                            f"encoder makes {made}")
         return Answer(self.tokenizer.decode(gen.tokens, skip_special_tokens=True).strip(), gen.tokens, gen)
 
     def close(self) -> None:

@@ -69,6 +69,10 @@ def test_the_chart_is_written_before_the_report(tmp_path, monkeypatch):
     (["bench", "B", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["bench", "B", "--accuracy-limit", "-1"], "--accuracy-limit"),
     (["bench", "B", "--device", "phone"], "--device"),
+    (["eval", "--answers", ".", "--bench", "easyvqa"], "answer file . is a folder"),  # was: "not found"
+    (["eval", "--answers", "/dev/null", "--bench", "easyvqa"], "answer file /dev/null is not a regular file"),
+    (["export", "C", "--opt", "onnx.group_size=32", "--opt", "onnx.group_size=64"], "onnx.group_size is given twice"),
+    (["train", "--method", "baseline", "student=1"], "student=1: neither a checkpoint directory nor a preset"),
 ])
 def test_bad_options_are_one_error_line(args, field, tmp_path, monkeypatch):
     from click.testing import CliRunner

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,10 +58,23 @@ def test_info_help_names_every_preset():
     assert [p for p in PRESETS if p not in text.replace("- ", "-")] == []
 
 
-def test_a_full_standard_output_is_one_error_line():
-    """`train-keys > /dev/full` (a full disk under a redirected listing) raised a traceback from click.echo."""
+def test_a_full_or_closed_standard_output_is_one_error_line():
+    """`train-keys > /dev/full` (a full disk under a redirected listing) and `--help > /dev/full` raised a
+    traceback from click.echo; with standard output closed (`>&-`) every answer vanished with exit status 0."""
     cli = str(Path(sys.executable).with_name("alignkd-mobile"))
-    for args in (["train-keys"], ["info", "tiny-student", "--json"]):
+    for args in (["train-keys"], ["info", "tiny-student", "--json"], ["--help"], ["--version"], ["export", "--help"]):
         with open("/dev/full", "w") as full:
             r = subprocess.run([cli, *args], stdout=full, stderr=subprocess.PIPE, text=True)
         assert r.returncode == 2 and r.stderr == "error: disk full: no space left on device\n", (args, r.stderr)
+        r = subprocess.run([cli, *args], stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1))
+        assert r.returncode == 2 and r.stderr.startswith("error: standard output is closed"), (args, r.stderr)
+
+
+def test_an_argument_that_is_not_utf8_is_one_error_line(tmp_path):
+    """A folder name of non-UTF-8 bytes (legal on Linux): onnxruntime raised a TypeError from its session, and
+    `run` blamed the bundle's tokenizer as a corrupt SentencePiece model."""
+    cli = str(Path(sys.executable).with_name("alignkd-mobile"))
+    r = subprocess.run([cli, "info", os.fsencode(tmp_path) + b"/\xfaout"], capture_output=True)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.decode() == (f"error: argument '{tmp_path}/\\xfaout' is not UTF-8 text: paths and prompts must be "
+                                 "(ExecuTorch, onnxruntime and SentencePiece open UTF-8 paths only)\n")

@@ -98,6 +98,9 @@ def _tokenize_all(entries, tokenizer, template, max_length, num_image_tokens, on
             stats.note(str(e))
             continue
         samples.append({**ex, "image": image})
+    if not samples:  # a run or a cache over nothing: say so before any model loads (max_length below every sample)
+        raise DataError(f"{where}: no usable sample ({stats.n_too_long} over max_length {max_length}, "
+                        f"{stats.n_malformed} malformed)")
     return samples, stats
 
 
@@ -146,8 +149,6 @@ def llava_json_dataset(json_path: str | Path, image_folder: str | Path | None, t
 
     samples, stats = _tokenize_all(entries(), tokenizer, template, max_length, num_image_tokens, on_malformed,
                                    str(json_path))
-    if not samples:
-        raise DataError(f"{json_path}: no usable sample ({stats.n_too_long} too long, {stats.n_malformed} malformed)")
     return VQADataset(samples, image_cfg, stats)
 
 

@@ -50,6 +50,8 @@ from alignkd.model.config import IGNORE_INDEX
 
 KD_POSITIONS = ("text", "tokens", "all")
 VARIANTS = ("paper", "release")
+# KD temperatures in use are 1-20; T² overflows a float at ~1e154 (an OverflowError at step 1 before this bound)
+MAX_TEMPERATURE = 1e4
 
 
 # ----------------------------------------------------------------------------- logits terms
@@ -320,8 +322,9 @@ class AlignKDLossConfig:
         for name in ("kd_weight", "att_weight", "v_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.temperature <= MAX_TEMPERATURE:
+            raise ConfigError(f"temperature must be > 0 and at most {MAX_TEMPERATURE:g} (the KD term is scaled by "
+                              f"its square), got {self.temperature}")
         if self.top_k < 1:
             raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
 

@@ -52,7 +52,9 @@ def read_answer_rows(path: Path) -> AnswerRows:
     """The rows with a question_id and a text; other lines are counted, never fatal."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"answer file {path} not found (JSON lines {{\"question_id\", \"prompt\", \"text\", ...}})")
+        what = ("is a folder" if path.is_dir() else "is not a regular file (a pipe or a device)" if path.exists()
+                else "not found")
+        raise DataError(f"answer file {path} {what} (JSON lines {{\"question_id\", \"prompt\", \"text\", ...}})")
     try:
         # lines end at "\n" only: a JSON string may hold U+2028 or U+0085, where str.splitlines would cut it
         lines = path.read_text(encoding="utf-8-sig").split("\n")  # a byte-order mark is not part of line 1

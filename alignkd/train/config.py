@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import inspect
 import math
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import yaml
 from ..data.datasets import read_text
 from ..data.templates import TEMPLATES
 from ..distill import AlignKDLossConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, shown
 
 METHODS = ("alignkd", "baseline", "logit-kd")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -32,8 +33,22 @@ RUN_INDEPENDENT = ("output_dir", "progress", "log_every", "save_every", "keep_la
                    "gradient_checkpointing", "deterministic", "num_workers", "vision_feature_memo_gb")
 
 
+# Upper bounds of counts whose excess is never meant and costs before any step: a micro-batch's index list is
+# built in memory (10**12 samples never reached step 1), and seeds go to torch.manual_seed (64 bits, and the
+# teacher's is seed + 1).
+MAX_BATCH = 2**16
+MAX_SEED = 2**32 - 1
+MAX_STEPS = 10**9  # 10**400 passed and overflowed the warmup's float
+
+
+def max_workers() -> int:
+    """DataLoader workers beyond 4 per CPU only fork processes (300 were forked for a 4-sample run)."""
+    return 4 * (os.cpu_count() or 1)
+
+
 def check_values(obj: Any, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
-                 fractions: tuple[str, ...] = (), choices: Mapping[str, tuple] | None = None) -> None:
+                 fractions: tuple[str, ...] = (), choices: Mapping[str, tuple] | None = None,
+                 at_most: Mapping[str, float] | None = None) -> None:
     """Range and choice checks of a config dataclass (None = unset, allowed); every float must be finite."""
     for f in fields(obj):
         v = getattr(obj, f.name)
@@ -44,10 +59,14 @@ def check_values(obj: Any, positive: tuple[str, ...] = (), non_negative: tuple[s
         for name in names:
             v = getattr(obj, name)
             if v is not None and not ok(v):
-                raise ConfigError(f"{name} must be {want}, got {v}")
+                raise ConfigError(f"{name} must be {want}, got {shown(v)}")
+    for name, most in (at_most or {}).items():
+        v = getattr(obj, name)
+        if v is not None and v > most:
+            raise ConfigError(f"{name} must be at most {most}, got {shown(v)}")
     for name, allowed in (choices or {}).items():
         if getattr(obj, name) not in allowed:
-            raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(obj, name)!r}")
+            raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {shown(getattr(obj, name))}")
 
 
 @dataclass
@@ -97,7 +116,7 @@ class TrainConfig:
     steps: int = 200
     """Optimizer steps."""
     batch_size: int = 16
-    """Samples per micro-batch per process."""
+    """Samples per micro-batch per process (at most 65536, as grad_accum)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     lr: float = 2e-5
@@ -113,7 +132,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping (0 = off)."""
     seed: int = 0
-    """Seeds init, data order and sampling."""
+    """Seeds init, data order and sampling (0 to 2**32 - 1)."""
     loss: AlignKDLossConfig = field(default_factory=AlignKDLossConfig)
     """The distillation loss (loss.temperature, loss.kd_positions, ...). The method picks the terms: baseline
     uses none of it, logit-kd only loss.kd_weight, temperature, kd_positions, kd_topk and kd_tail; a weight
@@ -145,7 +164,8 @@ class TrainConfig:
     the CLIP layers) of the student and the teacher. On GPU this fuses the norms, rotary and activation
     ops and cuts kernel launches (benchmarks/train_step.py measures it); the first steps pay the compile."""
     num_workers: int = 0
-    """DataLoader worker processes that decode and preprocess the images (0 = in the training process)."""
+    """DataLoader worker processes that decode and preprocess the images (0 = in the training process; at
+    most 4 per CPU of the machine)."""
     vision_feature_memo_gb: float = 0.0
     """Keep the frozen vision tower's features of each image, once computed, in up to this many GiB (on the
     training device) and reuse them whenever the same pixels come again: in later epochs, and in later
@@ -171,7 +191,9 @@ class TrainConfig:
                                    "vision_feature_memo_gb"),
                      fractions=("warmup_ratio", "min_lr_ratio"),
                      choices={"method": METHODS, "precision": PRECISIONS, "teacher_dtype": TEACHER_DTYPES,
-                              "teacher_cache_missing": ("fail", "skip")})
+                              "teacher_cache_missing": ("fail", "skip")},
+                     at_most={"steps": MAX_STEPS, "batch_size": MAX_BATCH, "grad_accum": MAX_BATCH, "seed": MAX_SEED,
+                              "num_workers": max_workers()})
         if self.method != "baseline" and not self.teacher:
             raise ConfigError(f"method {self.method} needs a teacher (teacher=DIR or --teacher DIR)")
         if self.vision_feature_memo_gb and self.train_vision_tower:
@@ -203,6 +225,8 @@ def _coerce(name: str, raw: Any, typ: Any) -> Any:
         value = yaml.safe_load(raw) if isinstance(raw, str) else raw
     except yaml.YAMLError:
         value = raw
+    except ValueError:  # an integer of over 4,300 digits (Python's int-string limit)
+        raise ConfigError(f"{name}: a value of {len(raw)} characters is beyond any setting") from None
     allowed = getattr(typ, "__args__", (typ,))
     if value is None and type(None) in allowed:
         return None
@@ -220,7 +244,7 @@ def _coerce(name: str, raw: Any, typ: Any) -> Any:
             return value
     if isinstance(raw, str) and not raw.strip():  # `method=`: no value at all
         raise ConfigError(f"{name} is empty: it needs {_type_name(typ)}")
-    raise ConfigError(f"{name}: {raw!r} is not {_type_name(typ)}")
+    raise ConfigError(f"{name}: {shown(raw)} is not {_type_name(typ)}")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -239,7 +263,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 continue
             if seen is not key_node.start_mark:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice (first at line {seen.line + 1})", key_node.start_mark)
+                    None, None, f"key {shown(key)} appears twice (first at line {seen.line + 1})", key_node.start_mark)
         return super().construct_mapping(node, deep)
 
 
@@ -254,6 +278,8 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid YAML{where}: {what}") from None
     except RecursionError:
         raise ConfigError(f"{path}: nested too deeply to be a config") from None
+    except ValueError:  # Python's int-string limit
+        raise ConfigError(f"{path}: holds an integer of over 4,300 digits, beyond any setting") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -266,7 +292,7 @@ KEYS_COMMAND = "alignkd-mobile train-keys"
 
 def _set(tree: dict[str, Any], key: str, value: Any) -> None:
     if not all(key.split(".")):  # "", ".steps", "data..path"
-        raise ConfigError(f"config key {key!r} is not a key: KEY or GROUP.KEY ({KEYS_COMMAND} lists them)")
+        raise ConfigError(f"config key {shown(key)} is not a key: KEY or GROUP.KEY ({KEYS_COMMAND} lists them)")
     *groups, leaf = key.split(".")
     node = tree
     for i, g in enumerate(groups):
@@ -307,7 +333,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         _set(tree, k, v)
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value")
+            raise ConfigError(f"override {shown(item)} is not key=value")
         k, v = item.split("=", 1)
         _set(tree, k.strip(), v)
     return _build(cls, tree)

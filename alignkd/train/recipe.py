@@ -56,8 +56,8 @@ from ..model.tokenizer import check_tokenizer_matches, load_tokenizer, tiny_toke
 from ..model.vision import attach_feature_memo
 from .config import TrainConfig, dump_config, run_differences
 from .teacher_cache import (DEFAULT_CACHE_K, CacheError, CacheSpec, CacheWriter, TeacherCache, build, check_folder,
-                            dataset_keys, discard_replaced, exclusive, finalize, pending, recorded_k, restore, set_aside,
-                            teacher_fingerprint)
+                            dataset_keys, discard_replaced, exclusive, finalize, foreign_entries, pending, recorded_k,
+                            restore, set_aside, teacher_fingerprint)
 
 LOSS_TERMS = ("ce", "kd", "att", "v_all", "v_focus", "total")
 
@@ -124,12 +124,17 @@ def _tokenizer_for(cfg: TrainConfig):
         if not cfg.student.startswith("tiny"):
             raise ConfigError(f"preset {cfg.student} has no packaged tokenizer: pass tokenizer=DIR")
         return load_tokenizer(tiny_tokenizer_dir())
+    _check_model_name("student", cfg.student)  # before its tokenizer is looked for there
     return load_tokenizer(cfg.student)
 
 
-def _model_config(key: str, value: str) -> MobileVLMConfig:
+def _check_model_name(key: str, value: str) -> None:
     if value not in PRESETS and not Path(value).is_dir():
         raise ConfigError(f"{key}={value}: neither a checkpoint directory nor a preset ({', '.join(PRESETS)})")
+
+
+def _model_config(key: str, value: str) -> MobileVLMConfig:
+    _check_model_name(key, value)
     return config_from_name(value)
 
 
@@ -396,6 +401,10 @@ def build_teacher_cache(cfg: TrainConfig, overwrite: bool = False) -> dict:
     if cfg.method == "baseline":
         raise ConfigError("method baseline uses no teacher: there is nothing to cache")
     check_output_dir(cfg.teacher_cache, "teacher cache folder")
+    if foreign := foreign_entries(Path(cfg.teacher_cache)):  # the teacher's folder, the data's, a user's own
+        raise CacheError(f"teacher cache folder {cfg.teacher_cache} holds files that no cache build writes "
+                         f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}): name a new or empty "
+                         f"folder (--overwrite replaces a cache, nothing else)")
     rank, world, device = _dist_init()
     tokenizer = _tokenizer_for(cfg)
     student_cfg, teacher_cfg = _check_models(cfg, tokenizer)

@@ -230,6 +230,15 @@ def _own_files(root: Path) -> list[Path]:
     return [root / MANIFEST, *root.glob("progress-r*.json"), *root.glob("shard-r*-*.safetensors")]
 
 
+def foreign_entries(root: Path) -> list[str]:
+    """What in root no cache build writes: its own files are the manifest, progress files and shards, and its
+    temp and set-aside entries are hidden."""
+    if not root.is_dir():
+        return []
+    own = {p.name for p in _own_files(root)}
+    return sorted(p.name for p in root.iterdir() if p.name not in own and not p.name.startswith("."))
+
+
 def set_aside(root: Path) -> Path:
     """`--overwrite`: move the cache's own files (others are left) into a hidden folder inside it, where a
     reader never looks, so that a build which fails before its first shard can put them back (`restore`)."""

@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from alignkd.data.datasets import collate, llava_json_dataset
+from alignkd.data.datasets import collate, easyvqa_dataset, llava_json_dataset
 from alignkd.data.image import image_config
 from alignkd.errors import DataError
 from alignkd.model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, get_preset
@@ -77,6 +77,14 @@ def test_bad_entries_fail_with_their_index_or_are_skipped_and_counted(tmp_path, 
 def test_too_long_samples_are_dropped_and_counted(tmp_path, tok):
     ds = llava_json_dataset(_write(tmp_path, [GOOD, TEXT_ONLY]), tmp_path / "imgs", tok, "v1", CFG, max_length=150)
     assert len(ds) == 1 and ds.stats.n_too_long == 1  # the image sample needs > 144 + text positions
+
+
+def test_a_dataset_with_no_sample_left_is_an_error_naming_max_length(tmp_path, tok):
+    """easy-vqa with max_length below every sample: a ZeroDivisionError in train, an empty cache in teacher-cache."""
+    with pytest.raises(DataError, match=r"data.json: no usable sample \(2 over max_length 20, 0 malformed\)"):
+        llava_json_dataset(_write(tmp_path, [GOOD, TEXT_ONLY]), tmp_path / "imgs", tok, "v1", CFG, max_length=20)
+    with pytest.raises(DataError, match=r"^easy-vqa: no usable sample \(4 over max_length 20, 0 malformed\)$"):
+        easyvqa_dataset("train", tok, CFG, max_length=20, limit=4)
 
 
 def test_unreadable_json_and_corrupt_image(tmp_path, tok):

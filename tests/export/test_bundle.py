@@ -68,9 +68,15 @@ def test_bundle_is_complete_and_verified(bundle):
     (lambda b: _edit(b, lambda m: m["model"].update(max_seq_len="512")), Refusal.INVALID_FIELD,
      "invalid field 'model': max_seq_len missing or not integers"),
     (lambda b: _edit(b, lambda m: m["model"].update(eos_ids=[])), Refusal.INVALID_FIELD, "eos_ids"),
-    # "no" is truthy: a failed gate must not read as passed
+    # "no" is truthy: a failed gate must not read as passed; nor one with no verdict at all
     (lambda b: _edit(b, lambda m: m["artifacts"][0].update(parity_passed="no")), Refusal.INVALID_FIELD,
      "parity_passed of .* must be true or false, not 'no'"),
+    (lambda b: _edit(b, lambda m: m["artifacts"][0].pop("parity_passed")), Refusal.INVALID_FIELD,
+     "parity_passed of .* must be true or false, not absent"),
+    (lambda b: _edit(b, lambda m: m["artifacts"][0].update(options="x")), Refusal.INVALID_FIELD,
+     "options of .* must be an object, not 'x'"),
+    (lambda b: _edit(b, lambda m: m.update(format_version=True)), Refusal.UNKNOWN_VERSION,
+     "unknown format_version True"),  # True == 1 in Python; the app refuses it too
 ])
 def test_bad_bundles_are_refused(bundle, tmp_path, damage, refusal, message):
     from alignkd.export.emulator import BundleRunner
@@ -259,7 +265,9 @@ def _artifact_damage(fmt: str, data: bytes):
     ("onnx", lambda b: _swap(b / "onnx/fp32/vision.onnx", b / "onnx/fp32/decoder.onnx"),
      r"onnx/fp32 artifact: .*vision.onnx is not the vision graph \(its inputs: inputs_embeds"),
     ("gguf", lambda b: _edit(b, lambda m: m["model"].update(eos_ids=[10**30])),
-     r"model.eos_ids \[10{30}\] are not all token ids of the vocabulary \(512\)"),
+     r"model.eos_ids \[10{30}\] is outside the vocabulary \(token ids 0 to 511\)"),
+    ("gguf", lambda b: _edit(b, lambda m: m["model"].update(bos_id=100000)), r"model.bos_id 100000 is outside"),
+    ("gguf", lambda b: _edit(b, lambda m: m["model"].update(pad_id=-7)), r"model.pad_id -7 is outside"),
     ("gguf", lambda b: _edit(b, lambda m: m.update(template="manifest.json")), r"template file manifest.json"),
     ("gguf", lambda b: _edit(b, lambda m: m.update(preprocessing="nope.json")),
      r"preprocessing file nope.json: FileNotFoundError"),
@@ -274,6 +282,18 @@ def test_a_damaged_file_that_passes_its_checksum_is_one_error_naming_it(bundle, 
     _resign(b)
     with pytest.raises(AlignKDError, match=f"bundle {re.escape(str(b))}: .*{says}"):
         BundleRunner(b, fmt, "fp32", threads=1)
+
+
+def test_a_manifest_whose_image_token_count_is_not_its_encoders_is_refused(bundle, tmp_path):
+    """The budget check (`check_fits`, and the app's) counts the manifest's number: 10 instead of 144 passed."""
+    from alignkd.data.easyvqa import first_test_image
+    from alignkd.export.emulator import BundleRunner
+
+    b = _copy(bundle, tmp_path)
+    _edit(b, lambda m: m["model"].update(num_image_tokens=10))
+    runner = BundleRunner(b, "gguf", "fp32", threads=1)
+    with pytest.raises(DataError, match=r"model.num_image_tokens is 10, but its image encoder makes 144"):
+        runner.answer(first_test_image(), "What shape?", max_new_tokens=2)
 
 
 def test_a_file_that_is_no_executorch_program_is_refused_before_the_runtime_reads_it(tmp_path):

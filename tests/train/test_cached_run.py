@@ -271,6 +271,22 @@ def test_overwrite_keeps_the_old_cache_until_the_new_one_is_built(tmp_path, run_
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # nothing of the old one is kept
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_folder_of_other_files_is_no_cache_folder_even_with_overwrite(tmp_path, run_cfg, teacher_dir, monkeypatch,
+                                                                        overwrite):
+    """A build wrote its shards into the teacher's checkpoint folder, or beside a user's own files."""
+    _no_weights(monkeypatch)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    for folder, named in ((teacher_dir, "config.json"), (mine, "thesis.tex")):
+        before = _listing(folder)
+        with pytest.raises(CacheError, match=f"teacher cache folder {folder} holds files that no cache build writes "
+                                             f"\\(.*{named}.*\\): name a new or empty folder"):
+            build_teacher_cache(run_cfg(teacher_cache=str(folder)), overwrite=overwrite)
+        assert _listing(folder) == before
+
+
 def test_cache_settings_are_checked_with_the_config():
     with pytest.raises(ConfigError, match="teacher_cache needs loss.kd_positions text or tokens"):
         load_config(None, ["teacher=t", "teacher_cache=c", "loss.variant=release"])

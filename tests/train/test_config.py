@@ -3,6 +3,7 @@ key before anything loads, the keys listed with their docs, the shipped configs,
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,15 @@ def test_yaml_groups_and_overrides(tmp_path):
     (["loss.variant=x"], "loss: variant must be one of paper, release, got 'x'"),
     (["loss.kd_positions=answers"], "loss: kd_positions must be one of text, tokens, all"),
     (["loss.temperature=0"], "loss: temperature must be > 0"),
+    # bounds whose excess only costs: T² overflowed at step 1, a 10**12 batch never reached it, seeds past 64 bits
+    # crashed torch.manual_seed, 300 workers were forked for a 4-sample run
+    (["loss.temperature=1e200"], r"loss: temperature must be > 0 and at most 10000 .*, got 1e\+200"),
+    (["batch_size=1000000000000"], "batch_size must be at most 65536, got 1000000000000"),
+    (["grad_accum=65537"], "grad_accum must be at most 65536"),
+    (["seed=18446744073709551616"], "seed must be at most 4294967295"),
+    ([f"steps={10**400}"], r"steps must be at most 1000000000, got 10{17}\.\.\.0{19}$"),  # overflowed the warmup
+    ([f"seed={'9' * 5000}"], "seed: a value of 5000 characters is beyond any setting"),  # Python's int-string limit
+    ([f"num_workers={4 * (os.cpu_count() or 1) + 1}"], "num_workers must be at most"),
     (["data.template=chatml"], "data: template must be one of"),
     (["data.on_malformed=ignore"], "data: on_malformed must be one of fail, skip"),
     (["data.limit=0"], "data: limit must be > 0"),
@@ -76,6 +86,8 @@ def test_bad_config_files_are_one_line(tmp_path):
              tmp_path / "list.yaml": "expected a mapping of config keys, got list"}
     (tmp_path / "latin.yaml").write_bytes("method: caf\xe9\n".encode("latin-1"))
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    (tmp_path / "digits.yaml").write_text(f"steps: {'9' * 5000}\n")
+    cases[tmp_path / "digits.yaml"] = "digits.yaml: holds an integer of over 4,300 digits"
     for path, message in cases.items():
         with pytest.raises(ConfigError, match=message) as e:
             load_config(path)
