@@ -128,7 +128,7 @@ class BundleRunner:
         gen = generate(self.runtime, ids, self.pixels(image), max_new_tokens, eos, self.max_seq_len,
                        self.num_image_tokens, temperature, top_p, seed, image_cache=self.image_cache,
                        image_size=self.image_size, prefix=self.prefix)
-        made = gen.image_embeddings.shape[0]
+        made = gen.image_embeddings.shape[0] if gen.image_embeddings is not None else self.num_image_tokens
         if made != self.num_image_tokens:  # the budget check above (and the app's) counted the manifest's number
             raise DataError(f"bundle {self.root}: model.num_image_tokens is {self.num_image_tokens}, but its image "
                             f"encoder makes {made}")

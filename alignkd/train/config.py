@@ -225,8 +225,11 @@ def _coerce(name: str, raw: Any, typ: Any) -> Any:
         value = yaml.safe_load(raw) if isinstance(raw, str) else raw
     except yaml.YAMLError:
         value = raw
-    except ValueError:  # an integer of over 4,300 digits (Python's int-string limit)
-        raise ConfigError(f"{name}: a value of {len(raw)} characters is beyond any setting") from None
+    except ValueError as e:  # a date that is none (2026-13-45), or an integer past Python's int-string limit
+        if _TOO_MANY_DIGITS not in str(e):
+            value = raw
+        else:
+            raise ConfigError(f"{name}: a value of {len(raw)} characters is beyond any setting") from None
     allowed = getattr(typ, "__args__", (typ,))
     if value is None and type(None) in allowed:
         return None
@@ -245,6 +248,9 @@ def _coerce(name: str, raw: Any, typ: Any) -> Any:
     if isinstance(raw, str) and not raw.strip():  # `method=`: no value at all
         raise ConfigError(f"{name} is empty: it needs {_type_name(typ)}")
     raise ConfigError(f"{name}: {shown(raw)} is not {_type_name(typ)}")
+
+
+_TOO_MANY_DIGITS = "integer string conversion"  # Python's ValueError past its int-string limit (4,300 digits)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -278,8 +284,10 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid YAML{where}: {what}") from None
     except RecursionError:
         raise ConfigError(f"{path}: nested too deeply to be a config") from None
-    except ValueError:  # Python's int-string limit
-        raise ConfigError(f"{path}: holds an integer of over 4,300 digits, beyond any setting") from None
+    except ValueError as e:  # a date that is none (2026-13-45), or an integer past Python's int-string limit
+        if _TOO_MANY_DIGITS in str(e):
+            raise ConfigError(f"{path}: holds an integer of over 4,300 digits, beyond any setting") from None
+        raise ConfigError(f"{path}: a value cannot be read: {e}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):

@@ -53,11 +53,11 @@ EXPECTED_VERDICTS = {
     "missing_manifest": ["missing_manifest"],
     "bad_json": ["truncated_json", "trailing_comma", "invalid_utf8", "utf8_bom"],  # RFC 8259: no byte-order mark
     "wrong_format": ["wrong_format", "no_format"],
-    "unknown_version": ["unknown_version", "version_as_string"],
+    "unknown_version": ["unknown_version", "version_as_string", "format_version_true"],
     "missing_field": ["missing_files_field", "missing_artifacts_field", "missing_model_field"],
     "invalid_field": ["files_not_a_list", "model_not_an_object", "file_entry_without_sha256", "file_size_as_string",
                       "artifacts_of_strings", "artifacts_of_empty_objects", "model_empty_object",
-                      "max_seq_len_as_string"],
+                      "max_seq_len_as_string", "parity_passed_as_string", "parity_passed_missing", "options_as_string"],
     "path_outside": ["absolute_path", "dotdot_path", "backslash_path", "colon_path", "empty_path",
                      "artifact_path_outside"],
     "missing_file": ["missing_file"],

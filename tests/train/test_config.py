@@ -55,6 +55,7 @@ def test_yaml_groups_and_overrides(tmp_path):
     (["seed=18446744073709551616"], "seed must be at most 4294967295"),
     ([f"steps={10**400}"], r"steps must be at most 1000000000, got 10{17}\.\.\.0{19}$"),  # overflowed the warmup
     ([f"seed={'9' * 5000}"], "seed: a value of 5000 characters is beyond any setting"),  # Python's int-string limit
+    (["seed=2026-13-45"], "seed: '2026-13-45' is not an integer"),  # no date: the text as typed
     ([f"num_workers={4 * (os.cpu_count() or 1) + 1}"], "num_workers must be at most"),
     (["data.template=chatml"], "data: template must be one of"),
     (["data.on_malformed=ignore"], "data: on_malformed must be one of fail, skip"),
@@ -88,6 +89,8 @@ def test_bad_config_files_are_one_line(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     (tmp_path / "digits.yaml").write_text(f"steps: {'9' * 5000}\n")
     cases[tmp_path / "digits.yaml"] = "digits.yaml: holds an integer of over 4,300 digits"
+    (tmp_path / "date.yaml").write_text("method: baseline\nseed: 2026-13-45\n")  # YAML reads a date: month 13
+    cases[tmp_path / "date.yaml"] = "date.yaml: a value cannot be read: month must be in 1..12"
     for path, message in cases.items():
         with pytest.raises(ConfigError, match=message) as e:
             load_config(path)

@@ -305,6 +305,11 @@ def _variants(m: dict) -> list[tuple[str, list[dict]]]:
         ("artifacts_of_empty_objects", [manifest(artifacts=[{}])]),
         ("model_empty_object", [manifest(model={})]),
         ("max_seq_len_as_string", [manifest(model=dict(m["model"], max_seq_len="512"))]),
+        ("format_version_true", [manifest(format_version=True)]),  # True == 1 in Python
+        ("parity_passed_as_string", [manifest(artifacts=[dict(m["artifacts"][0], parity_passed="no")])]),
+        ("parity_passed_missing", [manifest(artifacts=[{k: v for k, v in m["artifacts"][0].items()
+                                                        if k != "parity_passed"}])]),
+        ("options_as_string", [manifest(artifacts=[dict(m["artifacts"][0], options="x")])]),
     ]
 
 

@@ -111,6 +111,14 @@ object BundleReader {
                 throw BundleException(BundleRefusal.INVALID_FIELD, "$path: invalid field 'files': malformed entry $item")
             }
         }
+        for (item in manifest["artifacts"] as List<*>) {
+            val a = item as? Map<*, *> ?: continue // not an object: refused where its fields are read
+            // a failed gate must not read as passed ("no" is truthy in Python), nor an artifact without a verdict
+            if (a["parity_passed"] !is Boolean) throw BundleException(BundleRefusal.INVALID_FIELD,
+                "$path: invalid field 'artifacts': parity_passed of ${a["format"]}/${a["quant"]} must be true or false")
+            if (a.containsKey("options") && a["options"] !is Map<*, *>) throw BundleException(BundleRefusal.INVALID_FIELD,
+                "$path: invalid field 'artifacts': options of ${a["format"]}/${a["quant"]} must be an object")
+        }
         if (verify) verifyFiles(root, manifest)
         return Manifest(root, manifest)
     }
