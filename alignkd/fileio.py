@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import re
 import shutil
@@ -204,6 +205,35 @@ def _replace(src: Path, dst: Path) -> None:
         os.replace(src, dst)
 
 
+class FolderLock:
+    """An exclusive lock on an output folder (flock on the folder itself: nothing is added to it), taken
+    without waiting. Two training runs started together into one folder both passed the "another run's
+    settings?" check while it was empty and then mixed their files; a resume beside a live run crashed on the
+    checkpoint the live run pruned. The lock ends with the process, however it ends."""
+
+    def __init__(self, folder: str | Path, option: str, holder: str):
+        self.folder, self.option, self.holder = Path(folder), option, holder
+        self.fd: int | None = None
+
+    def take(self) -> None:
+        """Lock the folder if it exists (call again once it is made); refuse one another process holds."""
+        if self.fd is not None or not self.folder.is_dir():
+            return
+        fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputPathError(f"{self.option} {self.folder} is being written by {self.holder}: wait for it to "
+                                  "end, or name another folder") from None
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 class StagedDir:
     """`with StagedDir(final) as tmp:` write into tmp, call `publish()`; leaving the block any other way
     removes tmp and leaves `final` as it was."""
@@ -221,7 +251,16 @@ class StagedDir:
         return self.tmp
 
     def publish(self, merge: bool = False) -> None:
-        publish_dir(self.tmp, self.final, merge)
+        if self.overwrite or merge:
+            publish_dir(self.tmp, self.final, merge)
+            return
+        try:  # a plain rename never replaces a folder with files: one another process made meanwhile stays
+            os.rename(self.tmp, self.final)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                raise
+            raise self.exists_error(f"output directory {self.final} was written by another process while this one "
+                                    "worked: it is kept, and this run's output is discarded") from None
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.tmp.exists():

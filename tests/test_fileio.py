@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from alignkd.errors import DataError
 from alignkd.fileio import DiskFull, StagedDir, atomic_write, publish_dir, remove_stale_temps, staged_dir, writing
 
 
@@ -103,3 +104,17 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_the_work(tmp_
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     with pytest.raises(OutputPathError, match="loop/sub: Too many levels of symbolic links"):
         check_output_dir(tmp_path / "loop" / "sub")
+
+
+def test_a_folder_another_process_made_while_staging_is_kept(tmp_path):
+    """Two exports without --overwrite into one folder both exited 0; the second replaced the first's bundle."""
+    final = tmp_path / "bundle"
+    staged = StagedDir(final, exists_error=DataError)
+    with pytest.raises(DataError, match="was written by another process while this one worked: it is kept"):
+        with staged as tmp:
+            (tmp / "mine.txt").write_text("this run")
+            final.mkdir()  # the other export publishes first
+            (final / "theirs.txt").write_text("the other run")
+            staged.publish()
+    assert [p.name for p in final.iterdir()] == ["theirs.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # this run's temp folder is gone

@@ -119,7 +119,10 @@ class AnswerWriter:
             raise OSError(e.errno, e.strerror, str(self.path)) from e
 
     def close(self) -> None:
-        self._f.close()
+        try:  # after a failed write, closing flushes the same buffer again: name the file this time too
+            self._f.close()
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
 
 
 def _cut_torn_tail(path: Path) -> None:

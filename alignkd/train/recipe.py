@@ -47,7 +47,7 @@ from ..data.image import image_config
 from ..distill import (AlignKDLoss, AlignKDLossConfig, DistillInputs, capture_layer0_attention, kd_positions_mask,
                        layer0_attention)
 from ..errors import AlignKDError, CheckpointError, ConfigError
-from ..fileio import DiskFull, OutputPathError, atomic_write, check_output_dir, remove_stale_temps, writing
+from ..fileio import DiskFull, FolderLock, OutputPathError, atomic_write, check_output_dir, remove_stale_temps, writing
 from ..model.checkpoint import (build_model, config_from_name, keep_attention_map_inputs, load_model, read_mtgv_state_dict,
                                 save_model)
 from ..model.config import PRESETS, MobileVLMConfig
@@ -826,12 +826,26 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     """Run the recipe; returns a summary (final losses, steps, wall time, output paths).
 
     stop_after: stop (as if killed) after this many steps of this invocation — for tests and drills.
-    The summary's wall_s is this invocation's, setup included.
+    The summary's wall_s is this invocation's, setup included. output_dir is locked while the run writes it
+    (rank 0): another run into it, started together or resuming beside this one, is refused.
     """
+    lock = FolderLock(cfg.output_dir, "output_dir", "another training run")
+    main = int(os.environ.get("RANK", "0")) == 0
+    try:
+        if main:
+            lock.take()  # before setup reads its checkpoints (when it exists)
+        return _train(cfg, stop_after, lock if main else None)
+    finally:
+        lock.release()
+
+
+def _train(cfg: TrainConfig, stop_after: int | None, lock: FolderLock | None) -> dict:
     t0 = time.perf_counter()
     run = setup(cfg)
     if run.is_main:
         (run.out / "train").mkdir(parents=True, exist_ok=True)
+        if lock is not None:
+            lock.take()  # a new folder: taken now, before anything is written into it
         (run.out / "train" / "summary.json").unlink(missing_ok=True)  # present only once this run is done
         atomic_write(run.out / "train" / "config.yaml", dump_config(cfg))
         _truncate_metrics(run)

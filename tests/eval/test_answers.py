@@ -1,7 +1,9 @@
 """Answer files in LLaVA's format: reading (bad lines counted, never fatal), appending after a kill,
 matching rows to questions, and every benchmark's rows keying back to their own questions."""
 
+import errno
 import json
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +103,14 @@ def test_a_full_disk_names_the_answer_file(tmp_path, monkeypatch):
         w.write([(EvalItem("1", "x.png", "q"), "yes")])
     assert (e.value.errno, e.value.filename) == (28, str(tmp_path / "a.jsonl"))
     w.close()
+
+
+def test_a_full_disk_is_named_by_the_answer_file_even_at_close():
+    """After a failed write, close() flushed the same buffer again and its error, without the file's name,
+    replaced the one that named it."""
+    w = AnswerWriter(Path("/dev/full"), "m")  # every write fails: no space left on device
+    item = EvalItem(id="1", image="x.png", question="q", question_id="1", prompt="q")
+    for call in (lambda: w.write([(item, "yes")]), w.close):  # a short row stays in the buffer for close
+        with pytest.raises(OSError) as e:
+            call()
+        assert e.value.errno == errno.ENOSPC and e.value.filename == "/dev/full"

@@ -27,6 +27,32 @@ def test_the_final_step_is_always_checkpointed(tmp_path, small_run):
     assert _names(tmp_path / "b") == ["step-000004", "step-000005"]  # keep_last=2 of 2, 4 and the final 5
 
 
+def test_a_run_into_a_folder_another_run_is_writing_is_refused(tmp_path, small_run, monkeypatch):
+    """Two runs started together into one folder both passed the other-run check on the empty folder and mixed
+    their files (exit 0 both); a resume beside a live run crashed on a checkpoint the live run pruned."""
+    from alignkd.fileio import FolderLock, OutputPathError
+
+    live = FolderLock(tmp_path / "run", "output_dir", "another training run")
+    setup_before = recipe.setup
+
+    def meanwhile(cfg):  # the other run makes and locks the folder while this one is in setup
+        run = setup_before(cfg)
+        (tmp_path / "run").mkdir(exist_ok=True)
+        live.take()
+        return run
+
+    monkeypatch.setattr(recipe, "setup", meanwhile)
+    with pytest.raises(OutputPathError, match="output_dir .*run is being written by another training run"):
+        train(small_run(method="baseline", teacher=None))
+    assert not (tmp_path / "run" / "train" / "config.yaml").exists()  # nothing of this run written
+    monkeypatch.setattr(recipe, "setup", setup_before)
+    with pytest.raises(OutputPathError, match="is being written by another training run"):  # an existing folder
+        train(small_run(method="baseline", teacher=None))
+    live.release()
+    train(small_run(method="baseline", teacher=None))  # and once the other run ends, this one runs
+    assert _names(tmp_path / "run") == ["step-000004"]
+
+
 def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(tmp_path, small_run, capsys):
     base = small_run(method="baseline", teacher=None, save_every=2)
     train(base)
