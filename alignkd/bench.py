@@ -24,7 +24,7 @@ from pathlib import Path
 
 import click
 
-from alignkd.errors import ConfigError, DataError
+from alignkd.errors import AlignKDError, ConfigError, DataError
 from alignkd.export.base import check_threads
 from alignkd.export.bundle import DEVICE_DIR, read_manifest
 from alignkd.export.parity import PARITY_QUESTION, parity_image
@@ -100,20 +100,38 @@ def easyvqa_accuracy(runner, limit: int) -> dict:
     return {"easyvqa_accuracy": bench.score(items, preds)["accuracy"], "easyvqa_n": len(items)}
 
 
+class SomeFailed(DataError):
+    """Some artifacts failed after others were measured: the measured rows travel with the error, so the
+    command writes them before it names the failures (minutes of measurement are not thrown away)."""
+
+    def __init__(self, message: str, rows: list[dict]):
+        super().__init__(message)
+        self.rows = rows
+
+
 def bench_host(bundles: list[str], n_runs: int = 3, threads: int = 2, max_new_tokens: int = 32,
                accuracy_limit: int = 0, log=print) -> list[dict]:
     check_options(n_runs, threads, max_new_tokens, accuracy_limit)
     manifests = {b: read_manifest(b) for b in bundles}  # every bundle verified before the first is measured
-    rows = []
+    rows, failed = [], []
     for b in bundles:
         for art in manifests[b]["artifacts"]:
             log(f"bench {Path(b).name} {art['format']}/{art['quant']} ...")
             args = [sys.executable, "-m", "alignkd.bench", b, art["format"], art["quant"], str(n_runs),
                     str(threads), str(max_new_tokens), str(accuracy_limit)]
             r = subprocess.run(args, capture_output=True, text=True)
-            if r.returncode != 0:
-                raise DataError(f"benchmark of {b} {art['format']}/{art['quant']} failed: {r.stderr.strip().splitlines()[-1:]}")
-            rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+            for line in r.stderr.splitlines():  # the worker's warnings (a failed parity gate) reach the user
+                if line.startswith("warning: "):
+                    click.echo(line, err=True)
+            if r.returncode == 0:
+                rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+                continue
+            lines = r.stderr.strip().splitlines()
+            why = lines[-1].removeprefix("error: ") if lines else f"the worker exited with status {r.returncode}"
+            failed.append(f"{b} {art['format']}/{art['quant']} ({why})")
+    if failed:
+        kept = f"; the {len(rows)} measured row(s) are written" if rows else ""
+        raise SomeFailed(f"benchmark of {'; '.join(failed)} failed{kept}", rows)
     return rows
 
 
@@ -212,4 +230,9 @@ def write_outputs(rows: list[dict], out_dir: Path) -> dict[str, Path]:
 
 if __name__ == "__main__":  # the host worker: one artifact per process, so peak RSS is its own
     b, f, q, n, th, mx, acc = sys.argv[1:8]
-    print(json.dumps(bench_artifact(b, f, q, int(n), int(th), int(mx), int(acc))))
+    try:
+        row = bench_artifact(b, f, q, int(n), int(th), int(mx), int(acc))
+    except AlignKDError as e:  # the parent quotes this line
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(row))

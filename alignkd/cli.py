@@ -19,6 +19,18 @@ _PATH_ERRORS = {NotADirectoryError: "a part of this path is a file, not a folder
 _PATH_ERRNOS = {errno.ENAMETOOLONG: "a file or folder name is too long", errno.ELOOP: "a symbolic link loop"}
 
 
+def _fail(message: str) -> None:
+    """The one `error:` line and exit status 2. A progress bar the error interrupted is closed first: its
+    last redraw ends in a carriage return, and the error would share its terminal line."""
+    if "tqdm" in sys.modules:
+        from tqdm import tqdm
+
+        for bar in list(tqdm._instances):
+            bar.close()
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
 def _clean_errors(fn):
     """Bad input the user can fix → one line on stderr and exit status 2; bugs keep their traceback."""
 
@@ -27,17 +39,14 @@ def _clean_errors(fn):
         try:
             return fn(*args, **kwargs)
         except AlignKDError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            _fail(str(e))
         except OSError as e:
             if e.errno == 28:  # ENOSPC: writes are atomic, so nothing half-written is left marked done
                 where = f" while writing {e.filename}" if e.filename else ""
-                click.echo(f"error: disk full{where}: no space left on device", err=True)
-                sys.exit(2)
+                _fail(f"disk full{where}: no space left on device")
             said = _PATH_ERRORS.get(type(e)) or _PATH_ERRNOS.get(e.errno)
             if said and e.filename:  # a path the user gave that cannot be what it must be
-                click.echo(f"error: {e.filename}: {said}", err=True)
-                sys.exit(2)
+                _fail(f"{e.filename}: {said}")
             raise
 
     return wrapper
@@ -436,14 +445,20 @@ def bench(bundles, device, n_runs, threads, max_new_tokens, accuracy_limit, outp
     load time, image encode, time to first token with the image encoded (cold) and with its tokens cached
     (warm: a follow-up question about the same image), prefill and decode tokens/s, peak RSS, easy-vqa
     accuracy. Writes bench.png, bench.json and bench.md."""
-    from .bench import bench_adb, bench_host, check_options, render_table, write_outputs
+    from .bench import SomeFailed, bench_adb, bench_host, check_options, render_table, write_outputs
     from .errors import ConfigError
     from .fileio import check_output_dir
 
     check_options(n_runs, threads, max_new_tokens, accuracy_limit)
     check_output_dir(output_dir)  # before the runs, not after them
     if device == "host":
-        rows = bench_host(list(bundles), n_runs, threads, max_new_tokens, accuracy_limit, log=click.echo)
+        try:
+            rows = bench_host(list(bundles), n_runs, threads, max_new_tokens, accuracy_limit, log=click.echo)
+        except SomeFailed as e:
+            if e.rows:
+                click.echo(render_table(e.rows))
+                click.echo("wrote " + ", ".join(str(p) for p in write_outputs(e.rows, output_dir).values()))
+            raise
     elif device == "adb" or device.startswith("adb:"):
         rows = bench_adb(list(bundles), device.partition(":")[2] or None, n_runs, max_new_tokens, log=click.echo)
     else:

@@ -106,3 +106,30 @@ def test_host_worker_reports_every_field_cold_and_warm(bundle):
     row = bench.bench_artifact(str(bundle), "gguf", "fp32", n_runs=1, threads=1, max_new_tokens=3)
     assert tuple(row) == bench.FIELDS  # the warm asks hit the cache (bench_artifact raises otherwise)
     assert row["n_runs"] == 1 and row["ttft_warm_s"] > 0 and row["ttft_s"] >= row["image_encode_s"] > 0
+
+
+def test_a_failing_artifact_keeps_the_rows_measured_before_it(bundle, tmp_path, monkeypatch):
+    import subprocess
+
+    from click.testing import CliRunner
+
+    from alignkd.cli import main
+
+    calls = []
+
+    def worker(args, **_):  # the first artifact measured, the second one's runtime fails
+        calls.append(args)
+        if len(calls) == 1:
+            return subprocess.CompletedProcess(args, 0, json.dumps(ROW) + "\n",
+                                               "warning: b failed its parity gate at export\n")
+        return subprocess.CompletedProcess(args, 2, "", "some log\nerror: the runtime ran out of memory\n")
+
+    monkeypatch.setattr(bench.subprocess, "run", worker)
+    r = CliRunner().invoke(main, ["bench", str(bundle), str(bundle), "--output-dir", str(tmp_path / "out")])
+    assert r.exit_code == 2, r.output
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "gguf/fp32 (the runtime ran out of memory) failed" in errors[0], r.stderr
+    assert "['" not in errors[0] and "1 measured row(s) are written" in errors[0]
+    assert "warning: b failed its parity gate" in r.stderr  # a worker's warning is not swallowed
+    assert json.loads((tmp_path / "out" / "bench.json").read_text())["rows"] == [ROW]
+    assert (tmp_path / "out" / "bench.png").exists() and len(calls) == 2

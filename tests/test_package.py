@@ -78,3 +78,22 @@ def test_an_argument_that_is_not_utf8_is_one_error_line(tmp_path):
     assert r.returncode == 2, r.stderr
     assert r.stderr.decode() == (f"error: argument '{tmp_path}/\\xfaout' is not UTF-8 text: paths and prompts must be "
                                  "(ExecuTorch, onnxruntime and SentencePiece open UTF-8 paths only)\n")
+
+
+def test_an_error_during_a_progress_bar_starts_its_own_line(capsys):
+    import pytest
+    from tqdm import tqdm
+
+    from alignkd.cli import _clean_errors
+    from alignkd.errors import DataError
+
+    @_clean_errors
+    def command():
+        bar = tqdm(total=4, desc="teacher cache", mininterval=0)
+        bar.update(1)  # the redraw ends in "\r", not a newline
+        raise DataError("shard-00001 is cut short")
+
+    with pytest.raises(SystemExit) as e:
+        command()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "\nerror: shard-00001 is cut short\n" in err, repr(err)

@@ -106,7 +106,7 @@ class AnswerWriter:
     def __init__(self, path: Path, model_id: str):
         self.path, self.model_id = Path(path), model_id
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _cut_torn_tail(self.path)
+        self.cut = _cut_torn_tail(self.path)  # bytes of a torn last line removed
         self._f = open(self.path, "a", encoding="utf-8")
 
     def write(self, pairs: Iterable[tuple[EvalItem, str]]) -> None:
@@ -125,14 +125,14 @@ class AnswerWriter:
             raise OSError(e.errno, e.strerror, str(self.path)) from e
 
 
-def _cut_torn_tail(path: Path) -> None:
+def _cut_torn_tail(path: Path) -> int:
     """A last line without its newline is a write cut short, unless it parses (then only the newline
-    is missing): cut it off, or finish it."""
+    is missing): cut it off, or finish it. Returns how many bytes were cut."""
     if not path.is_file() or path.stat().st_size == 0:
-        return
+        return 0
     data = path.read_bytes()
     if data.endswith(b"\n"):
-        return
+        return 0
     head, sep, tail = data.rpartition(b"\n")
     try:
         json.loads(tail)
@@ -147,3 +147,4 @@ def _cut_torn_tail(path: Path) -> None:
             f.truncate(len(head) + len(sep))
         f.flush()
         os.fsync(f.fileno())
+    return 0 if complete else len(tail)

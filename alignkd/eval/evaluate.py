@@ -9,6 +9,7 @@ same path as `--answers`, so both give the same number for the same file.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from collections.abc import Callable, Sequence
@@ -38,11 +39,13 @@ def evaluate(checkpoints: Sequence[str], benches: Sequence[str], data_root: str 
                            distilled, baseline, [Path(a) for a in answers])
     tokenizers = [_matching_tokenizer(c) for c in checkpoints]
     loaded = {b: _load(get_benchmark(b), data_root, limit, log) for b in benches}
+    # answers to questions --limit left out are told apart from unknown ones (all questions read only then)
+    everything = {b: functools.partial(_all_ids, get_benchmark(b), data_root) for b in benches}
     out = Path(out_dir)
     created = not out.exists()
     try:
         results = _answer_and_score(names, list(checkpoints), tokenizers, loaded, out, [Path(a) for a in answers],
-                                    batch_size, max_new_tokens, progress, log)
+                                    batch_size, max_new_tokens, progress, log, everything)
     except BaseException:
         # an eval that stops before its first answer (a prompt beyond the model's context) leaves no folder
         if created and not any(p.stat().st_size for p in out.rglob("*.jsonl")):
@@ -56,7 +59,8 @@ def evaluate(checkpoints: Sequence[str], benches: Sequence[str], data_root: str 
 
 
 def _answer_and_score(names: list[str], checkpoints: list[str], tokenizers: list, loaded: dict, out: Path,
-                      answers: list[Path], batch_size: int, max_new_tokens: int, progress: bool, log) -> dict:
+                      answers: list[Path], batch_size: int, max_new_tokens: int, progress: bool, log,
+                      everything: dict) -> dict:
     """{run name: {benchmark: metrics}}: each checkpoint answers each benchmark (resuming its answer file), or
     an answer file is read; then scored."""
     results: dict[str, dict] = {}
@@ -71,8 +75,9 @@ def _answer_and_score(names: list[str], checkpoints: list[str], tokenizers: list
             else:
                 path = out / "answers" / name / f"{b}.jsonl"
                 answer_items(model, tokenizers[i], items, batch_size, max_new_tokens, answers_file=path,
-                             desc=f"{name} {b}", progress=progress, answer_keys=bench.answer_keys, model_id=name)
-            results[name][b] = _score(bench, items, stats, path, name, log)
+                             desc=f"{name} {b}", progress=progress, answer_keys=bench.answer_keys, model_id=name,
+                             log=log)
+            results[name][b] = _score(bench, items, stats, path, name, log, everything[b])
         del model
     return results
 
@@ -123,6 +128,8 @@ def _forget_other_models_answers(folder: Path, ckpt: str, log) -> None:
     starts over instead of being scored with the previous model's answers."""
     digest = weights_digest(ckpt)
     stamp = folder / "model.json"
+    if not stamp.is_file() and any(folder.glob("*.jsonl")):  # copied by hand, or written by hand: whose is unknown
+        log(f"{folder}: answers without a model.json stamp, taken as {ckpt}'s (remove them to answer again)")
     if stamp.is_file():
         try:
             same = json.loads(stamp.read_text()).get("weights_digest") == digest
@@ -160,20 +167,33 @@ def _load(bench: Benchmark, data_root: str | None, limit: int | None, log) -> tu
     return bench, items, stats
 
 
-def _score(bench: Benchmark, items: list[EvalItem], stats: LoadStats, path: Path, name: str, log) -> dict:
+def _all_ids(bench: Benchmark, data_root: str | None) -> set[str]:
+    return {it.id for it in bench.load(Path(data_root) if data_root else None)[0]}
+
+
+def _score(bench: Benchmark, items: list[EvalItem], stats: LoadStats, path: Path, name: str, log,
+           all_ids: Callable[[], set[str]]) -> dict:
     """The benchmark's metrics of an answer file, with what did not fit counted."""
     rows = read_answer_rows(path)
-    m = match_answers(rows.rows, {it.id for it in items}, bench.answer_keys, stats.unscored)
+    ids = {it.id for it in items}
+    m = match_answers(rows.rows, ids, bench.answer_keys, stats.unscored)
+    if m.n_unknown and stats.limited:  # answers beyond --limit (a fuller eval's) are no unknown questions
+        stats.unscored |= all_ids() - ids
+        m = match_answers(rows.rows, ids, bench.answer_keys, stats.unscored)
     metrics = {**bench.score(items, m.predictions), "n_unknown_ids": float(m.n_unknown),
                "n_duplicate_answers": float(m.n_duplicates), "n_bad_lines": float(rows.n_bad_lines),
                "n_malformed_rows": float(stats.n_malformed)}
     n_missing = len(items) - len(m.predictions)
     if m.n_unknown:
-        what = (f"outside the {len(items)} questions scored (--limit)" if stats.limited
-                else "to questions the benchmark does not know")
-        log(f"{name} {bench.name}: {m.n_unknown} answer(s) {what}, not scored (question ids e.g. {', '.join(m.unknown)})")
+        log(f"{name} {bench.name}: {m.n_unknown} answer(s) to questions the benchmark does not know, not scored "
+            f"(question ids e.g. {', '.join(m.unknown)})")
+    if m.n_unscored and stats.limited:
+        log(f"{name} {bench.name}: {m.n_unscored} answer(s) to questions outside the {len(items)} scored (--limit), "
+            "not scored")
     if n_missing:
         log(f"{name} {bench.name}: {n_missing} of {len(items)} questions have no answer in {path}: scored as wrong")
     if rows.n_bad_lines:
         log(f"{name} {bench.name}: {rows.n_bad_lines} line(s) of {path} are not answer rows, skipped")
+    if m.n_duplicates:
+        log(f"{name} {bench.name}: {m.n_duplicates} question(s) answered more than once in {path}: the last answer counts")
     return metrics

@@ -44,7 +44,7 @@ def answer_items(model: MobileVLM, tokenizer, items: list[EvalItem], batch_size:
                  max_new_tokens: int = 16, template: str = "v1", answers_file: Path | None = None,
                  desc: str = "eval", progress: bool = True,
                  answer_keys: Callable[[Mapping[str, Any]], tuple[str, ...]] = _question_id,
-                 model_id: str = "alignkd-mobile") -> dict[str, str]:
+                 model_id: str = "alignkd-mobile", log: Callable[[str], object] = lambda _: None) -> dict[str, str]:
     """Greedy decoding of every item's prompt (template, image token first) with its image;
     returns {item id: reply}. `answer_keys` maps an answer-file row to item ids (the benchmark's)."""
     model.eval()
@@ -54,6 +54,11 @@ def answer_items(model: MobileVLM, tokenizer, items: list[EvalItem], batch_size:
     todo = [it for it in items if it.id not in out]
     pad = model.config.text.pad_token_id or 0  # any id: the attention mask hides padding
     writer = AnswerWriter(answers_file, model_id) if answers_file and todo else None
+    if writer and writer.cut:
+        log(f"{desc}: cut the torn last line of {answers_file} ({writer.cut} bytes a killed run left)")
+    if out:  # a killed or finished eval of the same weights: its answers are kept, not asked again
+        log(f"{desc}: {len(out)} of {len(items)} questions already answered in {answers_file}"
+            + (f"; answering the other {len(todo)}" if todo else ""))
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, disable=not progress, leave=False,
                mininterval=0.1 if sys.stderr.isatty() else 30.0)
     try:

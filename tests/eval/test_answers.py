@@ -55,6 +55,7 @@ def test_writer_cuts_a_torn_line_and_keeps_a_complete_one(tmp_path):
     torn = tmp_path / "torn.jsonl"
     torn.write_text('{"question_id": 1, "text": "a"}\n{"question_id": 2, "te')
     w = AnswerWriter(torn, "m")
+    assert w.cut == len('{"question_id": 2, "te')  # the caller says how much it cut
     w.write([(item, "yes")])
     w.close()
     lines = torn.read_text().splitlines()
@@ -62,6 +63,7 @@ def test_writer_cuts_a_torn_line_and_keeps_a_complete_one(tmp_path):
     done = tmp_path / "done.jsonl"
     done.write_text('{"question_id": 1, "text": "a"}')  # complete, only its newline missing
     w = AnswerWriter(done, "m")
+    assert w.cut == 0
     w.write([(item, "no")])
     w.close()
     assert [json.loads(ln)["question_id"] for ln in done.read_text().splitlines()] == [1, 7]

@@ -49,8 +49,13 @@ def test_resume_gives_the_same_scores_and_a_valid_answer_file(two_checkpoints, t
     part.parent.mkdir(parents=True)
     lines = answers.read_text().splitlines()
     part.write_text("\n".join(lines[:2]) + '\n{"question_id": "12", "pro')
-    resumed = evaluate(ckpts, ["easyvqa"], None, tmp_path / "part", **kw)
+    said = []
+    resumed = evaluate(ckpts, ["easyvqa"], None, tmp_path / "part", **{**kw, "log": said.append})
     assert resumed == full
+    # the resume is said, as is the cut (and the unstamped answers taken as this checkpoint's)
+    assert f"alignkd easyvqa: 2 of 6 questions already answered in {part}; answering the other 4" in said
+    assert f"alignkd easyvqa: cut the torn last line of {part} (26 bytes a killed run left)" in said
+    assert any("answers without a model.json stamp" in line for line in said)
     resumed_rows = [json.loads(ln) for ln in part.read_text().splitlines()]  # every line parses: torn tail cut
     assert [r["question_id"] for r in resumed_rows] == [r["question_id"] for r in rows]
     assert resumed_rows[:2] == rows[:2]  # the first two were not asked again
@@ -85,6 +90,13 @@ def test_scores_an_answer_file_without_a_model(assets, tmp_path, no_model):
     f.write_text("".join(json.dumps(r) + "\n" for r in rows[1:]))
     m = evaluate([], ["pope"], str(assets), tmp_path / "out2", answers=[f], **QUIET)["llava-v1.5-13b"]["pope"]
     assert m["n_missing"] == 1 and m["adversarial_f1"] == 0.0  # its only true positive became a false negative
+    # a question answered twice: the last answer counts, and the log says so
+    f.write_text("".join(json.dumps(r) + "\n" for r in [*rows, {**rows[3], "text": "Yes"}]))
+    log.clear()
+    m = evaluate([], ["pope"], str(assets), tmp_path / "out3", answers=[f], progress=False,
+                 log=log.append)["llava-v1.5-13b"]["pope"]
+    assert m["n_duplicate_answers"] == 1 and m["adversarial_f1"] == 100.0  # adversarial 4 now right
+    assert f"llava-v1.5-13b pope: 1 question(s) answered more than once in {f}: the last answer counts" in log
 
 
 def test_our_answer_file_scores_the_same_through_answers(two_checkpoints, assets, tmp_path):
@@ -201,3 +213,18 @@ def test_a_checkpoint_retrained_in_place_is_never_scored_with_the_previous_answe
     fresh = evaluate([str(ckpt)], ["easyvqa"], None, tmp_path / "fresh", **kw)
     assert again == fresh
     assert "zzz" not in answers.read_text()
+
+
+def test_answers_beyond_limit_are_not_unknown_questions(two_checkpoints, tmp_path):
+    kw = dict(batch_size=4, max_new_tokens=2, progress=False)
+    evaluate([str(two_checkpoints / "alignkd")], ["easyvqa"], None, tmp_path / "a", limit=6, log=lambda *_: None, **kw)
+    answers = tmp_path / "full.jsonl"  # a fuller eval's answers, and one to a question no benchmark has
+    answers.write_bytes((tmp_path / "a" / "answers" / "alignkd" / "easyvqa.jsonl").read_bytes()
+                        + b'{"question_id": "no-such-question", "text": "yes"}\n')
+    said: list[str] = []
+    m = evaluate([], ["easyvqa"], None, tmp_path / "b", limit=3, answers=[answers], log=said.append, **kw)
+    m = m["full"]["easyvqa"]
+    assert m["n_unknown_ids"] == 1  # only the made-up question: not the answers --limit left out
+    assert any("1 answer(s) to questions the benchmark does not know" in ln and "no-such-question" in ln for ln in said)
+    outside = 6 - (3 - int(m["n_missing"]))  # the 6 answers less those to the 3 questions scored
+    assert outside > 0 and f"full easyvqa: {outside} answer(s) to questions outside the 3 scored (--limit), not scored" in said
