@@ -15,8 +15,10 @@ import fcntl
 import os
 import re
 import shutil
+import signal
 import stat
 import tempfile
+import threading
 from pathlib import Path
 
 from .errors import AlignKDError
@@ -85,21 +87,28 @@ def _alive(pid: int) -> bool:
 
 def remove_stale_temps(parent: str | Path, name: str | None = None) -> list[Path]:
     """Remove `.<name>.tmp-<pid>[-*]` / `.<name>.old-<pid>` entries in parent whose process is gone
-    (name None: of any name, for folders that only we write into)."""
+    (name None: of any name, for folders that only we write into). An `.old-` entry whose name is missing
+    is the previous version of a folder whose replacement was killed between its two renames: it is put
+    back, not removed."""
     parent = Path(parent)
     if not parent.is_dir():
         return []
-    stem = ".+" if name is None else re.escape(name)
-    pattern = re.compile(rf"^\.{stem}(?:{re.escape(_TMP)}|{re.escape(_OLD)})(\d+)(?:-.*)?$")
+    stem = ".+?" if name is None else re.escape(name)
+    pattern = re.compile(rf"^\.(?P<name>{stem})(?P<kind>{re.escape(_TMP)}|{re.escape(_OLD)})(?P<pid>\d+)(?:-.*)?$")
     removed = []
-    for p in parent.iterdir():
+    for p in sorted(parent.iterdir(), key=lambda p: _OLD not in p.name):  # put back before removing
         m = pattern.match(p.name)
-        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
-            removed.append(p)
+        if not m or int(m["pid"]) == os.getpid() or _alive(int(m["pid"])):
+            continue
+        final = parent / m["name"]
+        if m["kind"] == _OLD and not os.path.lexists(final):
+            os.rename(p, final)
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
     return removed
 
 
@@ -191,16 +200,41 @@ def publish_dir(tmp: Path, final: Path, merge: bool = False) -> None:
     _replace(tmp, final)
 
 
+@contextlib.contextmanager
+def _signals_deferred():
+    """Ctrl-C, SIGTERM and SIGHUP wait until the block has run, then act as they would have. (Blocking them
+    with a signal mask is not enough: any thread of torch's or onnxruntime's pools may take a process signal,
+    and Python runs its handler in the main thread at the next bytecode.) Handlers live in the main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {}
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(s) is not None:  # None: a handler not set from Python, which could not be restored
+            previous[s] = signal.signal(s, lambda signum, _frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:
+            signal.raise_signal(caught[0])
+
+
 def _replace(src: Path, dst: Path) -> None:
-    """Rename src to dst; a folder on either side is swapped through a `.old-` name (rename cannot)."""
+    """Rename src to dst; a folder on either side is swapped through a `.old-` name (rename cannot). Between
+    the two renames nothing holds dst's name: Ctrl-C or SIGTERM wait until both are done (and the old folder
+    is removed), and after a kill -9 there the next `remove_stale_temps` puts the `.old-` folder back."""
     if dst.exists() and (dst.is_dir() or src.is_dir()):
         old = dst.with_name(f".{dst.name}{_OLD}{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
+        with _signals_deferred():
+            os.replace(dst, old)
+            os.replace(src, dst)
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
     else:
         os.replace(src, dst)
 

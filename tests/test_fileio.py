@@ -45,6 +45,46 @@ def test_stale_temps_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
     assert not (tmp_path / f".ckpt.tmp-{dead}-zzz").exists() and tmp.name.startswith(f".ckpt.tmp-{os.getpid()}-")
 
 
+@pytest.mark.parametrize("name", ["b", None])
+def test_a_folder_whose_replacement_was_killed_between_its_renames_is_put_back(tmp_path, name):
+    dead = _dead_pid()
+    old, half = tmp_path / f".b.old-{dead}", tmp_path / f".b.tmp-{dead}-x"  # the old bundle set aside, the new one
+    for p in (old, half):
+        p.mkdir()
+        (p / "manifest.json").write_text(p.name)
+    removed = remove_stale_temps(tmp_path, name)
+    assert removed == [half] and (tmp_path / "b" / "manifest.json").read_text() == old.name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_a_signal_between_the_two_renames_waits_for_the_second(tmp_path, monkeypatch):
+    import signal
+
+    final, new = tmp_path / "b", tmp_path / "new"
+    for p, text in ((final, "old"), (new, "new")):
+        p.mkdir()
+        (p / "manifest.json").write_text(text)
+    real, done = os.replace, []
+
+    def replace(src, dst):  # a signal lands right after the old folder moved aside
+        real(src, dst)
+        done.append(dst)
+        if len(done) == 1:
+            os.kill(os.getpid(), signal.SIGHUP)
+
+    def stop(*_):
+        raise RuntimeError(f"stopped after {len(done)} rename(s)")
+
+    previous = signal.signal(signal.SIGHUP, stop)
+    monkeypatch.setattr(os, "replace", replace)
+    try:
+        with pytest.raises(RuntimeError, match="after 2 rename"):
+            publish_dir(new, final)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert (final / "manifest.json").read_text() == "new"
+
+
 def test_publish_replaces_a_folder_only_after_it_is_complete(tmp_path):
     final = tmp_path / "out"
     final.mkdir()

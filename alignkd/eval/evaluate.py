@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, shown
 from ..fileio import BAD_JSON, atomic_write
 from ..model.checkpoint import load_config, load_model, weights_digest
 from ..model.tokenizer import check_tokenizer_matches, load_tokenizer
@@ -38,14 +38,15 @@ def evaluate(checkpoints: Sequence[str], benches: Sequence[str], data_root: str 
     names = _check_request(list(checkpoints), list(benches), data_root, limit, batch_size, max_new_tokens,
                            distilled, baseline, [Path(a) for a in answers])
     tokenizers = [_matching_tokenizer(c) for c in checkpoints]
+    out = Path(out_dir)
+    digests = [_check_answers_folder(out / "answers" / n, c, max_new_tokens) for n, c in zip(names, checkpoints)]
     loaded = {b: _load(get_benchmark(b), data_root, limit, log) for b in benches}
     # answers to questions --limit left out are told apart from unknown ones (all questions read only then)
     everything = {b: functools.partial(_all_ids, get_benchmark(b), data_root) for b in benches}
-    out = Path(out_dir)
     created = not out.exists()
     try:
-        results = _answer_and_score(names, list(checkpoints), tokenizers, loaded, out, [Path(a) for a in answers],
-                                    batch_size, max_new_tokens, progress, log, everything)
+        results = _answer_and_score(names, list(checkpoints), digests, tokenizers, loaded, out,
+                                    [Path(a) for a in answers], batch_size, max_new_tokens, progress, log, everything)
     except BaseException:
         # an eval that stops before its first answer (a prompt beyond the model's context) leaves no folder
         if created and not any(p.stat().st_size for p in out.rglob("*.jsonl")):
@@ -58,7 +59,8 @@ def evaluate(checkpoints: Sequence[str], benches: Sequence[str], data_root: str 
     return results
 
 
-def _answer_and_score(names: list[str], checkpoints: list[str], tokenizers: list, loaded: dict, out: Path,
+def _answer_and_score(names: list[str], checkpoints: list[str], digests: list[str], tokenizers: list, loaded: dict,
+                      out: Path,
                       answers: list[Path], batch_size: int, max_new_tokens: int, progress: bool, log,
                       everything: dict) -> dict:
     """{run name: {benchmark: metrics}}: each checkpoint answers each benchmark (resuming its answer file), or
@@ -68,7 +70,7 @@ def _answer_and_score(names: list[str], checkpoints: list[str], tokenizers: list
         results[name] = {}
         model = load_model(checkpoints[i]) if checkpoints else None
         if model is not None:
-            _forget_other_models_answers(out / "answers" / name, checkpoints[i], log)
+            _claim_answers(out / "answers" / name, checkpoints[i], digests[i], max_new_tokens, log)
         for b, (bench, items, stats) in loaded.items():
             if model is None:
                 path = Path(answers[i])
@@ -123,25 +125,46 @@ def _check_request(checkpoints: list[str], benches: list[str], data_root: str | 
     return names
 
 
-def _forget_other_models_answers(folder: Path, ckpt: str, log) -> None:
-    """Answers resume a killed eval of the same model only: a checkpoint retrained in place (other weights)
-    starts over instead of being scored with the previous model's answers."""
+def _stamp(folder: Path) -> dict | None:
+    """What a folder's model.json says made its answers (None: no stamp, or one that cannot be read)."""
+    try:
+        stamp = json.loads((folder / "model.json").read_text())
+    except (OSError, *BAD_JSON):
+        return None
+    return stamp if isinstance(stamp, dict) else None
+
+
+def _check_answers_folder(folder: Path, ckpt: str, max_new_tokens: int) -> str:
+    """The checkpoint's weights digest, once no answers would be lost or mixed: a folder holding another
+    checkpoint's answers (one of the same folder name, evaluated earlier into this --output-dir), or this
+    model's at another --max-new-tokens, is refused. Nothing is written here."""
     digest = weights_digest(ckpt)
-    stamp = folder / "model.json"
-    if not stamp.is_file() and any(folder.glob("*.jsonl")):  # copied by hand, or written by hand: whose is unknown
-        log(f"{folder}: answers without a model.json stamp, taken as {ckpt}'s (remove them to answer again)")
-    if stamp.is_file():
-        try:
-            same = json.loads(stamp.read_text()).get("weights_digest") == digest
-        except (*BAD_JSON, AttributeError):
-            same = False
-        if not same:
-            stale = sorted(folder.glob("*.jsonl"))
-            for p in stale:
+    stamp = _stamp(folder)
+    if stamp is None or not any(folder.glob("*.jsonl")):
+        return digest
+    if stamp.get("weights_digest") != digest and stamp.get("checkpoint") != str(Path(ckpt).resolve()):
+        raise DataError(f"{folder} holds the answers of another checkpoint ({shown(stamp.get('checkpoint'))}, also "
+                        "named by its folder): name another --output-dir, or remove that folder to answer again")
+    made = stamp.get("max_new_tokens")
+    if stamp.get("weights_digest") == digest and made is not None and made != max_new_tokens:
+        raise DataError(f"{folder} holds answers made with --max-new-tokens {shown(made)}, this eval asks "
+                        f"{max_new_tokens}: give {shown(made)} to resume them, or name another --output-dir")
+    return digest
+
+
+def _claim_answers(folder: Path, ckpt: str, digest: str, max_new_tokens: int, log) -> None:
+    """Answers resume a killed eval of the same model only: a checkpoint retrained in place (same folder, other
+    weights) starts over instead of being scored with the previous model's answers, whose weights are gone."""
+    stamp = _stamp(folder)
+    if any(folder.glob("*.jsonl")):
+        if stamp is None:  # copied or written by hand: whose they are is unknown
+            log(f"{folder}: answers without a model.json stamp, taken as {ckpt}'s (remove them to answer again)")
+        elif stamp.get("weights_digest") != digest:
+            for p in sorted(folder.glob("*.jsonl")):
                 p.unlink()
-            if stale:
-                log(f"{folder}: answers of another model (the checkpoint's weights changed); answering again")
-    atomic_write(stamp, json.dumps({"checkpoint": str(ckpt), "weights_digest": digest}))
+            log(f"{folder}: answers of the checkpoint's earlier weights (retrained in place); answering again")
+    atomic_write(folder / "model.json", json.dumps({"checkpoint": str(Path(ckpt).resolve()), "weights_digest": digest,
+                                                    "max_new_tokens": max_new_tokens}))
 
 
 def _matching_tokenizer(ckpt: str):

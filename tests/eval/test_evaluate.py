@@ -228,3 +228,19 @@ def test_answers_beyond_limit_are_not_unknown_questions(two_checkpoints, tmp_pat
     assert any("1 answer(s) to questions the benchmark does not know" in ln and "no-such-question" in ln for ln in said)
     outside = 6 - (3 - int(m["n_missing"]))  # the 6 answers less those to the 3 questions scored
     assert outside > 0 and f"full easyvqa: {outside} answer(s) to questions outside the 3 scored (--limit), not scored" in said
+
+
+def test_answers_of_another_checkpoint_or_length_are_kept_and_the_eval_refused(two_checkpoints, tmp_path, monkeypatch):
+    a, b = tmp_path / "A" / "student", tmp_path / "B" / "student"  # two runs whose folders share a name
+    shutil.copytree(two_checkpoints / "alignkd", a)
+    shutil.copytree(two_checkpoints / "baseline", b)
+    kw = dict(limit=4, batch_size=4, max_new_tokens=3, **QUIET)
+    evaluate([str(a)], ["easyvqa"], None, tmp_path / "out", **kw)
+    answers = tmp_path / "out" / "answers" / "student" / "easyvqa.jsonl"
+    before = answers.read_bytes()
+    monkeypatch.setattr(ev, "load_model", lambda *_: pytest.fail("a model loaded before the refusal"))
+    with pytest.raises(DataError, match=r"holds the answers of another checkpoint \('.*A/student', also named"):
+        evaluate([str(b)], ["easyvqa"], None, tmp_path / "out", **kw)  # deleted them and answered anew
+    with pytest.raises(DataError, match="answers made with --max-new-tokens 3, this eval asks 1: give 3 to resume"):
+        evaluate([str(a)], ["easyvqa"], None, tmp_path / "out", **{**kw, "max_new_tokens": 1, "limit": 8})  # mixed
+    assert answers.read_bytes() == before
