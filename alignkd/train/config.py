@@ -24,6 +24,7 @@ from ..data.datasets import read_text
 from ..data.templates import TEMPLATES
 from ..distill import AlignKDLossConfig
 from ..errors import ConfigError, shown
+from ..model.config import PRESETS
 
 METHODS = ("alignkd", "baseline", "logit-kd")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -89,6 +90,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         check_values(self, positive=("max_length", "limit"),
                      choices={"template": tuple(TEMPLATES), "on_malformed": ("fail", "skip")})
+        _expand_home(self, DATA_PATH_KEYS)
 
 
 @dataclass
@@ -185,6 +187,7 @@ class TrainConfig:
     """Show a progress bar."""
 
     def __post_init__(self) -> None:
+        _expand_home(self, PATH_KEYS)
         check_values(self, positive=("steps", "batch_size", "grad_accum", "lr", "projector_lr", "keep_last",
                                      "log_every"),
                      non_negative=("weight_decay", "max_grad_norm", "seed", "num_workers", "save_every",
@@ -247,6 +250,9 @@ def _coerce(name: str, raw: Any, typ: Any) -> Any:
             return value
     if isinstance(raw, str) and not raw.strip():  # `method=`: no value at all
         raise ConfigError(f"{name} is empty: it needs {_type_name(typ)}")
+    if value is None:  # `output_dir: ~` is YAML's null, not the home folder
+        raise ConfigError(f"{name} has no value (YAML reads ~, null and nothing as none): it needs {_type_name(typ)}"
+                          + ("; quote '~/...' for a path in the home folder" if str in allowed else ""))
     raise ConfigError(f"{name}: {shown(raw)} is not {_type_name(typ)}")
 
 
@@ -375,10 +381,35 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+PATH_KEYS = ("student", "teacher", "tokenizer", "init_vision_from", "output_dir", "teacher_cache")
+DATA_PATH_KEYS = ("path", "image_folder")
+
+
+def _expand_home(cfg: Any, keys: tuple[str, ...]) -> None:
+    """`~/data` in a YAML config means the home folder, as the shell would read it (else a folder named `~`)."""
+    for k in keys:
+        v = getattr(cfg, k)
+        if isinstance(v, str) and v.startswith("~"):
+            setattr(cfg, k, os.path.expanduser(v))
+
+
+def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """cfg with its folder and file settings made absolute (presets and the embedded "easyvqa" kept): what a
+    run records, and how two runs' settings are compared. A resume from another folder reads a relative
+    `data.path` elsewhere, which is another run's data; the same file named absolutely is the same run's."""
+    def absolute(v: str | None, special: tuple[str, ...]) -> str | None:
+        return v if v is None or v in special else os.path.abspath(v)
+
+    presets = tuple(PRESETS)
+    data = dataclasses.replace(cfg.data, path=absolute(cfg.data.path, ("easyvqa",)),
+                               image_folder=absolute(cfg.data.image_folder, ()))
+    return dataclasses.replace(cfg, data=data, **{k: absolute(getattr(cfg, k), presets) for k in PATH_KEYS})
+
+
 def run_settings(cfg: TrainConfig, also: tuple[str, ...] = ()) -> dict[str, Any]:
     """The flat settings that decide what a run computes (what a resumed run must share): everything but
     RUN_INDEPENDENT (except those named in `also`) and what the method does not use."""
-    flat = flatten(cfg.to_dict())
+    flat = flatten(with_absolute_paths(cfg).to_dict())
     unused: set[str] = set(RUN_INDEPENDENT) - set(also)
     if cfg.method == "baseline":
         unused |= {"teacher", "teacher_cache", "teacher_cache_missing"} | {k for k in flat if k.startswith("loss.")}

@@ -54,7 +54,7 @@ from ..model.config import PRESETS, MobileVLMConfig
 from ..model.mobilevlm import MobileVLM, first_text_after_image
 from ..model.tokenizer import check_tokenizer_matches, load_tokenizer, tiny_tokenizer_dir
 from ..model.vision import attach_feature_memo
-from .config import TrainConfig, dump_config, run_differences
+from .config import TrainConfig, dump_config, run_differences, with_absolute_paths
 from .teacher_cache import (DEFAULT_CACHE_K, CacheError, CacheSpec, CacheWriter, TeacherCache, build, check_folder,
                             dataset_keys, discard_replaced, exclusive, finalize, foreign_entries, pending, recorded_k,
                             restore, set_aside, teacher_fingerprint)
@@ -711,7 +711,7 @@ def save_checkpoint(run: Run, states: dict[str, dict] | None = None) -> Path | N
         return None
     extra = {"trainer_state.pt": _bytes({"step": run.step, "world": run.world, "optimizer": states["optim"],
                                          "scheduler": run.scheduler.state_dict(), "rng": _rng_state()}),
-             "train_config.yaml": dump_config(run.cfg).encode()}
+             "train_config.yaml": dump_config(with_absolute_paths(run.cfg)).encode()}
     ad = _adapter_bytes(states["adapters"])
     if ad:
         extra["adapters.safetensors"] = ad
@@ -847,7 +847,7 @@ def _train(cfg: TrainConfig, stop_after: int | None, lock: FolderLock | None) ->
         if lock is not None:
             lock.take()  # a new folder: taken now, before anything is written into it
         (run.out / "train" / "summary.json").unlink(missing_ok=True)  # present only once this run is done
-        atomic_write(run.out / "train" / "config.yaml", dump_config(cfg))
+        atomic_write(run.out / "train" / "config.yaml", dump_config(with_absolute_paths(cfg)))
         _truncate_metrics(run)
     # on a terminal the bar redraws freely; in a log file (CI, nohup) it writes a line every 30 s
     bar = tqdm(total=cfg.steps, initial=run.step, desc=f"{run.out.name} [{cfg.method}]",

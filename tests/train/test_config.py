@@ -160,3 +160,34 @@ def test_run_differences_name_what_changes_the_run():
     base = load_config(None, ["method=baseline", "steps=10"])
     assert run_differences(base.to_dict(), base.replace(teacher="t", loss=AlignKDLossConfig(temperature=3.0))) == []
     assert "not one this version reads" in run_differences({"temperature": 1.0}, cfg)[0]
+
+
+def test_runs_are_compared_by_where_their_files_are_not_how_they_were_named(tmp_path, monkeypatch):
+    from alignkd.train.config import with_absolute_paths
+
+    for d in ("a", "b"):
+        (tmp_path / d / "data").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a")
+    cfg = load_config(None, ["method=baseline", "data.path=data/train.json", "data.image_folder=data"])
+    recorded = with_absolute_paths(cfg).to_dict()  # as the run's checkpoints record it
+    assert recorded["data"]["path"] == str(tmp_path / "a" / "data" / "train.json") and recorded["student"] == "tiny-student"
+    absolute = load_config(None, ["method=baseline", f"data.path={tmp_path}/a/data/train.json",
+                                  f"data.image_folder={tmp_path}/a/data"])
+    assert run_differences(recorded, absolute) == []  # the same files named absolutely: the same run
+    monkeypatch.chdir(tmp_path / "b")  # the same relative names from another folder: other files, another run
+    assert run_differences(recorded, cfg) == [
+        f"data.path: '{tmp_path}/a/data/train.json' → '{tmp_path}/b/data/train.json'",
+        f"data.image_folder: '{tmp_path}/a/data' → '{tmp_path}/b/data'"]
+    assert load_config(None, ["method=baseline"]).data.path == "easyvqa"
+
+
+def test_a_home_folder_in_a_config_is_the_users_and_a_bare_tilde_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    f = tmp_path / "c.yaml"
+    f.write_text("method: baseline\noutput_dir: ~/runs/a\ndata:\n  path: ~/d.json\n")
+    cfg = load_config(f)
+    assert (cfg.output_dir, cfg.data.path) == (f"{tmp_path}/runs/a", f"{tmp_path}/d.json")  # not a folder named ~
+    f.write_text("method: baseline\noutput_dir: ~\n")
+    with pytest.raises(ConfigError, match=r"^output_dir has no value \(YAML reads ~, null and nothing as none\): it "
+                                          r"needs a string; quote '~/...' for a path in the home folder$"):
+        load_config(f)
