@@ -6,7 +6,10 @@ import errno
 import functools
 import json
 import os
+import signal
+import stat
 import sys
+import threading
 
 import click
 
@@ -19,16 +22,64 @@ _PATH_ERRORS = {NotADirectoryError: "a part of this path is a file, not a folder
 _PATH_ERRNOS = {errno.ENAMETOOLONG: "a file or folder name is too long", errno.ELOOP: "a symbolic link loop"}
 
 
-def _fail(message: str) -> None:
-    """The one `error:` line and exit status 2. A progress bar the error interrupted is closed first: its
-    last redraw ends in a carriage return, and the error would share its terminal line."""
+def _close_bars() -> None:
+    """Close the progress bars a stop interrupted: a bar's last redraw ends in a carriage return, and the line
+    printed next would share its terminal line (or a later redraw would hide it)."""
     if "tqdm" in sys.modules:
         from tqdm import tqdm
 
         for bar in list(tqdm._instances):
             bar.close()
+
+
+def _fail(message: str) -> None:
+    """The one `error:` line and exit status 2."""
+    _close_bars()
     click.echo(f"error: {message}", err=True)
     sys.exit(2)
+
+
+def _stdout_is_full() -> bool:
+    """Whether standard output is what ran out of space: its buffer still cannot be written, or it is a file on
+    a full file system, or /dev/full."""
+    try:
+        sys.stdout.flush()
+        st = os.fstat(sys.stdout.fileno())
+        if stat.S_ISCHR(st.st_mode):
+            return (os.major(st.st_rdev), os.minor(st.st_rdev)) == (1, 7)
+        return stat.S_ISREG(st.st_mode) and os.fstatvfs(sys.stdout.fileno()).f_bavail == 0
+    except OSError:
+        return True
+    except (AttributeError, ValueError):  # no file behind it
+        return False
+
+
+class _Stopped(BaseException):
+    """SIGTERM or SIGHUP (a scheduler's or torchrun's stop, a closed terminal), raised where the main thread is,
+    so that temp folders are removed and open files closed as after Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_cleanly() -> dict:
+    """Install the SIGTERM / SIGHUP handlers; returns the handlers they replaced."""
+    main_pid = os.getpid()
+
+    def handler(signum, _frame):
+        if os.getpid() != main_pid:  # a forked worker (data loading) ends as the signal means
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise _Stopped(signum)
+
+    replaced = {}
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(s) == signal.SIG_DFL:  # not one a caller set up (a test runner, an embedding app)
+                replaced[s] = signal.signal(s, handler)
+    return replaced
 
 
 def _clean_errors(fn):
@@ -42,6 +93,9 @@ def _clean_errors(fn):
             _fail(str(e))
         except OSError as e:
             if e.errno == 28:  # ENOSPC: writes are atomic, so nothing half-written is left marked done
+                if not e.filename and _stdout_is_full():
+                    _fail("standard output is on a full disk: what this command printed is lost (the files it "
+                          "wrote are complete)")
                 where = f" while writing {e.filename}" if e.filename else ""
                 _fail(f"disk full{where}: no space left on device")
             said = _PATH_ERRORS.get(type(e)) or _PATH_ERRNOS.get(e.errno)
@@ -72,17 +126,30 @@ class _Group(click.Group):
             sys.exit(2)
         for arg in sys.argv[1:] if args is None else args:
             if not _is_utf8(arg):  # bytes that are not UTF-8: onnxruntime and sentencepiece cannot open such paths
-                said = os.fsencode(arg).decode("utf-8", "backslashreplace")
-                click.echo(f"error: argument '{said}' is not UTF-8 text: paths and prompts must be (ExecuTorch, "
-                           "onnxruntime and SentencePiece open UTF-8 paths only)", err=True)
+                raw = os.fsencode(arg)
+                said = raw.decode("utf-8", "backslashreplace")
+                if _is_utf8(raw.decode("utf-8", "surrogateescape")):  # UTF-8 indeed: the locale reads it otherwise
+                    click.echo(f"error: argument '{said}' cannot be read in this locale (its file-name encoding is "
+                               f"{sys.getfilesystemencoding()}): set LC_ALL=C.UTF-8, or PYTHONUTF8=1", err=True)
+                else:
+                    click.echo(f"error: argument '{said}' is not UTF-8 text: paths and prompts must be (ExecuTorch, "
+                               "onnxruntime and SentencePiece open UTF-8 paths only)", err=True)
                 sys.exit(2)
+        replaced = _stop_cleanly()
         try:
             return self._main(args, prog_name, complete_var, **extra)
         except OSError as e:  # --help or --version into a full disk (a command's own output: _clean_errors)
             if e.errno != errno.ENOSPC:
                 raise
-            click.echo("error: disk full: no space left on device", err=True)
+            click.echo("error: standard output is on a full disk: what this command printed is lost", err=True)
             sys.exit(2)
+        except _Stopped as e:
+            _close_bars()
+            click.echo(f"stopped by {signal.Signals(e.signum).name}", err=True)
+            sys.exit(128 + e.signum)
+        finally:
+            for s, handler in replaced.items():
+                signal.signal(s, handler)
 
     def _main(self, args, prog_name, complete_var, **extra):
         try:
@@ -98,6 +165,7 @@ class _Group(click.Group):
             click.echo(f"error: {e.format_message()}", err=True)
             sys.exit(e.exit_code)
         except click.Abort:
+            _close_bars()
             click.echo("aborted", err=True)
             sys.exit(1)
 
@@ -247,7 +315,8 @@ def teacher_cache(config_path, teacher, student, data, image_folder, output_dir,
     if summary.get("teacher_cache"):  # rank 0 (under torchrun the other ranks print nothing)
         click.echo(f"teacher cache {summary['teacher_cache']}: {summary['samples']} samples ({summary['computed_now']} "
                    f"computed now), {summary['kd_positions']} KD positions, k = {summary['k']}, {summary['bytes']} bytes "
-                   f"= {summary['bytes_per_kd_position']} bytes per KD position; {summary['samples_per_s']} samples/s",
+                   f"= {summary['bytes_per_kd_position']} bytes per KD position"
+                   + (f"; {summary['samples_per_s']} samples/s" if summary["samples_per_s"] is not None else ""),
                    err=True)
         click.echo(json.dumps(summary, indent=2))
 

@@ -65,7 +65,9 @@ def test_a_full_or_closed_standard_output_is_one_error_line():
     for args in (["train-keys"], ["info", "tiny-student", "--json"], ["--help"], ["--version"], ["export", "--help"]):
         with open("/dev/full", "w") as full:
             r = subprocess.run([cli, *args], stdout=full, stderr=subprocess.PIPE, text=True)
-        assert r.returncode == 2 and r.stderr == "error: disk full: no space left on device\n", (args, r.stderr)
+        assert r.returncode == 2 and r.stderr.startswith("error: standard output is on a full disk: what this "
+                                                         "command printed is lost"), (args, r.stderr)
+        assert len(r.stderr.splitlines()) == 1, r.stderr
         r = subprocess.run([cli, *args], stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1))
         assert r.returncode == 2 and r.stderr.startswith("error: standard output is closed"), (args, r.stderr)
 
@@ -78,6 +80,11 @@ def test_an_argument_that_is_not_utf8_is_one_error_line(tmp_path):
     assert r.returncode == 2, r.stderr
     assert r.stderr.decode() == (f"error: argument '{tmp_path}/\\xfaout' is not UTF-8 text: paths and prompts must be "
                                  "(ExecuTorch, onnxruntime and SentencePiece open UTF-8 paths only)\n")
+    # UTF-8 indeed, in a locale whose file names are ASCII: the locale is named, not the argument
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    r = subprocess.run([cli, "info", "bündle"], capture_output=True, env=env)
+    assert r.returncode == 2 and r.stderr.decode().startswith("error: argument 'bündle' cannot be read in this locale "
+                                                              "(its file-name encoding is ascii): set LC_ALL=C.UTF-8"), r.stderr
 
 
 def test_an_error_during_a_progress_bar_starts_its_own_line(capsys):
@@ -97,3 +104,24 @@ def test_an_error_during_a_progress_bar_starts_its_own_line(capsys):
         command()
     err = capsys.readouterr().err
     assert e.value.code == 2 and "\nerror: shard-00001 is cut short\n" in err, repr(err)
+
+
+def test_ctrl_c_during_a_progress_bar_leaves_aborted_as_the_last_line():
+    """The bar Ctrl-C interrupted used to be closed when it was collected, after `aborted`: its redraw (at 51 %,
+    or 100 %) was the last thing on the terminal."""
+    script = """
+import sys, click
+from tqdm import tqdm
+from alignkd.cli import main
+
+@main.command("interrupted")
+def interrupted():
+    bar = tqdm(total=4, desc="teacher cache", mininterval=0)
+    bar.update(1)
+    raise KeyboardInterrupt
+
+sys.argv = ["alignkd-mobile", "interrupted"]
+main()
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.endswith("\naborted\n"), repr(r.stderr)

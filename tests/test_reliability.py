@@ -340,6 +340,7 @@ import os, signal, sys
 import alignkd.fileio as fileio
 import alignkd.model.checkpoint as checkpoint
 marker = os.environ["ALIGNKD_TEST_KILL_AT"]
+sig = getattr(signal, os.environ.get("ALIGNKD_TEST_SIGNAL", "SIGKILL"))
 real = checkpoint.save_file
 def save_file(tensors, filename, metadata=None):  # kill -9 halfway through writing the marked file
     if marker in str(filename):
@@ -349,19 +350,25 @@ def save_file(tensors, filename, metadata=None):  # kill -9 halfway through writ
     return real(tensors, filename, metadata=metadata)
 checkpoint.save_file = save_file
 real_publish = fileio.publish_dir
-def publish_dir(tmp, final, merge=False):  # kill -9 with the new folder complete but not yet in place
+def publish_dir(tmp, final, merge=False):  # kill -9 (or sig) with the new folder complete but not yet in place
     if os.path.basename(str(final)) == marker:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), sig)
     return real_publish(tmp, final, merge)
 fileio.publish_dir = publish_dir
+real_stage_publish = fileio.StagedDir.publish
+def stage_publish(self, merge=False):  # the same moment, for a folder published without --overwrite
+    if self.final.name == marker:
+        os.kill(os.getpid(), sig)
+    return real_stage_publish(self, merge)
+fileio.StagedDir.publish = stage_publish
 from alignkd.cli import main
 sys.argv = ["alignkd-mobile", *sys.argv[1:]]
 main()
 """
 
 
-def killed_cli(marker: str, *args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ALIGNKD_TEST_KILL_AT": marker, "OMP_NUM_THREADS": "1"}
+def killed_cli(marker: str, *args, sig: str = "SIGKILL") -> subprocess.CompletedProcess:
+    env = {**os.environ, "ALIGNKD_TEST_KILL_AT": marker, "ALIGNKD_TEST_SIGNAL": sig, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-c", KILLER, *map(str, args)], capture_output=True, text=True, env=env,
                           timeout=600)
 
@@ -395,6 +402,17 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_and_resumes_exactly(w
     assert re.search(r"resum\w* .*step 2", r.stderr + r.stdout), (r.stderr + r.stdout)[-2000:]
     assert _losses(out) == _losses(whole_run)  # as if never killed
     assert not [p for p in out.rglob(".*tmp-*")]  # the dead writer's temp folder is gone
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_during_an_export_removes_its_temp_folder_and_says_so(ckpt, tmp_path, sig):
+    """SIGTERM (a scheduler, torchrun) and SIGHUP (a closed terminal) ended the process where it stood, silently,
+    leaving a bundle's worth of `.bundle.tmp-*` folder until a later export into the same name."""
+    r = killed_cli("bundle", "export", ckpt, "--target", "desktop", "--format", "gguf", "--quant", "fp32",
+                   "--output-dir", tmp_path / "bundle", sig=sig)
+    assert r.returncode == 128 + getattr(signal, sig), r.stderr[-2000:]
+    assert r.stderr.splitlines()[-1] == f"stopped by {sig}" and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []  # no bundle, no temp folder
 
 
 def test_resuming_into_another_runs_folder_is_refused_naming_what_differs(data, ckpt, whole_run, tmp_path):
