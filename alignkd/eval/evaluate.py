@@ -42,7 +42,7 @@ def evaluate(checkpoints: Sequence[str], benches: Sequence[str], data_root: str 
     digests = [_check_answers_folder(out / "answers" / n, c, max_new_tokens) for n, c in zip(names, checkpoints)]
     loaded = {b: _load(get_benchmark(b), data_root, limit, log) for b in benches}
     # answers to questions --limit left out are told apart from unknown ones (all questions read only then)
-    everything = {b: functools.partial(_all_ids, get_benchmark(b), data_root) for b in benches}
+    everything = {b: functools.cache(functools.partial(_all_ids, get_benchmark(b), data_root)) for b in benches}
     created = not out.exists()
     try:
         results = _answer_and_score(names, list(checkpoints), digests, tokenizers, loaded, out,
@@ -60,8 +60,7 @@ def evaluate(checkpoints: Sequence[str], benches: Sequence[str], data_root: str 
 
 
 def _answer_and_score(names: list[str], checkpoints: list[str], digests: list[str], tokenizers: list, loaded: dict,
-                      out: Path,
-                      answers: list[Path], batch_size: int, max_new_tokens: int, progress: bool, log,
+                      out: Path, answers: list[Path], batch_size: int, max_new_tokens: int, progress: bool, log,
                       everything: dict) -> dict:
     """{run name: {benchmark: metrics}}: each checkpoint answers each benchmark (resuming its answer file), or
     an answer file is read; then scored."""
@@ -142,7 +141,8 @@ def _check_answers_folder(folder: Path, ckpt: str, max_new_tokens: int) -> str:
     stamp = _stamp(folder)
     if stamp is None or not any(folder.glob("*.jsonl")):
         return digest
-    if stamp.get("weights_digest") != digest and stamp.get("checkpoint") != str(Path(ckpt).resolve()):
+    made_by = stamp.get("checkpoint")  # (stamps before this version hold the path as it was given)
+    if stamp.get("weights_digest") != digest and not (isinstance(made_by, str) and _same_path(made_by, ckpt)):
         raise DataError(f"{folder} holds the answers of another checkpoint ({shown(stamp.get('checkpoint'))}, also "
                         "named by its folder): name another --output-dir, or remove that folder to answer again")
     made = stamp.get("max_new_tokens")
@@ -150,6 +150,13 @@ def _check_answers_folder(folder: Path, ckpt: str, max_new_tokens: int) -> str:
         raise DataError(f"{folder} holds answers made with --max-new-tokens {shown(made)}, this eval asks "
                         f"{max_new_tokens}: give {shown(made)} to resume them, or name another --output-dir")
     return digest
+
+
+def _same_path(a: str, b: str) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, RuntimeError, ValueError):  # a link loop, a NUL byte
+        return False
 
 
 def _claim_answers(folder: Path, ckpt: str, digest: str, max_new_tokens: int, log) -> None:

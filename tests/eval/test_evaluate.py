@@ -4,6 +4,7 @@ answer files without a model, and refuses bad requests with one `error:` line be
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -213,6 +214,10 @@ def test_a_checkpoint_retrained_in_place_is_never_scored_with_the_previous_answe
     fresh = evaluate([str(ckpt)], ["easyvqa"], None, tmp_path / "fresh", **kw)
     assert again == fresh
     assert "zzz" not in answers.read_text()
+    # a stamp of an earlier version holds the path as given (relative): still this folder, retrained
+    stamp = answers.parent / "model.json"
+    stamp.write_text(json.dumps({"checkpoint": os.path.relpath(ckpt), "weights_digest": "an earlier model's"}))
+    assert evaluate([str(ckpt)], ["easyvqa"], None, tmp_path / "out", **kw) == fresh
 
 
 def test_answers_beyond_limit_are_not_unknown_questions(two_checkpoints, tmp_path):
