@@ -24,7 +24,7 @@ from pathlib import Path
 
 import click
 
-from alignkd.errors import AlignKDError, ConfigError, DataError
+from alignkd.errors import AlignKDError, ConfigError, DataError, shown
 from alignkd.export.base import check_threads
 from alignkd.export.bundle import DEVICE_DIR, read_manifest
 from alignkd.export.parity import PARITY_QUESTION, parity_image
@@ -150,8 +150,7 @@ def bench_adb(bundles: list[str], serial: str | None = None, n_runs: int = 3, ma
             raise DataError(f"adb {' '.join(cmd)} failed: {(r.stderr or r.stdout).strip()}")
         return r.stdout
 
-    rows = []
-    for b in bundles:
+    def phone_rows(b: str) -> list[dict]:
         name = Path(b).name
         remote_bundle = f"{DEVICE_DIR}/{name}"
         out_name = f"bench-{name}.json"
@@ -168,14 +167,31 @@ def bench_adb(bundles: list[str], serial: str | None = None, n_runs: int = 3, ma
             if time.monotonic() > deadline:
                 raise DataError(f"the app wrote no {out_name} within {timeout_s:.0f} s (is the bundle pushed to {remote_bundle}?)")
             time.sleep(2)
-        data = json.loads(r.stdout)
+        try:
+            data = json.loads(r.stdout)
+        except ValueError:
+            raise DataError(f"the app's {out_name} is not JSON") from None
+        rows = []
         for row in data if isinstance(data, list) else [data]:
+            if not isinstance(row, dict):
+                raise DataError(f"the app's {out_name} holds {shown(row)}, not a row")
             if "error" in row:
                 raise DataError(f"the app's benchmark of {remote_bundle} failed: {row['error']}")
             missing = [f for f in FIELDS if f not in row]
             if missing:
-                raise DataError(f"the app's {out_name} lacks field(s) {missing}: is the app older than this alignkd?")
+                raise DataError(f"the app's {out_name} lacks field(s) {', '.join(missing)}: is the app older than this alignkd?")
             rows.append({**row, "device": f"adb:{serial or 'default'}"})
+        return rows
+
+    rows, failed = [], []
+    for b in bundles:  # a failing bundle does not throw away the rows of those measured before it
+        try:
+            rows += phone_rows(b)
+        except DataError as e:
+            failed.append(f"{b} ({e})")
+    if failed:
+        kept = f"; the {len(rows)} measured row(s) are written" if rows else ""
+        raise SomeFailed(f"benchmark of {'; '.join(failed)} failed{kept}", rows)
     return rows
 
 

@@ -521,17 +521,18 @@ def bench(bundles, device, n_runs, threads, max_new_tokens, accuracy_limit, outp
     check_options(n_runs, threads, max_new_tokens, accuracy_limit)
     check_output_dir(output_dir)  # before the runs, not after them
     if device == "host":
-        try:
-            rows = bench_host(list(bundles), n_runs, threads, max_new_tokens, accuracy_limit, log=click.echo)
-        except SomeFailed as e:
-            if e.rows:
-                click.echo(render_table(e.rows))
-                click.echo("wrote " + ", ".join(str(p) for p in write_outputs(e.rows, output_dir).values()))
-            raise
+        measure = functools.partial(bench_host, list(bundles), n_runs, threads, max_new_tokens, accuracy_limit)
     elif device == "adb" or device.startswith("adb:"):
-        rows = bench_adb(list(bundles), device.partition(":")[2] or None, n_runs, max_new_tokens, log=click.echo)
+        measure = functools.partial(bench_adb, list(bundles), device.partition(":")[2] or None, n_runs, max_new_tokens)
     else:
         raise ConfigError(f"--device must be host or adb[:SERIAL], got {device!r}")
+    try:
+        rows = measure(log=click.echo)
+    except SomeFailed as e:
+        if e.rows:
+            click.echo(render_table(e.rows))
+            click.echo("wrote " + ", ".join(str(p) for p in write_outputs(e.rows, output_dir).values()))
+        raise
     click.echo(render_table(rows))
     paths = write_outputs(rows, output_dir)
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -490,6 +490,31 @@ def test_push_and_adb_bench_with_a_fake_adb(bundle, tmp_path):
     assert "-s ZX1 shell am start -W -n org.alignkd.demo/.BenchmarkActivity --es bundle /data/local/tmp/alignkd/bundle" in calls
 
 
+def test_a_bundle_failing_on_the_phone_keeps_the_rows_measured_before_it(bundle, tmp_path):
+    row = {"bundle": "bundle", "format": "pte", "quant": "8da4w", "n_runs": 3, "load_s": 0.5, "image_encode_s": 0.2,
+           "ttft_s": 0.6, "ttft_warm_s": 0.1, "prefill_tok_s": 400.0, "decode_tok_s": 30.0, "peak_rss_mb": 900.0}
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "adb").write_text(f"""#!/bin/sh
+case "$*" in
+  *get-state*) echo device ;;
+  *"cat files/bench-other.json"*) echo '{{"error": "the app ran out of memory"}}' ;;
+  *"exec-out run-as"*) echo '{json.dumps(row)}' ;;
+esac
+exit 0
+""")
+    (bin_dir / "adb").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    out = tmp_path / "benchout"
+    r = subprocess.run([CLI, "bench", str(bundle), str(tmp_path / "other"), "--device", "adb", "--output-dir", str(out)],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "other (the app's benchmark of /data/local/tmp/alignkd/other failed: the app ran out " \
+        "of memory) failed; the 1 measured row(s) are written" in errors[0], r.stderr
+    assert json.loads((out / "bench.json").read_text())["rows"] == [{**row, "device": "adb:default"}]
+
+
 def test_push_without_adb_is_one_clear_error(bundle, tmp_path):
     from alignkd.export.exporter import push_bundle
 
