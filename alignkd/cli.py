@@ -151,6 +151,10 @@ class _Group(click.Group):
             for s, handler in replaced.items():
                 signal.signal(s, handler)
 
+    def format_commands(self, ctx, formatter) -> None:
+        """The group's docstring lists the commands in workflow order, each whole; click's own list would
+        repeat them alphabetically, cut short."""
+
     def _main(self, args, prog_name, complete_var, **extra):
         try:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
@@ -218,12 +222,14 @@ def info(preset_or_dir: str, as_json: bool) -> None:
               "are then its keys (alignkd-mobile train-keys --demo).")
 @click.option("--config", "config_path", help="YAML config (see configs/): a training config, or the demo's with "
               "--demo.")
-@click.option("--method", type=click.Choice(["alignkd", "baseline", "logit-kd"]), help="What to train.")
-@click.option("--teacher", help="Teacher mtgv checkpoint directory (MobileVLM_V2-7B).")
+@click.option("--method", type=click.Choice(["alignkd", "baseline", "logit-kd"]),
+              help="What to train (default: the config's, else alignkd).")
+@click.option("--teacher", help="Teacher mtgv checkpoint directory (MobileVLM_V2-7B) or preset.")
 @click.option("--student", help="Student mtgv checkpoint directory (MobileVLM_V2-1.7B) or preset.")
 @click.option("--data", help="LLaVA-format JSON (or 'easyvqa'): data.path.")
 @click.option("--image-folder", help="Folder the JSON's image paths are relative to: data.image_folder.")
-@click.option("--output-dir", help="Output directory.")
+@click.option("--output-dir", help="Where the trained student, metrics, plots and checkpoints go (default: the "
+              "config's output_dir, else runs/train; the demo: runs/easyvqa).")
 @click.argument("overrides", nargs=-1)
 @_clean_errors
 def train(demo, config_path, method, teacher, student, data, image_folder, output_dir, overrides) -> None:
@@ -279,11 +285,11 @@ def train(demo, config_path, method, teacher, student, data, image_folder, outpu
 
 @main.command("teacher-cache")
 @click.option("--config", "config_path", help="The training config (YAML) the cache is for.")
-@click.option("--teacher", help="Teacher mtgv checkpoint directory (MobileVLM_V2-7B).")
+@click.option("--teacher", help="Teacher mtgv checkpoint directory (MobileVLM_V2-7B) or preset.")
 @click.option("--student", help="Student mtgv checkpoint directory or preset (its tokenizer and image preprocessing).")
 @click.option("--data", help="LLaVA-format JSON (or 'easyvqa'): data.path.")
 @click.option("--image-folder", help="Folder the JSON's image paths are relative to: data.image_folder.")
-@click.option("--output-dir", help="The cache folder: teacher_cache.")
+@click.option("--output-dir", help="The cache folder (= teacher_cache; needed here or in the config).")
 @click.option("--overwrite", is_flag=True, help="Replace a cache in the folder that was made for another run "
               "(another teacher, k, temperature, KD positions or template) instead of refusing it.")
 @click.argument("overrides", nargs=-1)
@@ -333,10 +339,12 @@ def teacher_cache(config_path, teacher, student, data, image_folder, output_dir,
 @click.option("--output-dir", default="runs/eval", show_default=True, help="Answers (JSON lines) and the report.")
 @click.option("--limit", type=int, help="Score only N questions of each benchmark: the first N (easy-vqa: a "
               "seeded random N, as the demo scores). For smoke runs.")
-@click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--max-new-tokens", type=int, default=16, show_default=True)
-@click.option("--distilled", help="Run (checkpoint directory or answer file name) to compare against --baseline.")
-@click.option("--baseline", help="Undistilled run (checkpoint directory or answer file name).")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Questions decoded together.")
+@click.option("--max-new-tokens", type=int, default=16, show_default=True,
+              help="Longest answer, in tokens (a resumed eval must keep it).")
+@click.option("--distilled", help="The distilled run, compared against --baseline: its name (the checkpoint folder's "
+              "name, e.g. alignkd, or the answer file's without .jsonl) or its checkpoint path.")
+@click.option("--baseline", help="The undistilled run, named as --distilled.")
 @_clean_errors
 def eval_cmd(checkpoints, benches, data_root, answer_files, output_dir, limit, batch_size, max_new_tokens, distilled,
              baseline) -> None:
@@ -460,11 +468,11 @@ def export(checkpoint, target, formats, quants, output_dir, overwrite, max_seq_l
 @click.option("--prompt", "prompts", required=True, multiple=True, help="The question; repeat it for follow-up "
               "questions about the same image (their image tokens come from the image-token cache).")
 @click.option("--format", "fmt", help="Artifact format in the bundle (default: the first).")
-@click.option("--quant", help="Artifact quantization in the bundle.")
+@click.option("--quant", help="Artifact quantization in the bundle (default: the first of that format).")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True, help="At least 1.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="In (0, 1].")
-@click.option("--threads", type=int, default=2, show_default=True, help="At least 1.")
+@click.option("--threads", type=int, default=2, show_default=True, help="Runtime threads (1 to 256).")
 @click.option("--short-answer", is_flag=True, help="Add the short-answer instruction (\"Answer the question using "
               "a single word or phrase.\") on a new line, as eval asks and the easy-vqa demo trains.")
 @_clean_errors
@@ -503,11 +511,13 @@ def run(bundle, image, prompts, fmt, quant, max_new_tokens, temperature, top_p, 
 @click.option("--device", default="host", show_default=True, help="host, or adb[:SERIAL] for a phone.")
 @click.option("--n-runs", type=int, default=3, show_default=True, help="Measured runs per artifact (at least 1).")
 @click.option("--threads", type=int, default=2, show_default=True,
-              help="Runtime threads on the host (the app uses ExecuTorch's default).")
-@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+              help="Runtime threads on the host, 1 to 256 (the app uses ExecuTorch's default).")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True,
+              help="Tokens decoded per run, EOS ignored (as llama-bench), so every run times as many decode steps.")
 @click.option("--accuracy-limit", type=int, default=100, show_default=True,
               help="easy-vqa held-out questions scored per artifact through the emulator (0 = skip; host).")
-@click.option("--output-dir", default="runs/bench", show_default=True)
+@click.option("--output-dir", default="runs/bench", show_default=True, help="Where bench.png, bench.json and "
+              "bench.md go.")
 @_clean_errors
 def bench(bundles, device, n_runs, threads, max_new_tokens, accuracy_limit, output_dir) -> None:
     """Latency and accuracy of BUNDLES side by side (e.g. the distilled and the baseline student):

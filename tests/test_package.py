@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -125,3 +126,13 @@ main()
 """
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.endswith("\naborted\n"), repr(r.stderr)
+
+
+def test_the_main_help_lists_every_command_once():
+    from click.testing import CliRunner
+
+    from alignkd.cli import main
+
+    text = CliRunner().invoke(main, ["--help"]).output
+    listed = re.findall(r"^  ([a-z][a-z-]*) {2,}", text, flags=re.M)
+    assert sorted(listed) == sorted(main.commands), text  # click's own (alphabetical, cut short) list is not repeated

@@ -291,7 +291,7 @@ class AlignKDLossConfig:
     """"text" (answer tokens), "tokens" (every real token) or "all" (release). None: "text" for the
     paper variant, "all" for release."""
     top_k: int = 16
-    """Number of focus vision tokens for V-focus (paper and release: 16)."""
+    """Number of focus vision tokens for V-focus (paper and release: 16); not the KD's k (loss.kd_topk)."""
     variant: str = "paper"
     """"paper" (the method as published) or "release" (fqhank/Align-KD's computation, for ablation)."""
     kd_topk: int | None = None

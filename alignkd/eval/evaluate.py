@@ -37,6 +37,8 @@ def evaluate(checkpoints: Sequence[str], benches: Sequence[str], data_root: str 
     """
     names = _check_request(list(checkpoints), list(benches), data_root, limit, batch_size, max_new_tokens,
                            distilled, baseline, [Path(a) for a in answers])
+    sources = [*answers, *checkpoints]
+    distilled, baseline = (None if n is None else _run_name(n, names, sources) for n in (distilled, baseline))
     tokenizers = [_matching_tokenizer(c) for c in checkpoints]
     out = Path(out_dir)
     digests = [_check_answers_folder(out / "answers" / n, c, max_new_tokens) for n, c in zip(names, checkpoints)]
@@ -119,9 +121,16 @@ def _check_request(checkpoints: list[str], benches: list[str], data_root: str | 
     if (distilled is None) != (baseline is None):
         raise ConfigError("name both --distilled and --baseline, or neither")
     for flag, n in (("--distilled", distilled), ("--baseline", baseline)):
-        if n is not None and n not in names:
+        if n is not None and _run_name(n, names, [*answers, *checkpoints]) is None:
             raise ConfigError(f"{flag} {n!r} is not one of the runs: {', '.join(names)}")
     return names
+
+
+def _run_name(given: str, names: list[str], sources: list) -> str | None:
+    """The run --distilled / --baseline names: by its name, or by its checkpoint or answer file's path."""
+    if given in names:
+        return given
+    return next((n for n, src in zip(names, sources) if _same_path(given, str(src))), None)
 
 
 def _stamp(folder: Path) -> dict | None:

@@ -249,3 +249,11 @@ def test_answers_of_another_checkpoint_or_length_are_kept_and_the_eval_refused(t
     with pytest.raises(DataError, match="answers made with --max-new-tokens 3, this eval asks 1: give 3 to resume"):
         evaluate([str(a)], ["easyvqa"], None, tmp_path / "out", **{**kw, "max_new_tokens": 1, "limit": 8})  # mixed
     assert answers.read_bytes() == before
+
+
+def test_distilled_and_baseline_may_be_named_by_their_checkpoint_paths(two_checkpoints, tmp_path):
+    ckpts = [str(two_checkpoints / "alignkd"), str(two_checkpoints / "baseline")]
+    evaluate(ckpts, ["easyvqa"], None, tmp_path / "a", limit=2, batch_size=4, max_new_tokens=2, distilled=ckpts[0],
+             baseline=ckpts[1], **QUIET)  # was: "--distilled '.../alignkd' is not one of the runs: alignkd, baseline"
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert (report["difference"]["distilled"], report["difference"]["baseline"]) == ("alignkd", "baseline")
