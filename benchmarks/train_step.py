@@ -26,7 +26,7 @@ AdamW (as users train). Prints a table (time, tokens/s, MFU, peak memory) with r
 and writes JSON. --rounds R > 1 builds every kind first and then times them in R interleaved rounds (all
 models in memory at once: tiny presets, or a GPU that holds them), ratios the median of the per-round
 ratios; the default times one kind after the other, freeing each before the next. The measured numbers
-are in the README (Results) and DESIGN.md §2.
+are in the README (Results).
 """
 
 from __future__ import annotations
