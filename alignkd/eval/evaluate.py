@@ -117,7 +117,9 @@ def _check_request(checkpoints: list[str], benches: list[str], data_root: str | 
                             + (f"; {rows.n_bad_lines} line(s) are not" if rows.n_bad_lines else "; it is empty") + ")")
     names = [Path(a).stem for a in answers] or [Path(c).name or str(c) for c in checkpoints]
     if len(set(names)) != len(names):
-        raise ConfigError(f"the runs need different names (checkpoint directory or answer file names): {names}")
+        raise ConfigError("the runs need different names (the checkpoint folders' or answer files' names): "
+                          + ", ".join(sorted({n for n in names if names.count(n) > 1})) + " is given twice; evaluate "
+                          "them in two commands with two --output-dir")
     if (distilled is None) != (baseline is None):
         raise ConfigError("name both --distilled and --baseline, or neither")
     for flag, n in (("--distilled", distilled), ("--baseline", baseline)):

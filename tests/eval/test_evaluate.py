@@ -121,7 +121,7 @@ def test_our_answer_file_scores_the_same_through_answers(two_checkpoints, assets
     ({"benches": []}, "--bench names no benchmark"),
     ({"distilled": "nope", "baseline": "b"}, "--distilled 'nope' is not one of the runs: a, b"),
     ({"distilled": "a"}, "name both --distilled and --baseline"),
-    ({"checkpoints": ["x/a", "y/a"]}, "the runs need different names"),
+    ({"checkpoints": ["x/a", "y/a"]}, "the runs need different names .*: a is given twice"),
     ({"checkpoints": []}, "nothing to evaluate"),
 ])
 def test_bad_requests_fail_before_anything_loads(tmp_path, no_model, kwargs, message):
