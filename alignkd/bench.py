@@ -109,6 +109,14 @@ class SomeFailed(DataError):
         self.rows = rows
 
 
+def _all_or_some(rows: list[dict], failed: list[str]) -> list[dict]:
+    """The rows, or SomeFailed naming each failure and carrying the rows measured before it."""
+    if failed:
+        kept = f"; the {len(rows)} measured row(s) are written" if rows else ""
+        raise SomeFailed(f"benchmark of {'; '.join(failed)} failed{kept}", rows)
+    return rows
+
+
 def bench_host(bundles: list[str], n_runs: int = 3, threads: int = 2, max_new_tokens: int = 32,
                accuracy_limit: int = 0, log=print) -> list[dict]:
     check_options(n_runs, threads, max_new_tokens, accuracy_limit)
@@ -129,10 +137,7 @@ def bench_host(bundles: list[str], n_runs: int = 3, threads: int = 2, max_new_to
             lines = r.stderr.strip().splitlines()
             why = lines[-1].removeprefix("error: ") if lines else f"the worker exited with status {r.returncode}"
             failed.append(f"{b} {art['format']}/{art['quant']} ({why})")
-    if failed:
-        kept = f"; the {len(rows)} measured row(s) are written" if rows else ""
-        raise SomeFailed(f"benchmark of {'; '.join(failed)} failed{kept}", rows)
-    return rows
+    return _all_or_some(rows, failed)
 
 
 def bench_adb(bundles: list[str], serial: str | None = None, n_runs: int = 3, max_new_tokens: int = 32,
@@ -189,10 +194,7 @@ def bench_adb(bundles: list[str], serial: str | None = None, n_runs: int = 3, ma
             rows += phone_rows(b)
         except DataError as e:
             failed.append(f"{b} ({e})")
-    if failed:
-        kept = f"; the {len(rows)} measured row(s) are written" if rows else ""
-        raise SomeFailed(f"benchmark of {'; '.join(failed)} failed{kept}", rows)
-    return rows
+    return _all_or_some(rows, failed)
 
 
 def render_table(rows: list[dict]) -> str:
