@@ -197,3 +197,14 @@ def test_vision_feature_memo_gives_the_same_steps_and_computes_each_image_once(t
     for a, b in zip(*rows, strict=True):
         for k in ("ce", "kd", "att", "v_all", "v_focus", "total", "grad_norm"):
             assert a[k] == pytest.approx(b[k], rel=1e-5), k
+
+
+def test_a_run_without_matplotlib_ends_complete_with_one_warning(tmp_path, small_run, capsys, monkeypatch):
+    # a GPU image built by hand may lack the plotting package: the trained student must not end in a traceback
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib.figure", None)  # import fails
+    out = tmp_path / "run"
+    train(small_run(output_dir=str(out)))
+    assert (out / "model.safetensors").is_file() and (out / "train" / "summary.json").is_file()
+    assert not (out / "train" / "loss_curve.png").exists()
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"warning: matplotlib is not installed: {out / 'train' / 'loss_curve.png'} is not drawn")

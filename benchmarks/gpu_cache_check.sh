@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The teacher cache on a GPU, in one run (issue #15's device check):
+#   1. the real-shape step row: plain / online Align-KD / cached Align-KD, eager and compiled (goal lines printed);
+#   2. `teacher-cache` on CUDA (bf16) against the same build on the CPU (fp32), tiny presets, easy-vqa:
+#      top-1 agreement, top-k overlap and the largest log-prob difference per KD position;
+#   3. `train` on CUDA, same seed: online Align-KD, from the CUDA-built cache (k = 32), and from a cache of every
+#      token (k = the vocabulary: online KD up to the cache's float16 log-probs, ~5e-4 relative on a CPU): the
+#      loss terms side by side.
+#
+#   bash benchmarks/gpu_cache_check.sh OUT_DIR    # needs easy_vqa importable (PYTHONPATH) for 2 and 3
+#   TINY=1 bash benchmarks/gpu_cache_check.sh OUT_DIR    # 1 at tiny presets: a dry run of the script on a CPU
+# On the device machine (no network, no install; its image has torch and transformers, not easy_vqa or matplotlib):
+#   mkdir -p runs/gpu_deps && cp -r .venv/lib/python3.*/site-packages/easy_vqa runs/gpu_deps/    # here, 22 MB
+#   PYTHONPATH=.:runs/gpu_deps bash benchmarks/gpu_cache_check.sh $OUT                           # there, carry runs/gpu_deps
+set -uo pipefail
+py=${PYTHON:-python3}
+out=${1:?usage: gpu_cache_check.sh OUT_DIR}
+mkdir -p "$out"
+export PYTHONPATH=${PYTHONPATH:-.}
+$py -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__,
+'| device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+$py -c "import easy_vqa" 2>/dev/null || echo "easy_vqa is not importable: steps 2 and 3 will fail (see the header)"
+
+echo "== 1. train_step at real shapes =="
+size=(); [ -n "${TINY:-}" ] && size=(--tiny)
+$py benchmarks/train_step.py "${size[@]}" --kinds plain,alignkd,cached,plain+compile,alignkd+compile,cached+compile \
+  --cache-k 32 --json "$out/train_step_gpu.json" || echo "train_step failed (exit $?)"
+
+echo "== 2. teacher-cache: CUDA bf16 against CPU fp32 (tiny presets, easy-vqa) =="
+args=(method=alignkd teacher=tiny-teacher batch_size=16 data.limit=256 progress=false seed=0)
+t0=$SECONDS
+$py -m alignkd.cli teacher-cache --output-dir "$out/cache-cuda" "${args[@]}" > "$out/cache-cuda.log" 2>&1 \
+  || { echo "cuda build failed:"; tail -5 "$out/cache-cuda.log"; }
+echo "cuda build: $((SECONDS - t0)) s wall"
+CUDA_VISIBLE_DEVICES= $py -m alignkd.cli teacher-cache --output-dir "$out/cache-cpu" "${args[@]}" \
+  > "$out/cache-cpu.log" 2>&1 || { echo "cpu build failed:"; tail -5 "$out/cache-cpu.log"; }
+$py - "$out" <<'PY'
+import json, sys
+from pathlib import Path
+from alignkd.train.teacher_cache import CacheSpec, TeacherCache
+out = Path(sys.argv[1])
+spec = CacheSpec(**json.loads((out / "cache-cpu/cache.json").read_text())["spec"])
+cpu, gpu = TeacherCache(out / "cache-cpu", spec), TeacherCache(out / "cache-cuda", spec)
+assert set(cpu) == set(gpu), "the two caches hold other samples"
+rows = top1 = 0; overlap = worst = 0.0
+for key in cpu:
+    (lc, ic), (lg, ig) = cpu.lookup(key), gpu.lookup(key)  # (R, k) each
+    rows += len(ic); top1 += int((ic[:, 0] == ig[:, 0]).sum())
+    for a, b, la, lb in zip(ic.tolist(), ig.tolist(), lc, lg):
+        overlap += len(set(a) & set(b)) / len(a)
+        common = {t: i for i, t in enumerate(b)}
+        worst = max([worst] + [abs(float(la[i]) - float(lb[common[t]])) for i, t in enumerate(a) if t in common])
+print(f"{len(cpu)} samples, {rows} KD positions, k = {spec.k}: top-1 same {top1 / rows:.4f}, "
+      f"top-k overlap {overlap / rows:.4f}, max |log-prob diff| on shared ids {worst:.3g}")
+PY
+
+echo "== 3. train on CUDA: online Align-KD, from the cache at k = 32 and at k = vocabulary (tiny presets, 40 steps) =="
+vocab=$($py -c "from alignkd.model import get_preset; print(get_preset('tiny-teacher').text.vocab_size)")
+$py -m alignkd.cli teacher-cache --output-dir "$out/cache-cuda-full" "${args[@]}" loss.kd_topk="$vocab" \
+  > "$out/cache-cuda-full.log" 2>&1 || { echo "full-vocabulary build failed:"; tail -5 "$out/cache-cuda-full.log"; }
+train=("${args[@]}" steps=40 lr=1e-3 save_every=40 keep_last=1)
+for run in online cached cached-full; do
+  cache=(); [ "$run" = cached ] && cache=(teacher_cache="$out/cache-cuda")
+  [ "$run" = cached-full ] && cache=(teacher_cache="$out/cache-cuda-full")
+  $py -m alignkd.cli train --output-dir "$out/$run" "${train[@]}" "${cache[@]}" > "$out/$run.log" 2>&1 \
+    || { echo "$run train failed:"; tail -5 "$out/$run.log"; }
+done
+$py - "$out" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+load = lambda run: [json.loads(x) for x in (out / run / "train/metrics.jsonl").read_text().splitlines()]
+runs = ("online", "cached", "cached-full")
+logs = [load(r) for r in runs]
+print(f"{'step':>5} " + " ".join(f"{t + ' ' + r:>16}" for t in ("kd", "total") for r in runs))
+for rows in zip(*logs):
+    if rows[0]["step"] % 10 == 0 or rows[0]["step"] == 1:
+        print(f"{rows[0]['step']:>5} " + " ".join(f"{x[t]:>16.5f}" for t in ("kd", "total") for x in rows))
+worst = max(abs(a["kd"] - c["kd"]) / abs(a["kd"]) for a, c in zip(logs[0], logs[2]) if a["kd"])
+print(f"KD from the full-vocabulary cache against online KD: worst relative difference over 40 steps {worst:.2e}")
+PY
