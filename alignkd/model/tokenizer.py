@@ -10,7 +10,9 @@ the vocabulary as a `tokenizers` BPE with a Metaspace pre-tokenizer that drops S
 prefix when the text already starts with a space (" a" -> "▁a" instead of "▁▁a"). `load_tokenizer`
 therefore checks the loaded tokenizer against `tokenizer.model` on probe strings and, when they differ,
 switches the backend to the pipeline that reproduces SentencePiece (prepend "▁", replace " " by "▁",
-no pre-tokenizer: what LLaMA's original tokenizer.json did), then checks again. The same class also
+no pre-tokenizer: what LLaMA's original tokenizer.json did), then checks again. Decoding is checked the
+same way against `sentencepiece.decode` (transformers 5.17 keeps the dummy prefix: " red"; the fix strips
+one leading space, as LLaMA's decoder did), so that answers are scored as the text SentencePiece gives. The same class also
 ignores the normalizer and pre-tokenizer written in a `tokenizer.json` (so a repaired tokenizer saved
 with `save_pretrained`, which writes no tokenizer.model, would load broken): when a tokenizer.json is
 present, its pipeline is put back first.
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
-from tokenizers import Tokenizer, normalizers
+from tokenizers import Tokenizer, decoders, normalizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from alignkd.errors import CheckpointError, ConfigError
@@ -132,7 +134,7 @@ def _match_sentencepiece(tok: PreTrainedTokenizerBase, model_file: Path) -> None
         sp = spm.SentencePieceProcessor(model_file=str(model_file))
     except Exception as e:
         raise CheckpointError(f"corrupt SentencePiece model {model_file}: {e}") from e
-    if all(_hf_ids(tok, s) == sp.encode(s) for s in PROBES):
+    if all(_hf_ids(tok, s) == sp.encode(s) for s in PROBES) and _decodes_like(tok, sp):
         return
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(sp.serialized_model_proto())
@@ -140,15 +142,34 @@ def _match_sentencepiece(tok: PreTrainedTokenizerBase, model_file: Path) -> None
     backend = getattr(tok, "backend_tokenizer", None)
     fixable = backend is not None and proto.trainer_spec.model_type == proto.trainer_spec.BPE
     fixable = fixable and ns.name == "identity" and ns.add_dummy_prefix and not ns.remove_extra_whitespaces
-    if fixable:
+    if fixable and not all(_hf_ids(tok, s) == sp.encode(s) for s in PROBES):
         backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
         backend.pre_tokenizer = None
+    if fixable and not _decodes_like(tok, sp):
+        # the dummy prefix comes off again when decoding (some transformers 5 releases keep it: " red")
+        backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                             decoders.Strip(" ", 1, 0)])
     bad = [s for s in PROBES if _hf_ids(tok, s) != sp.encode(s)]
     if bad:
         raise CheckpointError(
             f"the tokenizer loaded from {model_file.parent} does not reproduce the ids of its "
             f"tokenizer.model (e.g. for {bad[0]!r}): the model would see different tokens than it was trained on"
         )
+    bad = [s for s in _decode_probes(sp) if tok.decode(sp.encode(s)) != sp.decode(sp.encode(s))]
+    if bad:
+        raise CheckpointError(
+            f"the tokenizer loaded from {model_file.parent} does not decode as its tokenizer.model does (e.g. "
+            f"{bad[0]!r} comes back as {tok.decode(sp.encode(bad[0]))!r}): answers would be scored as other text"
+        )
+
+
+def _decode_probes(sp) -> list[str]:
+    # an unknown piece decodes as " ⁇ " in SentencePiece and as "<unk>" in transformers: not a fault
+    return [s for s in PROBES if sp.unk_id() not in sp.encode(s)]
+
+
+def _decodes_like(tok: PreTrainedTokenizerBase, sp) -> bool:
+    return all(tok.decode(sp.encode(s)) == sp.decode(sp.encode(s)) for s in _decode_probes(sp))
 
 
 def check_tokenizer_matches(

@@ -6,6 +6,7 @@ import hashlib
 import json
 import random
 import shutil
+import types
 
 import pytest
 from transformers import AutoTokenizer
@@ -93,6 +94,47 @@ def test_llama_tokenizer_class_is_repaired(tmp_path, sp):
     for s in STRINGS + _random_strings(200):
         assert again(s)["input_ids"] == [1] + sp.encode(s), repr(s)
         assert again.decode(sp.encode(s)) == sp.decode(sp.encode(s))
+
+
+def _loaded_with_decoder(monkeypatch, decoder):
+    """load_tokenizer over an AutoTokenizer whose decoder is `decoder` (what another transformers release
+    builds for the same files)."""
+    import alignkd.model.tokenizer as mod
+
+    real = AutoTokenizer.from_pretrained
+
+    def from_pretrained(*a, **k):
+        tok = real(*a, **k)
+        tok.backend_tokenizer.decoder = decoder
+        return tok
+
+    monkeypatch.setattr(mod.AutoTokenizer, "from_pretrained", from_pretrained)
+    return load_tokenizer(tiny_tokenizer_dir())
+
+
+def test_a_decoder_that_keeps_the_dummy_prefix_is_repaired(monkeypatch, sp):
+    # transformers 5.17 builds this decoder for the tiny tokenizer: decode(encode("red")) == " red"
+    from tokenizers import decoders
+
+    tok = _loaded_with_decoder(monkeypatch, decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                                                decoders.Fuse()]))
+    for s in STRINGS + _random_strings(300):
+        assert tok.decode(sp.encode(s)) == sp.decode(sp.encode(s)), repr(s)
+    assert tok.decode(sp.encode("red")) == "red"
+
+
+def test_a_decoder_that_cannot_be_repaired_is_refused(monkeypatch):
+    from tokenizers import decoders
+
+    import alignkd.model.tokenizer as mod
+
+    no_strip = types.SimpleNamespace(Sequence=decoders.Sequence, Replace=decoders.Replace, Fuse=decoders.Fuse,
+                                     ByteFallback=decoders.ByteFallback, Strip=lambda *a: decoders.Fuse())
+    monkeypatch.setattr(mod, "decoders", no_strip)  # the repair leaves the prefix on
+    with pytest.raises(CheckpointError, match=r"does not decode as its tokenizer.model does \(e.g. 'Hello world' "
+                                              r"comes back as ' Hello world'\): answers would be scored as other text"):
+        _loaded_with_decoder(monkeypatch, decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                                             decoders.Fuse()]))
 
 
 def test_missing_tokenizer(tmp_path):
