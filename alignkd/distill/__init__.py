@@ -2,6 +2,7 @@
 
 from alignkd.distill.attention import Layer0Capture, capture_layer0_attention, layer0_attention
 from alignkd.distill.losses import (
+    LOSS_TERMS,
     AlignKDLoss,
     AlignKDLossConfig,
     DistillInputs,
@@ -25,6 +26,7 @@ __all__ = [
     "AlignKDLossConfig",
     "DistillInputs",
     "HeadAdapter",
+    "LOSS_TERMS",
     "ImageSpans",
     "Layer0Capture",
     "VisionAdapter",

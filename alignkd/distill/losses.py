@@ -49,6 +49,7 @@ from alignkd.errors import ConfigError
 from alignkd.model.config import IGNORE_INDEX
 
 KD_POSITIONS = ("text", "tokens", "all")
+LOSS_TERMS = ("ce", "kd", "att", "v_all", "v_focus", "total")  # what AlignKDLoss returns, in this order
 VARIANTS = ("paper", "release")
 # KD temperatures in use are 1-20; T² overflows a float at ~1e154 (an OverflowError at step 1 before this bound)
 MAX_TEMPERATURE = 1e4

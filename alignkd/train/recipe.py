@@ -44,8 +44,8 @@ from tqdm import tqdm
 
 from ..data.datasets import VQADataset, collate, easyvqa_dataset, llava_json_dataset
 from ..data.image import image_config
-from ..distill import (AlignKDLoss, AlignKDLossConfig, DistillInputs, capture_layer0_attention, kd_positions_mask,
-                       layer0_attention)
+from ..distill import (LOSS_TERMS, AlignKDLoss, AlignKDLossConfig, DistillInputs, capture_layer0_attention,
+                       kd_positions_mask, layer0_attention)
 from ..errors import AlignKDError, CheckpointError, ConfigError
 from ..fileio import DiskFull, FolderLock, OutputPathError, atomic_write, check_output_dir, remove_stale_temps, writing
 from ..model.checkpoint import (build_model, config_from_name, keep_attention_map_inputs, load_model, read_mtgv_state_dict,
@@ -54,13 +54,11 @@ from ..model.config import PRESETS, MobileVLMConfig
 from ..model.mobilevlm import MobileVLM, first_text_after_image
 from ..model.tokenizer import check_tokenizer_matches, load_tokenizer, tiny_tokenizer_dir
 from ..model.vision import attach_feature_memo
+from .card import model_card
 from .config import TrainConfig, dump_config, run_differences, with_absolute_paths
 from .teacher_cache import (DEFAULT_CACHE_K, CacheError, CacheSpec, CacheWriter, TeacherCache, build, check_folder,
                             dataset_keys, discard_replaced, exclusive, finalize, foreign_entries, pending, recorded_k,
                             restore, set_aside, teacher_fingerprint)
-
-LOSS_TERMS = ("ce", "kd", "att", "v_all", "v_focus", "total")
-
 
 class TrainingDiverged(AlignKDError):
     """A loss term became NaN or inf; the last good checkpoint is kept."""
@@ -892,7 +890,9 @@ def save_final(run: Run, wall_s: float) -> dict:
                "config": run.cfg.to_dict()}
     if run.is_main:
         try:
-            save_model(run.student, run.out, tokenizer=run.tokenizer, state=states["student"], merge=True)
+            card = model_card(summary, run.cache.spec.k if run.cache is not None else None)
+            save_model(run.student, run.out, tokenizer=run.tokenizer, state=states["student"], merge=True,
+                       extra_files={"README.md": card.encode()})
         except DiskFull as e:
             raise DiskFull(f"{e}; the trained student (step {run.step}) is not saved: {_last_checkpoint_note(run)}") from None
         try:

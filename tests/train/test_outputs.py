@@ -93,7 +93,7 @@ def test_outputs_honour_the_umask(tmp_path, small_run, umask):
     finally:
         os.umask(old)
     out = tmp_path / "run"
-    paths = [out, out / "model.safetensors", out / "config.json", out / "vision_tower", out / "train",
+    paths = [out, out / "model.safetensors", out / "config.json", out / "README.md", out / "vision_tower", out / "train",
              out / "train" / "metrics.jsonl", out / "train" / "summary.json", out / "train" / "loss_curve.png",
              out / "train" / "checkpoints" / "step-000002", out / "train" / "checkpoints" / "step-000002" / "trainer_state.pt"]
     for p in paths:
