@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The teacher cache on a GPU, in one run (issue #15's device check):
-#   1. the real-shape step row: plain / online Align-KD / cached Align-KD, eager and compiled (goal lines printed);
+#   1. the real-shape step row: plain / online Align-KD / cached Align-KD, eager and compiled (goal lines printed),
+#      and the cache build's time per batch (the whole 7B teacher in inference mode: samples/s = batch / seconds);
 #   2. `teacher-cache` on CUDA (bf16) against the same build on the CPU (fp32), tiny presets, easy-vqa:
 #      top-1 agreement, top-k overlap and the largest log-prob difference per KD position;
 #   3. `train` on CUDA, same seed: online Align-KD, from the CUDA-built cache (k = 32), and from a cache of every
@@ -23,7 +24,7 @@ $py -c "import easy_vqa" 2>/dev/null || echo "easy_vqa is not importable: steps 
 
 echo "== 1. train_step at real shapes =="
 size=(); [ -n "${TINY:-}" ] && size=(--tiny)
-$py benchmarks/train_step.py "${size[@]}" --kinds plain,alignkd,cached,plain+compile,alignkd+compile,cached+compile \
+$py benchmarks/train_step.py "${size[@]}" --kinds plain,alignkd,cached,plain+compile,alignkd+compile,cached+compile,cache-build \
   --cache-k 32 --json "$out/train_step_gpu.json" || echo "train_step failed (exit $?)"
 
 echo "== 2. teacher-cache: CUDA bf16 against CPU fp32 (tiny presets, easy-vqa) =="

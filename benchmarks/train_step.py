@@ -8,6 +8,9 @@
              looked up per step as `train` does): the teacher runs its projector, embeddings and layer 0's
              attention map only (the student's CLIP serves it), and only the tensors those read exist
   logit-kd-cached   plain + KD from the cache: no teacher at all
+  cache-build  not a training step: the `teacher-cache` command's work per batch (the whole teacher, its own CLIP
+             included, in inference mode, and the top --cache-k at the answer positions copied to the host), to
+             size a cache build: samples/s = batch / seconds
   +compile   the same step with compile=true (each transformer block but LM layer 0 torch.compiled)
   +memo      the same step with vision_feature_memo_gb: the batch repeats, so after the warm-up step every
              image's CLIP features come from the memo (the step of images seen before: later epochs)
@@ -32,6 +35,7 @@ are in the README (Results).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import hashlib
@@ -55,7 +59,7 @@ from alignkd.model.checkpoint import keep_attention_map_inputs, keep_layers
 from alignkd.model.vision import attach_feature_memo
 from alignkd.train.config import load_config
 from alignkd.train.recipe import Run, cached_teacher_rows, compile_blocks, make_loss, make_optimizer, micro_step
-from alignkd.train.teacher_cache import CacheSpec, CacheWriter, TeacherCache, finalize
+from alignkd.train.teacher_cache import CacheSpec, CacheWriter, TeacherCache, finalize, teacher_rows
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -160,6 +164,8 @@ class Prepared:
 def prepare(kind: str, tiny: bool, device: torch.device, b: int, text: int, steps: int, layers: int | None,
             cache_k: int, workdir: str) -> Prepared:
     base_kind, *mods = kind.split("+")
+    if base_kind == "cache-build":
+        return _prepare_cache_build(tiny, device, b, text, layers, cache_k)
     compiled, memo = "compile" in mods, "memo" in mods
     attn = "eager" if base_kind == "release" else "sdpa"
     cached = base_kind in ("cached", "logit-kd-cached")
@@ -212,6 +218,33 @@ def prepare(kind: str, tiny: bool, device: torch.device, b: int, text: int, step
     t_bytes = sum(t.numel() * t.element_size() for t in [*teacher.parameters(), *teacher.buffers()]) if teacher else 0
     return Prepared(kind, one_step, 3 if compiled else 1, n_tok, flops, round(t_bytes / 1e9, 2),
                     (student, teacher, opt, run, loss_fn, batch))
+
+
+def _prepare_cache_build(tiny: bool, device: torch.device, b: int, text: int, layers: int | None,
+                         cache_k: int) -> Prepared:
+    """The teacher as `teacher-cache` loads it (whole, bf16 on a GPU) and one batch of its work: `teacher_rows`
+    under autocast, as `build` calls it, and the rows' copy to the host (not the shard's write: a disk's speed)."""
+    torch.manual_seed(0)
+    with device:
+        teacher = MobileVLM(_config("tiny-teacher" if tiny else "mobilevlm-v2-7b", layers), attn_implementation="sdpa")
+    cuda = device.type == "cuda"
+    teacher.to(torch.bfloat16 if cuda else torch.float32).requires_grad_(False).eval()
+    spec = CacheSpec(teacher={"preset": "bench"}, k=cache_k, temperature=1.0, kd_positions="text", template="v1",
+                     vocab_size=teacher.config.text.vocab_size)
+    batch = _batch(teacher, b, text, device)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+
+    def one_step():
+        with torch.inference_mode():
+            logp, ids, _ = teacher_rows(teacher, batch, spec, amp)
+            logp.cpu(), ids.cpu()
+
+    n_tok = b * (text + teacher.config.num_image_tokens)
+    params = sum(p.numel() for p in teacher.lm.parameters()) + sum(p.numel() for p in teacher.mm_projector.parameters())
+    v_params = sum(p.numel() for p in teacher.vision_tower.parameters())
+    flops = 2 * params * n_tok + 2 * v_params * b * (teacher.config.vision.num_patches + 1)
+    t_bytes = sum(t.numel() * t.element_size() for t in [*teacher.parameters(), *teacher.buffers()])
+    return Prepared("cache-build", one_step, 1, n_tok, flops, round(t_bytes / 1e9, 2), (teacher, batch))
 
 
 def timed(p: Prepared, n: int, device: torch.device) -> list[float]:
@@ -378,7 +411,7 @@ def goal_lines(rows: list[dict]) -> list[str]:
     return out
 
 
-KINDS = ("plain", "logit-kd", "alignkd", "cached", "logit-kd-cached", "release")
+KINDS = ("plain", "logit-kd", "alignkd", "cached", "logit-kd-cached", "release", "cache-build")
 MODIFIERS = ("compile", "memo")
 
 
@@ -396,6 +429,8 @@ def check_args(ap: argparse.ArgumentParser, a: argparse.Namespace, tiny: bool) -
         if base not in KINDS or not set(mods) <= set(MODIFIERS):
             ap.error(f"--kinds: unknown step {kind!r} (steps: {', '.join(KINDS)}; modifiers: "
                      + ", ".join(f"+{m}" for m in MODIFIERS) + ")")
+        if base == "cache-build" and mods:
+            ap.error(f"--kinds: {kind!r}: cache-build takes no modifier (the command runs the teacher eagerly)")
     parent = os.path.dirname(os.path.abspath(a.json))
     if not os.path.isdir(parent):
         ap.error(f"--json {a.json}: {parent} is not a folder")

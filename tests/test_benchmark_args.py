@@ -155,6 +155,7 @@ def test_export_relative_paths_are_made_absolute(tmp_path, monkeypatch):
     ("train_step.py", ["--tiny", "--kinds", "plain,bogus"], "train_step.py: error: --kinds: unknown step 'bogus'"),
     ("train_step.py", ["--tiny", "--cache-k", "100000"], "train_step.py: error: --cache-k 100000 is more than"),
     ("train_step.py", ["--tiny", "--batch", "0"], "train_step.py: error: --batch must be at least 1"),
+    ("train_step.py", ["--tiny", "--kinds", "plain,cache-build+compile"], "cache-build takes no modifier"),
     ("parity_gates.py", ["--formats", "gguf,tflite"], "parity_gates.py: error: --formats: unknown format tflite"),
 ])
 def test_scripts_exit_2_with_one_line(script, argv, says, tmp_path):

@@ -457,6 +457,19 @@ def _topk_rows(logits: torch.Tensor, k: int, temperature: float) -> tuple[torch.
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])  # (M, k) each
 
 
+def teacher_rows(teacher, batch: dict, spec: CacheSpec, amp=contextlib.nullcontext()
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """One collated batch (on the teacher's device) → its KD positions' top-k: (M, k) log-probs, (M, k) ids, in
+    the batch's sample order, and each sample's row count. amp: the teacher forward's autocast (the top-k is
+    taken in float32). Call under inference mode."""
+    with amp:
+        out = teacher(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"],
+                      labels=batch["labels"], compute_loss=False)
+    positions = kd_positions_mask(out.labels, out.attention_mask, spec.kd_positions)  # (B, T)
+    logp, ids = _topk_rows(out.logits[positions], spec.k, spec.temperature)  # (M, k) each
+    return logp, ids, positions.sum(1).tolist()
+
+
 @torch.inference_mode()
 def build(teacher, dataset, writer: CacheWriter, todo: dict[int, bytes], batch_size: int = 8,
           device: torch.device | None = None, autocast_dtype: torch.dtype | None = None, num_workers: int = 0,
@@ -480,12 +493,7 @@ def build(teacher, dataset, writer: CacheWriter, todo: dict[int, bytes], batch_s
             collate_fn=functools.partial(collate, pad_id=teacher.config.text.pad_token_id))
         for chunk, batch in zip(chunks, loader):
             batch = {k: (v.to(device, non_blocking=True) if v is not None else None) for k, v in batch.items()}
-            with amp:
-                out = teacher(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"],
-                              labels=batch["labels"], compute_loss=False)
-            positions = kd_positions_mask(out.labels, out.attention_mask, spec.kd_positions)  # (B, T)
-            logp, ids = _topk_rows(out.logits[positions], spec.k, spec.temperature)  # (M, k) each
-            counts = positions.sum(1).tolist()
+            logp, ids, counts = teacher_rows(teacher, batch, spec, amp)
             for i, lp, ii in zip(chunk, logp.cpu().split(counts), ids.cpu().split(counts)):
                 writer.add(todo[i], lp, ii)
             rows += sum(counts)
