@@ -57,8 +57,8 @@ from ..model.vision import attach_feature_memo
 from .card import model_card
 from .config import TrainConfig, dump_config, run_differences, with_absolute_paths
 from .teacher_cache import (DEFAULT_CACHE_K, CacheError, CacheSpec, CacheWriter, TeacherCache, build, check_folder,
-                            dataset_keys, discard_replaced, exclusive, finalize, foreign_entries, pending, recorded_k,
-                            restore, set_aside, teacher_fingerprint)
+                            dataset_keys, discard_replaced, exclusive, finalize, foreign_entries, pending,
+                            planned_size, recorded_k, restore, set_aside, teacher_fingerprint)
 
 class TrainingDiverged(AlignKDError):
     """A loss term became NaN or inf; the last good checkpoint is kept."""
@@ -420,7 +420,7 @@ def build_teacher_cache(cfg: TrainConfig, overwrite: bool = False) -> dict:
     if world > 1:
         dist.barrier()
     try:
-        summary = _build_cache(cfg, spec, root, dataset, keys, rank, world, device)
+        summary = _build_cache(cfg, spec, root, dataset, keys, rank, world, device, teacher_cfg.num_image_tokens)
     except BaseException:
         # a build that stopped before its first shard (a teacher that does not load) leaves the folder as it was
         if rank == 0 and not any(root.glob("shard-*")):
@@ -434,12 +434,35 @@ def build_teacher_cache(cfg: TrainConfig, overwrite: bool = False) -> dict:
     return summary
 
 
-def _build_cache(cfg: TrainConfig, spec, root: Path, dataset, keys, rank: int, world: int, device) -> dict:
+def _say_planned_size(root: Path, dataset, todo: dict, share: int, spec, num_image_tokens: int, world: int) -> None:
+    """Before the teacher loads: how much this build will write, and a warning when the disk holds less."""
+    rows, need = planned_size(dataset, todo, spec, num_image_tokens)
+    whose = f" (rank 0's share of {world} processes)" if world > 1 else ""
+    print(f"teacher cache {root}: {len(todo)} samples to compute{whose}" + (f" ({share - len(todo)} already cached)"
+          if share > len(todo) else "") + f", {rows} KD positions: about {_size(need)} at k = {spec.k}",
+          file=sys.stderr, flush=True)
+    free = shutil.disk_usage(root).free
+    if need * world > free:
+        print(f"warning: {root}'s disk has {_size(free)} free, less than the build needs: it will stop when the disk "
+              "is full (finished shards are kept: free space and rerun to continue)", file=sys.stderr, flush=True)
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _build_cache(cfg: TrainConfig, spec, root: Path, dataset, keys, rank: int, world: int, device,
+                 num_image_tokens: int) -> dict:
     # rank 0 holds the folder's lock: another build of this cache waits, then finds it done
     with exclusive(root, log=functools.partial(print, file=sys.stderr)) if rank == 0 else contextlib.nullcontext():
         writer = CacheWriter(root, spec, rank)
         todo, share = pending(keys, writer, rank, world)
         teacher = None
+        if todo and rank == 0:
+            _say_planned_size(root, dataset, todo, share, spec, num_image_tokens, world)
         if todo:
             teacher = _load_teacher(cfg).to(device=device, dtype=_dtype(cfg.teacher_dtype, device))
             if cfg.vision_feature_memo_gb:  # ~10 questions per image in easy-vqa: CLIP runs once per image

@@ -49,6 +49,7 @@ from ..data.datasets import collate
 from ..distill.losses import kd_positions_mask
 from ..distill.topk import teacher_topk
 from ..errors import AlignKDError, DataError
+from ..model.config import IGNORE_INDEX
 from ..fileio import BAD_JSON, atomic_write, remove_stale_temps
 
 FORMAT = "alignkd-teacher-cache"
@@ -455,6 +456,20 @@ def _topk_rows(logits: torch.Tensor, k: int, temperature: float) -> tuple[torch.
     """teacher_topk over (M, V) rows, a block of rows at a time."""
     parts = [teacher_topk(block, k, temperature) for block in logits.split(_TOPK_ROWS)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])  # (M, k) each
+
+
+def planned_size(dataset, todo: dict[int, bytes], spec: CacheSpec, num_image_tokens: int) -> tuple[int, int]:
+    """(KD positions, bytes) that caching the samples `todo` adds, counted from their tokens before the teacher
+    runs: exact for kd_positions text and tokens; for all, a batch's padding is not counted."""
+    rows = 0
+    for i in todo:
+        s = dataset.samples[i]
+        if spec.kd_positions == "text":  # position t is scored when label t + 1 is: the image's labels are ignored
+            rows += sum(1 for t in s["labels"][1:] if t != IGNORE_INDEX)
+        else:  # the image placeholder becomes num_image_tokens positions
+            rows += len(s["input_ids"]) + (num_image_tokens - 1 if s["image"] is not None else 0)
+    row_bytes = spec.k * (np.dtype(np.float16).itemsize + np.dtype(_ids_dtype(spec.vocab_size)).itemsize)
+    return rows, rows * row_bytes + len(todo) * (32 + 8)  # + each sample's key and offset
 
 
 def teacher_rows(teacher, batch: dict, spec: CacheSpec, amp=contextlib.nullcontext()

@@ -6,6 +6,7 @@ before any weights load or any step; a build that fails its check writes nothing
 from __future__ import annotations
 
 import functools
+import re
 import json
 
 import pytest
@@ -302,3 +303,23 @@ def test_cache_settings_are_checked_with_the_config():
     # a release-variant run without a cache, and a baseline with one (it ignores it), are fine
     load_config(None, ["teacher=t", "loss.variant=release"])
     load_config(None, ["method=baseline", "teacher_cache=c", "loss.variant=release"])
+
+
+@pytest.mark.parametrize("positions", ["text", "tokens"])
+def test_a_build_says_its_size_before_the_teacher_loads_and_warns_of_a_small_disk(tmp_path, run_cfg, monkeypatch,
+                                                                                   capsys, positions):
+    cache = tmp_path / "cache"
+    loads = []
+    real_load = recipe._load_teacher
+    monkeypatch.setattr(recipe, "_load_teacher", lambda *a, **k: loads.append(capsys.readouterr().err) or real_load(*a, **k))
+    free = type("Usage", (), {"free": 1000})
+    monkeypatch.setattr(recipe.shutil, "disk_usage", lambda p: free)
+    summary = build_teacher_cache(run_cfg(teacher_cache=str(cache), data__limit=6, loss__kd_positions=positions))
+    said = loads[0].splitlines()  # what was printed before the teacher's weights were read
+    rows, size = summary["kd_positions"], summary["bytes"]
+    m = re.fullmatch(rf"teacher cache {cache}: 6 samples to compute, (\d+) KD positions: about ([\d.]+) KiB at k = 32",
+                     said[0])
+    assert m and int(m[1]) == rows  # counted from the tokens: what the teacher's build then wrote
+    assert size - 1024 < float(m[2]) * 1024 <= size  # the shards less their headers
+    assert said[1] == (f"warning: {cache}'s disk has 1000 bytes free, less than the build needs: it will stop when the "
+                       "disk is full (finished shards are kept: free space and rerun to continue)")

@@ -83,7 +83,10 @@ def test_teacher_cache_command_builds_resumes_and_refuses_another_run(tmp_path):
     summary = json.loads(r.stdout)
     assert (summary["samples"], summary["computed_now"], summary["k"]) == (6, 6, 8)
     assert summary["kd_positions"] >= 6 and summary["bytes_per_kd_position"] > 32  # 8 × 4 bytes + per-sample keys
-    assert r.stderr.startswith(f"teacher cache {tmp_path / 'c'}: 6 samples (6 computed now), ")
+    planned, done = r.stderr.splitlines()[:2]
+    assert planned == f"teacher cache {tmp_path / 'c'}: 6 samples to compute, {summary['kd_positions']} KD positions: " \
+                      f"about {summary['kd_positions'] * 8 * 4 + 6 * 40} bytes at k = 8"  # fp16 + uint16, key + offset
+    assert done.startswith(f"teacher cache {tmp_path / 'c'}: 6 samples (6 computed now), ")
     manifest = json.loads((tmp_path / "c" / "cache.json").read_text())
     assert manifest["complete"] and manifest["spec"]["k"] == 8 and manifest["spec"]["teacher"]["preset"] == "tiny-teacher"
     r = _cli(*args, "loss.kd_topk=8")  # a finished cache: nothing left to compute
