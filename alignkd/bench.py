@@ -28,6 +28,7 @@ from alignkd.errors import AlignKDError, ConfigError, DataError, shown
 from alignkd.export.base import check_threads
 from alignkd.export.bundle import DEVICE_DIR, read_manifest
 from alignkd.export.parity import PARITY_QUESTION, parity_image
+from alignkd.figures import can_draw
 from alignkd.fileio import atomic_write
 
 FIELDS = ("bundle", "format", "quant", "n_runs", "load_s", "image_encode_s", "ttft_s", "ttft_warm_s",
@@ -236,11 +237,14 @@ def render_png(rows: list[dict]) -> bytes:
 
 def write_outputs(rows: list[dict], out_dir: Path) -> dict[str, Path]:
     """The chart first, then the report: a full disk may leave a new chart beside the previous report, never
-    a new report without its chart. Each file is written atomically."""
+    a new report without its chart (without matplotlib: no chart, and none of an earlier run). Each file is
+    written atomically."""
     out_dir = Path(out_dir)
     paths = {"png": out_dir / "bench.png", "json": out_dir / "bench.json", "markdown": out_dir / "bench.md"}
-    png = render_png(rows)
-    atomic_write(paths["png"], png)
+    if can_draw(paths["png"]):
+        atomic_write(paths["png"], render_png(rows))
+    else:
+        del paths["png"]
     atomic_write(paths["json"], json.dumps({"rows": rows}, indent=2))
     atomic_write(paths["markdown"], render_table(rows) + "\n")
     return paths

@@ -1,5 +1,5 @@
 """Dependencies point one way (README, TEAM rules): the CLI layer → train / eval / export; train → distill;
-every package → model, data, errors, fileio; the model knows nothing of data, training, eval or export;
+every package → model, data, errors, fileio, figures; the model knows nothing of data, training, eval or export;
 export takes a checkpoint and knows nothing of training or eval. Read from every module's imports with
 `ast` (imports inside functions included), so a wrong edge fails here, naming the file and line. Private
 names (`_x`) are not imported across packages, benchmarks included."""
@@ -13,18 +13,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {"alignkd": ROOT / "alignkd", "alignkd.export": ROOT / "export"}
-BASE = {"errors", "fileio"}
+BASE = {"errors", "fileio", "figures"}
 PACKAGES = {p.name for p in SOURCES["alignkd"].iterdir() if (p / "__init__.py").is_file()} | {"export"}
 # importer layer -> the layers it may import (besides its own)
 ALLOWED = {
-    "cli": {"train", "eval", "export", "model", "data", "errors", "fileio"},
-    "train": {"distill", "model", "data", "errors", "fileio"},
-    "distill": {"model", "data", "errors", "fileio"},
-    "eval": {"model", "data", "errors", "fileio"},
-    "export": {"model", "data", "errors", "fileio"},
-    "data": {"model", "errors", "fileio"},
-    "model": {"errors", "fileio"},
+    "cli": {"train", "eval", "export", "model", "data", "errors", "fileio", "figures"},
+    "train": {"distill", "model", "data", "errors", "fileio", "figures"},
+    "distill": {"model", "data", "errors", "fileio", "figures"},
+    "eval": {"model", "data", "errors", "fileio", "figures"},
+    "export": {"model", "data", "errors", "fileio", "figures"},
+    "data": {"model", "errors", "fileio", "figures"},
+    "model": {"errors", "fileio", "figures"},
     "fileio": {"errors"},
+    "figures": set(),
     "errors": set(),
     "package": set(),
 }

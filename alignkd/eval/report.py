@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from alignkd.errors import ConfigError
+from alignkd.figures import can_draw
 from alignkd.fileio import atomic_write
 
 PAPER_BENCHMARKS = ("gqa", "sqa", "textvqa", "pope", "mme", "mmbench")
@@ -283,7 +284,7 @@ def write_report(
     rep = build_report(results, distilled, baseline, benchmarks, info=info)
     out_dir = Path(out_dir)
     paths = {}
-    if plot:
+    if plot and can_draw(out_dir / f"{stem}_radar.png"):
         paths["radar"] = out_dir / f"{stem}_radar.png"
         atomic_write(paths["radar"], render_radar_png(rep))
     paths["json"] = out_dir / f"{stem}.json"

@@ -47,6 +47,7 @@ from ..data.image import image_config
 from ..distill import (LOSS_TERMS, AlignKDLoss, AlignKDLossConfig, DistillInputs, capture_layer0_attention,
                        kd_positions_mask, layer0_attention)
 from ..errors import AlignKDError, CheckpointError, ConfigError
+from ..figures import can_draw
 from ..fileio import DiskFull, FolderLock, OutputPathError, atomic_write, check_output_dir, remove_stale_temps, writing
 from ..model.checkpoint import (build_model, config_from_name, keep_attention_map_inputs, load_model, read_mtgv_state_dict,
                                 save_model)
@@ -941,13 +942,9 @@ def _memo_stats(run: Run) -> dict | None:
 
 def plot_losses(history: list[dict], path: Path, title: str = "") -> None:
     """Each non-zero loss term against the step, one PNG."""
-    if not history:
+    if not history or not can_draw(path):
         return
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:  # a declared dependency, yet an image built by hand may lack it: the run is complete
-        print(f"warning: matplotlib is not installed: {path} is not drawn", file=sys.stderr)
-        return
+    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4), dpi=110)
     ax = fig.add_subplot()
