@@ -345,9 +345,13 @@ def teacher_cache(config_path, teacher, student, data, image_folder, output_dir,
 @click.option("--distilled", help="The distilled run, compared against --baseline: its name (the checkpoint folder's "
               "name, e.g. alignkd, or the answer file's without .jsonl) or its checkpoint path.")
 @click.option("--baseline", help="The undistilled run, named as --distilled.")
+@click.option("--device", default="auto", show_default=True,
+              help="Where the checkpoints answer: auto (a GPU when there is one), cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="Weights' precision: auto is bf16 on a GPU, fp32 on the CPU (a resumed eval must keep it).")
 @_clean_errors
 def eval_cmd(checkpoints, benches, data_root, answer_files, output_dir, limit, batch_size, max_new_tokens, distilled,
-             baseline) -> None:
+             baseline, device, dtype) -> None:
     """Score CHECKPOINTS (mtgv directories) on MobileVLM's benchmarks, as the official scripts score them.
 
     Greedy decoding, batched, with a KV cache. Answers go to OUTPUT_DIR/answers/<ckpt>/<bench>.jsonl in
@@ -378,7 +382,8 @@ def eval_cmd(checkpoints, benches, data_root, answer_files, output_dir, limit, b
 
     check_output_dir(output_dir)
     evaluate(list(checkpoints), [b.strip() for b in benches.split(",") if b.strip()], data_root, output_dir, limit,
-             batch_size, max_new_tokens, distilled, baseline, log=click.echo, answers=list(answer_files))
+             batch_size, max_new_tokens, distilled, baseline, log=click.echo, answers=list(answer_files),
+             device=device, dtype=dtype)
 
 
 def _key_value(ctx, param, values) -> dict:

@@ -13,7 +13,10 @@ import functools
 import json
 import shutil
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from ..errors import ConfigError, DataError, shown
 from ..fileio import BAD_JSON, atomic_write
@@ -28,27 +31,32 @@ from .runner import answer_items
 def evaluate(checkpoints: Sequence[str], benches: Sequence[str], data_root: str | None, out_dir: str | Path,
              limit: int | None = None, batch_size: int = 16, max_new_tokens: int = 16,
              distilled: str | None = None, baseline: str | None = None, progress: bool = True,
-             log: Callable[[str], object] = print, answers: Sequence[str | Path] = ()) -> dict:
+             log: Callable[[str], object] = print, answers: Sequence[str | Path] = (), device: str = "auto",
+             dtype: str = "auto") -> dict:
     """Score every checkpoint (or answer file) on every benchmark; write report.{md,json} and
     report_radar.png into out_dir. Returns {run name: {benchmark: metrics}}.
 
     Run names are the checkpoint directory names (answer files: their stems). A checkpoint's
-    answers go to out_dir/answers/<name>/<bench>.jsonl; a rerun skips what is there.
+    answers go to out_dir/answers/<name>/<bench>.jsonl; a rerun skips what is there. device: auto (a GPU when
+    there is one), cpu, cuda or cuda:N; dtype: auto (bf16 on a GPU, fp32 on the CPU), fp32, bf16 or fp16.
     """
     names = _check_request(list(checkpoints), list(benches), data_root, limit, batch_size, max_new_tokens,
                            distilled, baseline, [Path(a) for a in answers])
+    place = placement(device, dtype)
     sources = [*answers, *checkpoints]
     distilled, baseline = (None if n is None else _run_name(n, names, sources) for n in (distilled, baseline))
     tokenizers = [_matching_tokenizer(c) for c in checkpoints]
     out = Path(out_dir)
-    digests = [_check_answers_folder(out / "answers" / n, c, max_new_tokens) for n, c in zip(names, checkpoints)]
+    digests = [_check_answers_folder(out / "answers" / n, c, max_new_tokens, place.dtype_name)
+               for n, c in zip(names, checkpoints)]
     loaded = {b: _load(get_benchmark(b), data_root, limit, log) for b in benches}
     # answers to questions --limit left out are told apart from unknown ones (all questions read only then)
     everything = {b: functools.cache(functools.partial(_all_ids, get_benchmark(b), data_root)) for b in benches}
     created = not out.exists()
     try:
         results = _answer_and_score(names, list(checkpoints), digests, tokenizers, loaded, out,
-                                    [Path(a) for a in answers], batch_size, max_new_tokens, progress, log, everything)
+                                    [Path(a) for a in answers], batch_size, max_new_tokens, progress, log, everything,
+                                    place)
     except BaseException:
         # an eval that stops before its first answer (a prompt beyond the model's context) leaves no folder
         if created and not any(p.stat().st_size for p in out.rglob("*.jsonl")):
@@ -63,15 +71,15 @@ def evaluate(checkpoints: Sequence[str], benches: Sequence[str], data_root: str 
 
 def _answer_and_score(names: list[str], checkpoints: list[str], digests: list[str], tokenizers: list, loaded: dict,
                       out: Path, answers: list[Path], batch_size: int, max_new_tokens: int, progress: bool, log,
-                      everything: dict) -> dict:
+                      everything: dict, place: "Placement") -> dict:
     """{run name: {benchmark: metrics}}: each checkpoint answers each benchmark (resuming its answer file), or
     an answer file is read; then scored."""
     results: dict[str, dict] = {}
     for i, name in enumerate(names):
         results[name] = {}
-        model = load_model(checkpoints[i]) if checkpoints else None
+        model = load_model(checkpoints[i]).to(place.device, place.dtype) if checkpoints else None
         if model is not None:
-            _claim_answers(out / "answers" / name, checkpoints[i], digests[i], max_new_tokens, log)
+            _claim_answers(out / "answers" / name, checkpoints[i], digests[i], max_new_tokens, place.dtype_name, log)
         for b, (bench, items, stats) in loaded.items():
             if model is None:
                 path = Path(answers[i])
@@ -144,10 +152,10 @@ def _stamp(folder: Path) -> dict | None:
     return stamp if isinstance(stamp, dict) else None
 
 
-def _check_answers_folder(folder: Path, ckpt: str, max_new_tokens: int) -> str:
+def _check_answers_folder(folder: Path, ckpt: str, max_new_tokens: int, dtype: str) -> str:
     """The checkpoint's weights digest, once no answers would be lost or mixed: a folder holding another
     checkpoint's answers (one of the same folder name, evaluated earlier into this --output-dir), or this
-    model's at another --max-new-tokens, is refused. Nothing is written here."""
+    model's at another --max-new-tokens or --dtype, is refused. Nothing is written here."""
     digest = weights_digest(ckpt)
     stamp = _stamp(folder)
     if stamp is None or not any(folder.glob("*.jsonl")):
@@ -156,11 +164,48 @@ def _check_answers_folder(folder: Path, ckpt: str, max_new_tokens: int) -> str:
     if stamp.get("weights_digest") != digest and not (isinstance(made_by, str) and _same_path(made_by, ckpt)):
         raise DataError(f"{folder} holds the answers of another checkpoint ({shown(stamp.get('checkpoint'))}, also "
                         "named by its folder): name another --output-dir, or remove that folder to answer again")
-    made = stamp.get("max_new_tokens")
-    if stamp.get("weights_digest") == digest and made is not None and made != max_new_tokens:
-        raise DataError(f"{folder} holds answers made with --max-new-tokens {shown(made)}, this eval asks "
-                        f"{max_new_tokens}: give {shown(made)} to resume them, or name another --output-dir")
+    # stamps before --dtype hold none: those evals ran on the CPU in fp32
+    for flag, made, asked in (("--max-new-tokens", stamp.get("max_new_tokens"), max_new_tokens),
+                              ("--dtype", stamp.get("dtype", "fp32"), dtype)):
+        if stamp.get("weights_digest") == digest and made is not None and made != asked:
+            raise DataError(f"{folder} holds answers made with {flag} {shown(made)}, this eval asks "
+                            f"{asked}: give {flag} {shown(made)} to resume them, or name another --output-dir")
     return digest
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and in which precision the checkpoints answer."""
+
+    device: torch.device
+    dtype_name: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype_name]
+
+
+def placement(device: str = "auto", dtype: str = "auto") -> Placement:
+    """--device / --dtype resolved: auto is a GPU when there is one, answering in bf16 there (fp32 on the CPU)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"--device {device}: " + ("this machine has no CUDA device" if not torch.cuda.is_available()
+                                                     else f"it has {torch.cuda.device_count()} CUDA device(s)"))
+    if dtype == "auto":
+        dtype = "bf16" if dev.type == "cuda" else "fp32"
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be auto, {', '.join(DTYPES)}, got {dtype!r}")
+    return Placement(dev, dtype)
 
 
 def _same_path(a: str, b: str) -> bool:
@@ -170,7 +215,7 @@ def _same_path(a: str, b: str) -> bool:
         return False
 
 
-def _claim_answers(folder: Path, ckpt: str, digest: str, max_new_tokens: int, log) -> None:
+def _claim_answers(folder: Path, ckpt: str, digest: str, max_new_tokens: int, dtype: str, log) -> None:
     """Answers resume a killed eval of the same model only: a checkpoint retrained in place (same folder, other
     weights) starts over instead of being scored with the previous model's answers, whose weights are gone."""
     stamp = _stamp(folder)
@@ -182,7 +227,7 @@ def _claim_answers(folder: Path, ckpt: str, digest: str, max_new_tokens: int, lo
                 p.unlink()
             log(f"{folder}: answers of the checkpoint's earlier weights (retrained in place); answering again")
     atomic_write(folder / "model.json", json.dumps({"checkpoint": str(Path(ckpt).resolve()), "weights_digest": digest,
-                                                    "max_new_tokens": max_new_tokens}))
+                                                    "max_new_tokens": max_new_tokens, "dtype": dtype}))
 
 
 def _matching_tokenizer(ckpt: str):

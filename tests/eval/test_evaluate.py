@@ -123,6 +123,9 @@ def test_our_answer_file_scores_the_same_through_answers(two_checkpoints, assets
     ({"distilled": "a"}, "name both --distilled and --baseline"),
     ({"checkpoints": ["x/a", "y/a"]}, "the runs need different names .*: a is given twice"),
     ({"checkpoints": []}, "nothing to evaluate"),
+    ({"device": "tpu"}, "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    ({"device": "cuda:7"}, r"--device cuda:7: (this machine has no CUDA device|it has \d+ CUDA device)"),
+    ({"dtype": "int8"}, "--dtype must be auto, fp32, bf16, fp16, got 'int8'"),
 ])
 def test_bad_requests_fail_before_anything_loads(tmp_path, no_model, kwargs, message):
     # the checkpoint directories do not even exist: the request is refused before they are read
@@ -191,6 +194,7 @@ def test_missing_benchmark_files_name_both_layouts(two_checkpoints, tmp_path, no
     (["eval", "ckpt", "--limit", "0"], "error: --limit must be a positive integer, got 0"),
     (["eval", "ckpt", "--max-new-tokens", "0"], "error: --max-new-tokens must be a positive integer, got 0"),
     (["eval", "a/ckpt", "--distilled", "x", "--baseline", "ckpt"], "error: --distilled 'x' is not one of the runs: ckpt"),
+    (["eval", "ckpt", "--device", "tpu"], "error: --device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
 ])
 def test_cli_prints_one_error_line(args, message):
     r = CliRunner().invoke(main, args)
@@ -246,7 +250,7 @@ def test_answers_of_another_checkpoint_or_length_are_kept_and_the_eval_refused(t
     monkeypatch.setattr(ev, "load_model", lambda *_: pytest.fail("a model loaded before the refusal"))
     with pytest.raises(DataError, match=r"holds the answers of another checkpoint \('.*A/student', also named"):
         evaluate([str(b)], ["easyvqa"], None, tmp_path / "out", **kw)  # deleted them and answered anew
-    with pytest.raises(DataError, match="answers made with --max-new-tokens 3, this eval asks 1: give 3 to resume"):
+    with pytest.raises(DataError, match="answers made with --max-new-tokens 3, this eval asks 1: give --max-new-tokens 3 to resume"):
         evaluate([str(a)], ["easyvqa"], None, tmp_path / "out", **{**kw, "max_new_tokens": 1, "limit": 8})  # mixed
     assert answers.read_bytes() == before
 
@@ -257,3 +261,24 @@ def test_distilled_and_baseline_may_be_named_by_their_checkpoint_paths(two_check
              baseline=ckpts[1], **QUIET)  # was: "--distilled '.../alignkd' is not one of the runs: alignkd, baseline"
     report = json.loads((tmp_path / "a" / "report.json").read_text())
     assert (report["difference"]["distilled"], report["difference"]["baseline"]) == ("alignkd", "baseline")
+
+
+def test_answers_in_another_precision_are_not_mixed(two_checkpoints, tmp_path):
+    ckpt, out = str(two_checkpoints / "alignkd"), tmp_path / "out"
+    kw = dict(limit=4, batch_size=4, max_new_tokens=2, **QUIET)
+    bf16 = evaluate([ckpt], ["easyvqa"], None, out, dtype="bf16", **kw)["alignkd"]["easyvqa"]
+    stamp = out / "answers" / "alignkd" / "model.json"
+    assert json.loads(stamp.read_text())["dtype"] == "bf16"
+    answers = out / "answers" / "alignkd" / "easyvqa.jsonl"
+    before = answers.read_bytes()
+    with pytest.raises(DataError, match=r"answers made with --dtype 'bf16', this eval asks fp32: give --dtype 'bf16' "
+                                        "to resume them"):
+        evaluate([ckpt], ["easyvqa"], None, out, **{**kw, "limit": 8})  # on this CPU: fp32
+    assert answers.read_bytes() == before
+    assert evaluate([ckpt], ["easyvqa"], None, out, dtype="bf16", **kw)["alignkd"]["easyvqa"] == bf16  # resumed
+    fp32 = evaluate([ckpt], ["easyvqa"], None, tmp_path / "fp32", **kw)["alignkd"]["easyvqa"]
+    assert fp32["n"] == bf16["n"] == 4
+    # a stamp written before --dtype existed: those evals ran on the CPU in fp32, and resume so
+    old = tmp_path / "fp32" / "answers" / "alignkd" / "model.json"
+    old.write_text(json.dumps({k: v for k, v in json.loads(old.read_text()).items() if k != "dtype"}))
+    assert evaluate([ckpt], ["easyvqa"], None, tmp_path / "fp32", **kw)["alignkd"]["easyvqa"] == fp32
