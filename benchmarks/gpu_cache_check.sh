@@ -7,6 +7,8 @@
 #   3. `train` on CUDA, same seed: online Align-KD, from the CUDA-built cache (k = 32), and from a cache of every
 #      token (k = the vocabulary: online KD up to the cache's float16 log-probs, ~5e-4 relative on a CPU): the
 #      loss terms side by side.
+#   4. `eval` of the online student on CUDA (bf16, the default there) against the CPU (fp32): easy-vqa accuracy,
+#      answers that agree, wall time.
 #
 #   bash benchmarks/gpu_cache_check.sh OUT_DIR    # needs easy_vqa importable (PYTHONPATH) for 2 and 3
 #   TINY=1 bash benchmarks/gpu_cache_check.sh OUT_DIR    # 1 at tiny presets: a dry run of the script on a CPU
@@ -79,4 +81,24 @@ for rows in zip(*logs):
         print(f"{rows[0]['step']:>5} " + " ".join(f"{x[t]:>16.5f}" for t in ("kd", "total") for x in rows))
 worst = max(abs(a["kd"] - c["kd"]) / abs(a["kd"]) for a, c in zip(logs[0], logs[2]) if a["kd"])
 print(f"KD from the full-vocabulary cache against online KD: worst relative difference over 40 steps {worst:.2e}")
+PY
+
+echo "== 4. eval on CUDA (bf16) against the CPU (fp32): the online student, 500 easy-vqa questions =="
+for where in cuda cpu; do
+  t0=$SECONDS
+  if [ $where = cpu ]; then hide=(env CUDA_VISIBLE_DEVICES=); else hide=(); fi
+  "${hide[@]}" $py -m alignkd.cli eval "$out/online" --limit 500 --output-dir "$out/eval-$where" > "$out/eval-$where.log" 2>&1 \
+    || { echo "$where eval failed:"; tail -5 "$out/eval-$where.log"; }
+  echo "$where eval: $((SECONDS - t0)) s wall"
+done
+$py - "$out" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+rows = {w: {json.loads(x)["question_id"]: json.loads(x)["text"] for x in
+            (out / f"eval-{w}/answers/online/easyvqa.jsonl").read_text().splitlines()} for w in ("cuda", "cpu")}
+acc = {w: json.loads((out / f"eval-{w}/report.json").read_text())["metrics"]["online"]["easyvqa"]["accuracy"]
+       for w in rows}
+same = sum(rows["cuda"][q] == rows["cpu"].get(q) for q in rows["cuda"])
+print(f"easy-vqa accuracy: cuda bf16 {acc['cuda']} %, cpu fp32 {acc['cpu']} %; same answer {same} of {len(rows['cuda'])}")
 PY
