@@ -42,13 +42,13 @@ def evaluate(checkpoints: Sequence[str], benches: Sequence[str], data_root: str 
     """
     names = _check_request(list(checkpoints), list(benches), data_root, limit, batch_size, max_new_tokens,
                            distilled, baseline, [Path(a) for a in answers])
-    place = placement(device, dtype)
+    place = placement(device, dtype) if checkpoints else None  # scoring answer files loads no model
     sources = [*answers, *checkpoints]
     distilled, baseline = (None if n is None else _run_name(n, names, sources) for n in (distilled, baseline))
     tokenizers = [_matching_tokenizer(c) for c in checkpoints]
     out = Path(out_dir)
     digests = [_check_answers_folder(out / "answers" / n, c, max_new_tokens, place.dtype_name)
-               for n, c in zip(names, checkpoints)]
+               for n, c in zip(names, checkpoints)]  # (no checkpoint: no placement)
     loaded = {b: _load(get_benchmark(b), data_root, limit, log) for b in benches}
     # answers to questions --limit left out are told apart from unknown ones (all questions read only then)
     everything = {b: functools.cache(functools.partial(_all_ids, get_benchmark(b), data_root)) for b in benches}
@@ -71,7 +71,7 @@ def evaluate(checkpoints: Sequence[str], benches: Sequence[str], data_root: str 
 
 def _answer_and_score(names: list[str], checkpoints: list[str], digests: list[str], tokenizers: list, loaded: dict,
                       out: Path, answers: list[Path], batch_size: int, max_new_tokens: int, progress: bool, log,
-                      everything: dict, place: "Placement") -> dict:
+                      everything: dict, place: "Placement | None") -> dict:
     """{run name: {benchmark: metrics}}: each checkpoint answers each benchmark (resuming its answer file), or
     an answer file is read; then scored."""
     results: dict[str, dict] = {}

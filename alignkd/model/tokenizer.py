@@ -12,10 +12,10 @@ therefore checks the loaded tokenizer against `tokenizer.model` on probe strings
 switches the backend to the pipeline that reproduces SentencePiece (prepend "▁", replace " " by "▁",
 no pre-tokenizer: what LLaMA's original tokenizer.json did), then checks again. Decoding is checked the
 same way against `sentencepiece.decode` (transformers 5.17 keeps the dummy prefix: " red"; the fix strips
-one leading space, as LLaMA's decoder did), so that answers are scored as the text SentencePiece gives. The same class also
-ignores the normalizer and pre-tokenizer written in a `tokenizer.json` (so a repaired tokenizer saved
-with `save_pretrained`, which writes no tokenizer.model, would load broken): when a tokenizer.json is
-present, its pipeline is put back first.
+one leading space, as LLaMA's decoder did), so that answers are scored as the text SentencePiece gives.
+The same class also ignores the normalizer and pre-tokenizer written in a `tokenizer.json` (so a repaired
+tokenizer saved with `save_pretrained`, which writes no tokenizer.model, would load broken): when a
+tokenizer.json is present, its pipeline is put back first.
 """
 
 from __future__ import annotations

@@ -282,3 +282,14 @@ def test_answers_in_another_precision_are_not_mixed(two_checkpoints, tmp_path):
     old = tmp_path / "fp32" / "answers" / "alignkd" / "model.json"
     old.write_text(json.dumps({k: v for k, v in json.loads(old.read_text()).items() if k != "dtype"}))
     assert evaluate([ckpt], ["easyvqa"], None, tmp_path / "fp32", **kw)["alignkd"]["easyvqa"] == fp32
+
+
+def test_scoring_answer_files_needs_no_device(assets, tmp_path, no_model):
+    # no model is loaded, so a --device this machine lacks is no reason to refuse
+    import torch
+
+    if torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    rows = tmp_path / "a.jsonl"
+    rows.write_text('{"question_id": "x", "text": "yes"}\n')
+    evaluate([], ["easyvqa"], None, tmp_path / "o", limit=2, answers=[rows], device="cuda:7", **QUIET)
