@@ -45,8 +45,10 @@ def model_card(summary: dict, cache_k: int | None = None) -> str:
              f"A MobileVLM V2 student ({student}) {_METHODS[cfg['method']][0]} by alignkd-mobile: "
              f"{_METHODS[cfg['method']][1]}."]
     if distilled:
-        source = (f"its top-{cache_k} log-probs cached once (`teacher-cache`, {cfg['teacher_cache']}); the "
-                  "teacher's layer 0 online" if cfg["teacher_cache"] else "the whole teacher online")
+        source = "the whole teacher online"
+        if cfg["teacher_cache"]:  # Align-KD's terms still read the teacher's layer 0; logit KD reads nothing else
+            source = (f"its top-{cache_k} log-probs cached once (`teacher-cache`, {cfg['teacher_cache']})"
+                      + ("; the teacher's layer 0 online" if cfg["method"] == "alignkd" else ""))
         lines.append(f"Teacher: {teacher}, {source}.")
     terms = ["CE"]
     if distilled:

@@ -62,6 +62,9 @@ def test_the_card_of_a_cached_run_and_of_a_checkpoint_folder(tmp_path, small_run
     assert "Teacher: tiny-teacher, its top-32 log-probs cached once (`teacher-cache`, /caches/7b-k32)" in card
     assert "1.0 × KD (T = 1.0, text positions, top-32 + rest)" in _table(card, "training")["loss"]
     assert _front_matter(card)["base_model"] == "run"
+    assert "(`teacher-cache`, /caches/7b-k32); the teacher's layer 0 online." in card
+    cached["config"]["method"] = "logit-kd"  # no teacher at all
+    assert "(`teacher-cache`, /caches/7b-k32)." in model_card(cached, cache_k=32)
     baseline = copy.deepcopy(summary)
     baseline["config"]["method"] = "baseline"
     card = model_card(baseline)
