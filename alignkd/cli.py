@@ -349,12 +349,18 @@ def teacher_cache(config_path, teacher, student, data, image_folder, output_dir,
               help="Where the checkpoints answer: auto (a GPU when there is one), cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="Weights' precision: auto is bf16 on a GPU, fp32 on the CPU (a resumed eval must keep it).")
+@click.option("--artifact", metavar="FORMAT/QUANT", help="For bundles: which artifact answers (e.g. pte/8da4w, "
+              "onnx/fp32); default: each bundle's first, the one the app runs.")
+@click.option("--threads", type=int, default=2, show_default=True, help="For bundles: runtime threads, 1 to 256.")
 @_clean_errors
 def eval_cmd(checkpoints, benches, data_root, answer_files, output_dir, limit, batch_size, max_new_tokens, distilled,
-             baseline, device, dtype) -> None:
-    """Score CHECKPOINTS (mtgv directories) on MobileVLM's benchmarks, as the official scripts score them.
+             baseline, device, dtype, artifact, threads) -> None:
+    """Score CHECKPOINTS (mtgv directories, or bundles from `export`) on MobileVLM's benchmarks, as the
+    official scripts score them.
 
-    Greedy decoding, batched, with a KV cache. Answers go to OUTPUT_DIR/answers/<ckpt>/<bench>.jsonl in
+    A bundle answers through the emulator, as the phone runs it (its preprocessing, template, tokenizer and
+    quantized artifact, one question at a time): what ships is scored beside the checkpoint it came from.
+    Checkpoints: greedy decoding, batched, with a KV cache. Answers go to OUTPUT_DIR/answers/<ckpt>/<bench>.jsonl in
     LLaVA's format ({"question_id", "prompt", "text", ...} per line, official question ids) as they come:
     rerunning the same command resumes a killed eval, and the official scripts read the file. The
     report (report_radar.png, report.json, report.md) has one row per run, the paper's average (MME
@@ -377,13 +383,16 @@ def eval_cmd(checkpoints, benches, data_root, answer_files, output_dir, limit, b
                MMBench_DEV_EN_V11.tsv
       easyvqa  none (shipped in the easy-vqa package)
     """
+    from .bundle_answers import BundleAnswerer
     from .eval.evaluate import evaluate
+    from .export.base import check_threads
     from .fileio import check_output_dir
 
     check_output_dir(output_dir)
+    check_threads(threads)
     evaluate(list(checkpoints), [b.strip() for b in benches.split(",") if b.strip()], data_root, output_dir, limit,
              batch_size, max_new_tokens, distilled, baseline, log=click.echo, answers=list(answer_files),
-             device=device, dtype=dtype)
+             device=device, dtype=dtype, open_bundle=lambda path: BundleAnswerer(path, artifact, threads))
 
 
 def _key_value(ctx, param, values) -> dict:

@@ -25,38 +25,44 @@ from ..model.tokenizer import check_tokenizer_matches, load_tokenizer
 from .answers import match_answers, read_answer_rows
 from .benchmarks import Benchmark, EvalItem, LoadStats, get_benchmark
 from .report import build_report, render_markdown, write_report
-from .runner import answer_items
+from .runner import answer_with, model_replies
 
 
 def evaluate(checkpoints: Sequence[str], benches: Sequence[str], data_root: str | None, out_dir: str | Path,
              limit: int | None = None, batch_size: int = 16, max_new_tokens: int = 16,
              distilled: str | None = None, baseline: str | None = None, progress: bool = True,
              log: Callable[[str], object] = print, answers: Sequence[str | Path] = (), device: str = "auto",
-             dtype: str = "auto") -> dict:
-    """Score every checkpoint (or answer file) on every benchmark; write report.{md,json} and
+             dtype: str = "auto", open_bundle: Callable[[str], "Answerer"] | None = None) -> dict:
+    """Score every checkpoint (or exported bundle, or answer file) on every benchmark; write report.{md,json} and
     report_radar.png into out_dir. Returns {run name: {benchmark: metrics}}.
 
-    Run names are the checkpoint directory names (answer files: their stems). A checkpoint's
-    answers go to out_dir/answers/<name>/<bench>.jsonl; a rerun skips what is there. device: auto (a GPU when
-    there is one), cpu, cuda or cuda:N; dtype: auto (bf16 on a GPU, fp32 on the CPU), fp32, bf16 or fp16.
+    Run names are the checkpoint (bundle) directory names, answer files' their stems. A run's answers go to
+    out_dir/answers/<name>/<bench>.jsonl; a rerun skips what is there. device: auto (a GPU when there is one),
+    cpu, cuda or cuda:N; dtype: auto (bf16 on a GPU, fp32 on the CPU), fp32, bf16 or fp16. A folder holding an
+    exported bundle (manifest.json) answers through `open_bundle(path)` (the CLI layer's: the emulator, as the
+    app runs it; eval knows nothing of export).
     """
     names = _check_request(list(checkpoints), list(benches), data_root, limit, batch_size, max_new_tokens,
                            distilled, baseline, [Path(a) for a in answers])
-    place = placement(device, dtype) if checkpoints else None  # scoring answer files loads no model
     sources = [*answers, *checkpoints]
     distilled, baseline = (None if n is None else _run_name(n, names, sources) for n in (distilled, baseline))
-    tokenizers = [_matching_tokenizer(c) for c in checkpoints]
+    models = [c for c in checkpoints if not is_bundle(c)]
+    place = placement(device, dtype) if models else None  # bundles and answer files load no torch model
+    if len(models) < len(checkpoints) and open_bundle is None:
+        raise ConfigError(f"{next(c for c in checkpoints if is_bundle(c))} is an exported bundle: "
+                          "`alignkd-mobile eval` answers with one through the emulator")
+    # every checkpoint's tokenizer and every bundle's manifest are checked here, before any model loads
+    answerers = [open_bundle(c) if is_bundle(c) else CheckpointAnswerer(c, place) for c in checkpoints]
     out = Path(out_dir)
-    digests = [_check_answers_folder(out / "answers" / n, c, max_new_tokens, place.dtype_name)
-               for n, c in zip(names, checkpoints)]  # (no checkpoint: no placement)
+    for n, a in zip(names, answerers):
+        _check_answers_folder(out / "answers" / n, a, max_new_tokens)
     loaded = {b: _load(get_benchmark(b), data_root, limit, log) for b in benches}
     # answers to questions --limit left out are told apart from unknown ones (all questions read only then)
     everything = {b: functools.cache(functools.partial(_all_ids, get_benchmark(b), data_root)) for b in benches}
     created = not out.exists()
     try:
-        results = _answer_and_score(names, list(checkpoints), digests, tokenizers, loaded, out,
-                                    [Path(a) for a in answers], batch_size, max_new_tokens, progress, log, everything,
-                                    place)
+        results = _answer_and_score(names, answerers, loaded, out, [Path(a) for a in answers], batch_size,
+                                    max_new_tokens, progress, log, everything)
     except BaseException:
         # an eval that stops before its first answer (a prompt beyond the model's context) leaves no folder
         if created and not any(p.stat().st_size for p in out.rglob("*.jsonl")):
@@ -69,28 +75,73 @@ def evaluate(checkpoints: Sequence[str], benches: Sequence[str], data_root: str 
     return results
 
 
-def _answer_and_score(names: list[str], checkpoints: list[str], digests: list[str], tokenizers: list, loaded: dict,
-                      out: Path, answers: list[Path], batch_size: int, max_new_tokens: int, progress: bool, log,
-                      everything: dict, place: "Placement | None") -> dict:
-    """{run name: {benchmark: metrics}}: each checkpoint answers each benchmark (resuming its answer file), or
-    an answer file is read; then scored."""
+def is_bundle(path: str | Path) -> bool:
+    """An `alignkd-mobile export` bundle (its manifest.json), not an mtgv checkpoint."""
+    return (Path(path) / "manifest.json").is_file() and not (Path(path) / "config.json").is_file()
+
+
+class Answerer:
+    """What answers a run's questions. `identity` stamps its answers (a checkpoint's weights digest, a bundle's
+    manifest digest); `setting` is (flag, value) of what else changes them (--dtype, --artifact): answers of
+    another identity or setting are never mixed into a resumed file."""
+
+    path: str
+    identity: str
+    setting: tuple[str, str]
+
+    def reply(self, batch: list[EvalItem], max_new_tokens: int) -> list[str]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class CheckpointAnswerer(Answerer):
+    """An mtgv checkpoint, loaded on first use onto the placement's device and dtype: batched greedy decoding."""
+
+    def __init__(self, path: str, place: "Placement"):
+        self.path, self.place, self.tokenizer = path, place, _matching_tokenizer(path)
+        self.identity, self.setting = weights_digest(path), ("--dtype", place.dtype_name)
+        self._reply = None
+
+    def reply(self, batch: list[EvalItem], max_new_tokens: int) -> list[str]:
+        if self._reply is None:
+            model = load_model(self.path).to(self.place.device, self.place.dtype)
+            self._reply = model_replies(model, self.tokenizer, max_new_tokens)
+        return self._reply(batch)
+
+    def close(self) -> None:
+        self._reply = None  # the model with it
+
+
+def _answer_and_score(names: list[str], answerers: list[Answerer], loaded: dict, out: Path, answers: list[Path],
+                      batch_size: int, max_new_tokens: int, progress: bool, log, everything: dict) -> dict:
+    """{run name: {benchmark: metrics}}: each checkpoint or bundle answers each benchmark (resuming its answer
+    file), or an answer file is read; then scored."""
     results: dict[str, dict] = {}
     for i, name in enumerate(names):
         results[name] = {}
-        model = load_model(checkpoints[i]).to(place.device, place.dtype) if checkpoints else None
-        if model is not None:
-            _claim_answers(out / "answers" / name, checkpoints[i], digests[i], max_new_tokens, place.dtype_name, log)
-        for b, (bench, items, stats) in loaded.items():
-            if model is None:
-                path = Path(answers[i])
-            else:
-                path = out / "answers" / name / f"{b}.jsonl"
-                answer_items(model, tokenizers[i], items, batch_size, max_new_tokens, answers_file=path,
-                             desc=f"{name} {b}", progress=progress, answer_keys=bench.answer_keys, model_id=name,
-                             log=log)
-            results[name][b] = _score(bench, items, stats, path, name, log, everything[b])
-        del model
+        who = answerers[i] if answerers else None
+        if who is not None:
+            _claim_answers(out / "answers" / name, who, max_new_tokens, log)
+        try:
+            for b, (bench, items, stats) in loaded.items():
+                if who is None:
+                    path = Path(answers[i])
+                else:
+                    path = out / "answers" / name / f"{b}.jsonl"
+                    answer_with(functools.partial(_replies, who, max_new_tokens), items, batch_size,
+                                answers_file=path, desc=f"{name} {b}", progress=progress,
+                                answer_keys=bench.answer_keys, model_id=name, log=log)
+                results[name][b] = _score(bench, items, stats, path, name, log, everything[b])
+        finally:
+            if who is not None:
+                who.close()
     return results
+
+
+def _replies(who: Answerer, max_new_tokens: int, batch: list[EvalItem]) -> list[str]:
+    return who.reply(batch, max_new_tokens)
 
 
 def _check_request(checkpoints: list[str], benches: list[str], data_root: str | None, limit: int | None,
@@ -152,25 +203,29 @@ def _stamp(folder: Path) -> dict | None:
     return stamp if isinstance(stamp, dict) else None
 
 
-def _check_answers_folder(folder: Path, ckpt: str, max_new_tokens: int, dtype: str) -> str:
-    """The checkpoint's weights digest, once no answers would be lost or mixed: a folder holding another
-    checkpoint's answers (one of the same folder name, evaluated earlier into this --output-dir), or this
-    model's at another --max-new-tokens or --dtype, is refused. Nothing is written here."""
-    digest = weights_digest(ckpt)
+_STAMP_KEYS = {"--dtype": "dtype", "--artifact": "artifact"}
+# stamps written before --dtype hold none: those evals ran on the CPU in fp32
+_STAMP_DEFAULTS = {"dtype": "fp32"}
+
+
+def _check_answers_folder(folder: Path, who: Answerer, max_new_tokens: int) -> None:
+    """Refuse what would lose or mix answers: a folder holding another checkpoint's answers (one of the same
+    folder name, evaluated earlier into this --output-dir), or this model's at another --max-new-tokens or
+    --dtype (a bundle's: another --artifact). Nothing is written here."""
     stamp = _stamp(folder)
     if stamp is None or not any(folder.glob("*.jsonl")):
-        return digest
+        return
     made_by = stamp.get("checkpoint")  # (stamps before this version hold the path as it was given)
-    if stamp.get("weights_digest") != digest and not (isinstance(made_by, str) and _same_path(made_by, ckpt)):
+    if stamp.get("weights_digest") != who.identity and not (isinstance(made_by, str) and _same_path(made_by, who.path)):
         raise DataError(f"{folder} holds the answers of another checkpoint ({shown(stamp.get('checkpoint'))}, also "
                         "named by its folder): name another --output-dir, or remove that folder to answer again")
-    # stamps before --dtype hold none: those evals ran on the CPU in fp32
+    flag, value = who.setting
+    key = _STAMP_KEYS[flag]
     for flag, made, asked in (("--max-new-tokens", stamp.get("max_new_tokens"), max_new_tokens),
-                              ("--dtype", stamp.get("dtype", "fp32"), dtype)):
-        if stamp.get("weights_digest") == digest and made is not None and made != asked:
+                              (flag, stamp.get(key, _STAMP_DEFAULTS.get(key)), value)):
+        if stamp.get("weights_digest") == who.identity and made is not None and made != asked:
             raise DataError(f"{folder} holds answers made with {flag} {shown(made)}, this eval asks "
                             f"{asked}: give {flag} {shown(made)} to resume them, or name another --output-dir")
-    return digest
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -215,19 +270,21 @@ def _same_path(a: str, b: str) -> bool:
         return False
 
 
-def _claim_answers(folder: Path, ckpt: str, digest: str, max_new_tokens: int, dtype: str, log) -> None:
+def _claim_answers(folder: Path, who: Answerer, max_new_tokens: int, log) -> None:
     """Answers resume a killed eval of the same model only: a checkpoint retrained in place (same folder, other
     weights) starts over instead of being scored with the previous model's answers, whose weights are gone."""
     stamp = _stamp(folder)
     if any(folder.glob("*.jsonl")):
         if stamp is None:  # copied or written by hand: whose they are is unknown
-            log(f"{folder}: answers without a model.json stamp, taken as {ckpt}'s (remove them to answer again)")
-        elif stamp.get("weights_digest") != digest:
+            log(f"{folder}: answers without a model.json stamp, taken as {who.path}'s (remove them to answer again)")
+        elif stamp.get("weights_digest") != who.identity:
             for p in sorted(folder.glob("*.jsonl")):
                 p.unlink()
             log(f"{folder}: answers of the checkpoint's earlier weights (retrained in place); answering again")
-    atomic_write(folder / "model.json", json.dumps({"checkpoint": str(Path(ckpt).resolve()), "weights_digest": digest,
-                                                    "max_new_tokens": max_new_tokens, "dtype": dtype}))
+    flag, value = who.setting
+    atomic_write(folder / "model.json", json.dumps({"checkpoint": str(Path(who.path).resolve()),
+                                                    "weights_digest": who.identity, "max_new_tokens": max_new_tokens,
+                                                    _STAMP_KEYS[flag]: value}))
 
 
 def _matching_tokenizer(ckpt: str):

@@ -39,20 +39,42 @@ def answered(path: Path, items: list[EvalItem],
     return match_answers(read_answer_rows(path).rows, {it.id for it in items}, answer_keys).predictions
 
 
-@torch.no_grad()
-def answer_items(model: MobileVLM, tokenizer, items: list[EvalItem], batch_size: int = 16,
-                 max_new_tokens: int = 16, template: str = "v1", answers_file: Path | None = None,
-                 desc: str = "eval", progress: bool = True,
-                 answer_keys: Callable[[Mapping[str, Any]], tuple[str, ...]] = _question_id,
-                 model_id: str = "alignkd-mobile", log: Callable[[str], object] = lambda _: None) -> dict[str, str]:
-    """Greedy decoding of every item's prompt (template, image token first) with its image;
-    returns {item id: reply}. `answer_keys` maps an answer-file row to item ids (the benchmark's)."""
+def model_replies(model: MobileVLM, tokenizer, max_new_tokens: int = 16, template: str = "v1"
+                  ) -> Callable[[list[EvalItem]], list[str]]:
+    """A batch of items → the model's greedy replies (prompt: template, image token first; batched, KV cache)."""
     model.eval()
     cfg = image_config(model.config)
     device = next(model.parameters()).device
+    pad = model.config.text.pad_token_id or 0  # any id: the attention mask hides padding
+
+    @torch.no_grad()
+    def reply(batch: list[EvalItem]) -> list[str]:
+        ids, mask = pad_right([tokenize_prompt(build_prompt(template, it.question), tokenizer) for it in batch], pad)
+        pixels = torch.stack([preprocess(load_image(it.image), cfg) for it in batch])
+        ids, mask, pixels = ids.to(device), mask.to(device), pixels.to(device)
+        new = model.generate(ids, mask, pixels, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+        return [tokenizer.decode(toks, skip_special_tokens=True).strip() for toks in new]
+
+    return reply
+
+
+def answer_items(model: MobileVLM, tokenizer, items: list[EvalItem], batch_size: int = 16,
+                 max_new_tokens: int = 16, template: str = "v1", **kw) -> dict[str, str]:
+    """Greedy decoding of every item's prompt (template, image token first) with its image;
+    returns {item id: reply}. Keywords: those of `answer_with`."""
+    return answer_with(model_replies(model, tokenizer, max_new_tokens, template), items, batch_size, **kw)
+
+
+def answer_with(reply: Callable[[list[EvalItem]], list[str]], items: list[EvalItem], batch_size: int = 16,
+                answers_file: Path | None = None, desc: str = "eval", progress: bool = True,
+                answer_keys: Callable[[Mapping[str, Any]], tuple[str, ...]] = _question_id,
+                model_id: str = "alignkd-mobile", log: Callable[[str], object] = lambda _: None) -> dict[str, str]:
+    """{item id: reply} of every item, `reply` answering a batch at a time (a checkpoint's batched decoding, or
+    an exported bundle's one question after another); with answers_file, what it holds is kept and the new
+    replies are appended as each batch is done. `answer_keys` maps an answer-file row to item ids (the
+    benchmark's)."""
     out = answered(answers_file, items, answer_keys) if answers_file else {}
     todo = [it for it in items if it.id not in out]
-    pad = model.config.text.pad_token_id or 0  # any id: the attention mask hides padding
     writer = AnswerWriter(answers_file, model_id) if answers_file and todo else None
     if writer and writer.cut:
         log(f"{desc}: cut the torn last line of {answers_file} ({writer.cut} bytes a killed run left)")
@@ -63,11 +85,7 @@ def answer_items(model: MobileVLM, tokenizer, items: list[EvalItem], batch_size:
                mininterval=0.1 if sys.stderr.isatty() else 30.0)
     try:
         for batch in _batches(todo, batch_size):
-            ids, mask = pad_right([tokenize_prompt(build_prompt(template, it.question), tokenizer) for it in batch], pad)
-            pixels = torch.stack([preprocess(load_image(it.image), cfg) for it in batch])
-            ids, mask, pixels = ids.to(device), mask.to(device), pixels.to(device)
-            new = model.generate(ids, mask, pixels, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id)
-            replies = [tokenizer.decode(toks, skip_special_tokens=True).strip() for toks in new]
+            replies = reply(batch)
             out.update((it.id, r) for it, r in zip(batch, replies))
             if writer:
                 writer.write(zip(batch, replies))

@@ -1,0 +1,73 @@
+"""`eval` of an exported bundle: it answers through the emulator, as the phone does, and is scored beside the
+checkpoint it came from; its answers are stamped with the bundle and the artifact, and never mixed with another's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from alignkd.cli import main
+from alignkd.errors import ConfigError
+from alignkd.eval.evaluate import evaluate
+from alignkd.export.exporter import export_bundle
+
+
+@pytest.fixture(scope="module")
+def pair(ckpt, tmp_path_factory):
+    """(checkpoint, its fp32 ONNX + GGUF bundle), folders of different names."""
+    bundle = tmp_path_factory.mktemp("bundles") / "student-phone"
+    export_bundle(ckpt, bundle, ["onnx", "gguf"], ["fp32"], target="desktop", log=lambda *_: None)
+    return ckpt, bundle
+
+
+def _answers(out, run):
+    return {json.loads(x)["question_id"]: json.loads(x)["text"]
+            for x in (out / "answers" / run / "easyvqa.jsonl").read_text().splitlines()}
+
+
+def test_a_bundle_answers_as_its_checkpoint_and_is_scored_beside_it(pair, tmp_path):
+    ckpt, bundle = pair
+    out = tmp_path / "eval"
+    r = CliRunner().invoke(main, ["eval", str(ckpt), str(bundle), "--limit", "12", "--max-new-tokens", "4",
+                                  "--output-dir", str(out), "--distilled", "student-phone", "--baseline", "student"])
+    assert r.exit_code == 0, r.output
+    eager, phone = _answers(out, "student"), _answers(out, "student-phone")
+    assert len(eager) == 12 and phone == eager  # fp32 ONNX: the eager model's greedy tokens
+    stamp = json.loads((out / "answers" / "student-phone" / "model.json").read_text())
+    assert stamp["artifact"] == "onnx/fp32" and "dtype" not in stamp
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["metrics"]) == {"student", "student-phone"}
+    assert report["metrics"]["student"]["easyvqa"]["accuracy"] == report["metrics"]["student-phone"]["easyvqa"]["accuracy"]
+
+
+def test_another_artifact_is_not_mixed_in_and_a_missing_one_is_named(pair, tmp_path):
+    _, bundle = pair
+    out = tmp_path / "eval"
+    args = ["eval", str(bundle), "--limit", "3", "--max-new-tokens", "2", "--output-dir", str(out)]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    before = (out / "answers" / "student-phone" / "easyvqa.jsonl").read_bytes()
+    r = CliRunner().invoke(main, [*args, "--artifact", "gguf/fp32"])
+    assert r.exit_code == 2 and r.stderr == (
+        f"error: {out / 'answers' / 'student-phone'} holds answers made with --artifact 'onnx/fp32', this eval asks "
+        "gguf/fp32: give --artifact 'onnx/fp32' to resume them, or name another --output-dir\n")
+    assert (out / "answers" / "student-phone" / "easyvqa.jsonl").read_bytes() == before
+    r = CliRunner().invoke(main, [*args, "--output-dir", str(tmp_path / "other"), "--artifact", "pte/8da4w"])
+    assert r.exit_code == 2 and r.stderr == (
+        f"error: --artifact pte/8da4w: bundle {bundle} has no such artifact (it has: onnx/fp32, gguf/fp32)\n")
+    assert not (tmp_path / "other").exists()
+
+
+def test_a_damaged_bundle_is_refused_before_any_answer(pair, tmp_path):
+    _, bundle = pair
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle, bad)
+    with (bad / "tokenizer" / "tokenizer.model").open("ab") as f:
+        f.write(b"x")
+    r = CliRunner().invoke(main, ["eval", str(bad), "--limit", "2", "--output-dir", str(tmp_path / "o")])
+    assert r.exit_code == 2 and r.stderr.startswith(f"error: bundle {bad}: tokenizer/tokenizer.model has size ")
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError, match="is an exported bundle: `alignkd-mobile eval` answers with one through"):
+        evaluate([str(bundle)], ["easyvqa"], None, tmp_path / "api", limit=2, log=lambda *_: None)  # no open_bundle
