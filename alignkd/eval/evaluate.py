@@ -1,5 +1,6 @@
-"""`alignkd-mobile eval`: checkpoints × benchmarks → answer files (LLaVA format, resumable) → the
-official scores → report; or, with `answers`, existing answer files → scores → report, no model.
+"""`alignkd-mobile eval`: checkpoints (or exported bundles, through the emulator) × benchmarks → answer files
+(LLaVA format, resumable) → the official scores → report; or, with `answers`, existing answer files → scores →
+report, no model.
 
 Everything a user can get wrong is checked before any model loads: benchmark names and numbers,
 --data-root, the answer files, the run names against --distilled / --baseline, each checkpoint's
