@@ -351,7 +351,8 @@ def teacher_cache(config_path, teacher, student, data, image_folder, output_dir,
               help="Weights' precision: auto is bf16 on a GPU, fp32 on the CPU (a resumed eval must keep it).")
 @click.option("--artifact", metavar="FORMAT/QUANT", help="For bundles: which artifact answers (e.g. pte/8da4w, "
               "onnx/fp32); default: each bundle's first, the one the app runs.")
-@click.option("--threads", type=int, default=2, show_default=True, help="For bundles: runtime threads, 1 to 256.")
+@click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True,
+              help="For bundles: runtime threads, 1 to 256.")
 @_clean_errors
 def eval_cmd(checkpoints, benches, data_root, answer_files, output_dir, limit, batch_size, max_new_tokens, distilled,
              baseline, device, dtype, artifact, threads) -> None:
@@ -383,16 +384,18 @@ def eval_cmd(checkpoints, benches, data_root, answer_files, output_dir, limit, b
                MMBench_DEV_EN_V11.tsv
       easyvqa  none (shipped in the easy-vqa package)
     """
-    from .bundle_answers import BundleAnswerer
     from .eval.evaluate import evaluate
-    from .export.base import check_threads
     from .fileio import check_output_dir
 
+    def open_bundle(path: str):
+        from .bundle_answers import BundleAnswerer  # the export stack loads only for a bundle
+
+        return BundleAnswerer(path, artifact, threads)
+
     check_output_dir(output_dir)
-    check_threads(threads)
     evaluate(list(checkpoints), [b.strip() for b in benches.split(",") if b.strip()], data_root, output_dir, limit,
              batch_size, max_new_tokens, distilled, baseline, log=click.echo, answers=list(answer_files),
-             device=device, dtype=dtype, open_bundle=lambda path: BundleAnswerer(path, artifact, threads))
+             device=device, dtype=dtype, open_bundle=open_bundle)
 
 
 def _key_value(ctx, param, values) -> dict:

@@ -18,11 +18,12 @@
 set -uo pipefail
 py=${PYTHON:-python3}
 out=${1:?usage: gpu_cache_check.sh OUT_DIR}
+if [ -e "$out" ] && [ -n "$(ls -A "$out")" ]; then echo "$out is not empty: name a new folder" >&2; exit 2; fi
 mkdir -p "$out"
-export PYTHONPATH=${PYTHONPATH:-.}
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}  # the repository's alignkd, installed or not
 $py -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__,
 '| device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
-$py -c "import easy_vqa" 2>/dev/null || echo "easy_vqa is not importable: steps 2 and 3 will fail (see the header)"
+$py -c "import easy_vqa" 2>/dev/null || echo "easy_vqa is not importable: steps 2 to 4 will fail (see the header)"
 
 echo "== 1. train_step at real shapes =="
 size=(); [ -n "${TINY:-}" ] && size=(--tiny)

@@ -229,6 +229,9 @@ def _prepare_cache_build(tiny: bool, device: torch.device, b: int, text: int, la
         teacher = MobileVLM(_config("tiny-teacher" if tiny else "mobilevlm-v2-7b", layers), attn_implementation="sdpa")
     cuda = device.type == "cuda"
     teacher.to(torch.bfloat16 if cuda else torch.float32).requires_grad_(False).eval()
+    if cuda:  # the fp32 weights of the build above are gone: the peak is the cache build's, not the init's
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     spec = CacheSpec(teacher={"preset": "bench"}, k=cache_k, temperature=1.0, kd_positions="text", template="v1",
                      vocab_size=teacher.config.text.vocab_size)
     batch = _batch(teacher, b, text, device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -71,3 +72,38 @@ def test_a_damaged_bundle_is_refused_before_any_answer(pair, tmp_path):
     assert not (tmp_path / "o").exists()
     with pytest.raises(ConfigError, match="is an exported bundle: `alignkd-mobile eval` answers with one through"):
         evaluate([str(bundle)], ["easyvqa"], None, tmp_path / "api", limit=2, log=lambda *_: None)  # no open_bundle
+
+
+def test_a_question_beyond_the_bundles_context_is_left_unanswered_and_scored_wrong(pair, tmp_path):
+    _, bundle = pair
+    out = tmp_path / "eval"
+    # 144 image tokens + the prompt + 400 new tokens do not fit the bundle's 512 positions: on the phone neither
+    r = CliRunner().invoke(main, ["eval", str(bundle), "--limit", "3", "--max-new-tokens", "400", "--output-dir",
+                                  str(out)])
+    assert r.exit_code == 0, r.output
+    assert r.stderr.count("warning: bundle") == 1 and "needs more than its max_seq_len 512 with --max-new-tokens 400: " \
+        "left unanswered, scored wrong" in r.stderr
+    m = json.loads((out / "report.json").read_text())["metrics"]["student-phone"]["easyvqa"]
+    assert (m["n"], m["n_missing"], m["accuracy"]) == (3, 3, 0.0)
+    assert (out / "answers" / "student-phone" / "easyvqa.jsonl").read_text() == ""
+
+
+def test_a_bundle_without_artifacts_is_one_error(pair, tmp_path):
+    _, bundle = pair
+    empty = tmp_path / "empty"
+    shutil.copytree(bundle, empty)
+    m = json.loads((empty / "manifest.json").read_text())
+    m["artifacts"] = []
+    (empty / "manifest.json").write_text(json.dumps(m))
+    r = CliRunner().invoke(main, ["eval", str(empty), "--limit", "2", "--output-dir", str(tmp_path / "o")])
+    assert r.exit_code == 2 and r.stderr == f"error: bundle {empty} holds no artifact: export it again\n", r.output
+
+
+def test_a_checkpoints_eval_needs_no_export_stack(ckpt, tmp_path, monkeypatch):
+    # the GPU image runs `eval` from the repository without the package installed: alignkd.export is not there
+    for name in [n for n in sys.modules if n == "alignkd.export" or n.startswith("alignkd.export.")] + ["alignkd.export"]:
+        monkeypatch.setitem(sys.modules, name, None)  # any import of it fails
+    monkeypatch.delitem(sys.modules, "alignkd.bundle_answers", raising=False)
+    r = CliRunner().invoke(main, ["eval", str(ckpt), "--limit", "2", "--max-new-tokens", "2", "--output-dir",
+                                  str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output

@@ -65,13 +65,13 @@ def answer_items(model: MobileVLM, tokenizer, items: list[EvalItem], batch_size:
     return answer_with(model_replies(model, tokenizer, max_new_tokens, template), items, batch_size, **kw)
 
 
-def answer_with(reply: Callable[[list[EvalItem]], list[str]], items: list[EvalItem], batch_size: int = 16,
+def answer_with(reply: Callable[[list[EvalItem]], list[str | None]], items: list[EvalItem], batch_size: int = 16,
                 answers_file: Path | None = None, desc: str = "eval", progress: bool = True,
                 answer_keys: Callable[[Mapping[str, Any]], tuple[str, ...]] = _question_id,
                 model_id: str = "alignkd-mobile", log: Callable[[str], object] = lambda _: None) -> dict[str, str]:
     """{item id: reply} of every item, `reply` answering a batch at a time (a checkpoint's batched decoding, or
-    an exported bundle's one question after another); with answers_file, what it holds is kept and the new
-    replies are appended as each batch is done. `answer_keys` maps an answer-file row to item ids (the
+    an exported bundle's one question after another; None: the question gets no answer and is scored wrong);
+    with answers_file, what it holds is kept and the new replies are appended as each batch is done. `answer_keys` maps an answer-file row to item ids (the
     benchmark's)."""
     out = answered(answers_file, items, answer_keys) if answers_file else {}
     todo = [it for it in items if it.id not in out]
@@ -85,10 +85,10 @@ def answer_with(reply: Callable[[list[EvalItem]], list[str]], items: list[EvalIt
                mininterval=0.1 if sys.stderr.isatty() else 30.0)
     try:
         for batch in _batches(todo, batch_size):
-            replies = reply(batch)
-            out.update((it.id, r) for it, r in zip(batch, replies))
+            done = [(it, r) for it, r in zip(batch, reply(batch)) if r is not None]  # None: no answer (wrong)
+            out.update((it.id, r) for it, r in done)
             if writer:
-                writer.write(zip(batch, replies))
+                writer.write(done)
             bar.update(len(batch))
     finally:
         bar.close()

@@ -24,6 +24,12 @@ _METHODS = {  # method: (how the student was made, what its loss is)
 }
 
 
+# The Hub's base_model must name a model there: only the released checkpoints' folder names are mapped (a local
+# folder of another name may be anything, and is named in the text instead)
+HUB_IDS = {name: f"mtgv/{name}" for name in ("MobileVLM_V2-1.7B", "MobileVLM_V2-3B", "MobileVLM_V2-7B",
+                                               "MobileVLM-1.7B", "MobileVLM-3B")}
+
+
 def _name(path_or_preset: str | None) -> str | None:
     """A checkpoint folder's name (MobileVLM_V2-1.7B), or a preset's name as it is."""
     return Path(path_or_preset).name if path_or_preset else None
@@ -38,8 +44,8 @@ def model_card(summary: dict, cache_k: int | None = None) -> str:
     front = {"pipeline_tag": "image-text-to-text",
              "tags": ["mobilevlm", "alignkd-mobile", *(["knowledge-distillation"] if distilled else []),
                       *(["align-kd"] if cfg["method"] == "alignkd" else [])]}
-    if Path(cfg["student"]).is_dir():  # a local mtgv folder: the Hub's base_model is its name
-        front["base_model"] = student
+    if Path(cfg["student"]).is_dir() and student in HUB_IDS:  # a released checkpoint, kept under its name
+        front["base_model"] = HUB_IDS[student]
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
              f"# {Path(summary['output_dir']).name}", "",
              f"A MobileVLM V2 student ({student}) {_METHODS[cfg['method']][0]} by alignkd-mobile: "

@@ -61,7 +61,11 @@ def test_the_card_of_a_cached_run_and_of_a_checkpoint_folder(tmp_path, small_run
     card = model_card(cached, cache_k=32)
     assert "Teacher: tiny-teacher, its top-32 log-probs cached once (`teacher-cache`, /caches/7b-k32)" in card
     assert "1.0 × KD (T = 1.0, text positions, top-32 + rest)" in _table(card, "training")["loss"]
-    assert _front_matter(card)["base_model"] == "run"
+    assert "base_model" not in _front_matter(card) and "A MobileVLM V2 student (run)" in card  # not a Hub model
+    released = out.parent / "MobileVLM_V2-1.7B"
+    released.mkdir()
+    assert _front_matter(model_card({**cached, "config": {**cached["config"], "student": str(released)}}))[
+        "base_model"] == "mtgv/MobileVLM_V2-1.7B"
     assert "(`teacher-cache`, /caches/7b-k32); the teacher's layer 0 online." in card
     cached["config"]["method"] = "logit-kd"  # no teacher at all
     assert "(`teacher-cache`, /caches/7b-k32)." in model_card(cached, cache_k=32)
