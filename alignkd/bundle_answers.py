@@ -34,6 +34,7 @@ class BundleAnswerer(Answerer):
         self.path, self.threads, self._runner, self.too_long = str(path), threads, None, 0
         self.identity = hashlib.sha256((Path(path) / MANIFEST).read_bytes()).hexdigest()  # names every file's digest
         self.setting = ("--artifact", chosen)
+        self.run_name = f"{Path(path).name}-{chosen.replace('/', '-')}"  # alignkd-pte-8da4w
 
     def reply(self, batch: list[EvalItem], max_new_tokens: int) -> list[str]:
         if self._runner is None:

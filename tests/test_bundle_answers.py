@@ -18,8 +18,9 @@ from alignkd.export.exporter import export_bundle
 
 @pytest.fixture(scope="module")
 def pair(ckpt, tmp_path_factory):
-    """(checkpoint, its fp32 ONNX + GGUF bundle), folders of different names."""
-    bundle = tmp_path_factory.mktemp("bundles") / "student-phone"
+    """(checkpoint, its fp32 ONNX + GGUF bundle), folders of one name (student): the bundle's run is named with
+    its artifact (student-onnx-fp32)."""
+    bundle = tmp_path_factory.mktemp("bundles") / "student"
     export_bundle(ckpt, bundle, ["onnx", "gguf"], ["fp32"], target="desktop", log=lambda *_: None)
     return ckpt, bundle
 
@@ -33,28 +34,28 @@ def test_a_bundle_answers_as_its_checkpoint_and_is_scored_beside_it(pair, tmp_pa
     ckpt, bundle = pair
     out = tmp_path / "eval"
     r = CliRunner().invoke(main, ["eval", str(ckpt), str(bundle), "--limit", "12", "--max-new-tokens", "4",
-                                  "--output-dir", str(out), "--distilled", "student-phone", "--baseline", "student"])
+                                  "--output-dir", str(out), "--distilled", "student-onnx-fp32", "--baseline", str(ckpt)])
     assert r.exit_code == 0, r.output
-    eager, phone = _answers(out, "student"), _answers(out, "student-phone")
+    eager, phone = _answers(out, "student"), _answers(out, "student-onnx-fp32")
     assert len(eager) == 12 and phone == eager  # fp32 ONNX: the eager model's greedy tokens
-    stamp = json.loads((out / "answers" / "student-phone" / "model.json").read_text())
+    stamp = json.loads((out / "answers" / "student-onnx-fp32" / "model.json").read_text())
     assert stamp["artifact"] == "onnx/fp32" and "dtype" not in stamp
     report = json.loads((out / "report.json").read_text())
-    assert set(report["metrics"]) == {"student", "student-phone"}
-    assert report["metrics"]["student"]["easyvqa"]["accuracy"] == report["metrics"]["student-phone"]["easyvqa"]["accuracy"]
+    assert set(report["metrics"]) == {"student", "student-onnx-fp32"}
+    assert report["metrics"]["student"]["easyvqa"]["accuracy"] == report["metrics"]["student-onnx-fp32"]["easyvqa"]["accuracy"]
 
 
-def test_another_artifact_is_not_mixed_in_and_a_missing_one_is_named(pair, tmp_path):
+def test_each_artifact_is_its_own_run_and_a_missing_one_is_named(pair, tmp_path):
     _, bundle = pair
     out = tmp_path / "eval"
     args = ["eval", str(bundle), "--limit", "3", "--max-new-tokens", "2", "--output-dir", str(out)]
     assert CliRunner().invoke(main, args).exit_code == 0
-    before = (out / "answers" / "student-phone" / "easyvqa.jsonl").read_bytes()
-    r = CliRunner().invoke(main, [*args, "--artifact", "gguf/fp32"])
-    assert r.exit_code == 2 and r.stderr == (
-        f"error: {out / 'answers' / 'student-phone'} holds answers made with --artifact 'onnx/fp32', this eval asks "
-        "gguf/fp32: give --artifact 'onnx/fp32' to resume them, or name another --output-dir\n")
-    assert (out / "answers" / "student-phone" / "easyvqa.jsonl").read_bytes() == before
+    before = (out / "answers" / "student-onnx-fp32" / "easyvqa.jsonl").read_bytes()
+    r = CliRunner().invoke(main, [*args, "--artifact", "gguf/fp32"])  # into the same folder: never mixed in
+    assert r.exit_code == 0, r.output
+    assert (out / "answers" / "student-onnx-fp32" / "easyvqa.jsonl").read_bytes() == before
+    assert json.loads((out / "answers" / "student-gguf-fp32" / "model.json").read_text())["artifact"] == "gguf/fp32"
+    assert len(_answers(out, "student-gguf-fp32")) == 3
     r = CliRunner().invoke(main, [*args, "--output-dir", str(tmp_path / "other"), "--artifact", "pte/8da4w"])
     assert r.exit_code == 2 and r.stderr == (
         f"error: --artifact pte/8da4w: bundle {bundle} has no such artifact (it has: onnx/fp32, gguf/fp32)\n")
@@ -83,9 +84,9 @@ def test_a_question_beyond_the_bundles_context_is_left_unanswered_and_scored_wro
     assert r.exit_code == 0, r.output
     assert r.stderr.count("warning: bundle") == 1 and "needs more than its max_seq_len 512 with --max-new-tokens 400: " \
         "left unanswered, scored wrong" in r.stderr
-    m = json.loads((out / "report.json").read_text())["metrics"]["student-phone"]["easyvqa"]
+    m = json.loads((out / "report.json").read_text())["metrics"]["student-onnx-fp32"]["easyvqa"]
     assert (m["n"], m["n_missing"], m["accuracy"]) == (3, 3, 0.0)
-    assert (out / "answers" / "student-phone" / "easyvqa.jsonl").read_text() == ""
+    assert (out / "answers" / "student-onnx-fp32" / "easyvqa.jsonl").read_text() == ""
 
 
 def test_a_bundle_without_artifacts_is_one_error(pair, tmp_path):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,17 +43,19 @@ def evaluate(checkpoints: Sequence[str], benches: Sequence[str], data_root: str 
     exported bundle (manifest.json) answers through `open_bundle(path)` (the CLI layer's: the emulator, as the
     app runs it; eval knows nothing of export).
     """
-    names = _check_request(list(checkpoints), list(benches), data_root, limit, batch_size, max_new_tokens,
-                           distilled, baseline, [Path(a) for a in answers])
-    sources = [*answers, *checkpoints]
-    distilled, baseline = (None if n is None else _run_name(n, names, sources) for n in (distilled, baseline))
+    _check_request(list(checkpoints), list(benches), data_root, limit, batch_size, max_new_tokens, distilled,
+                   baseline, [Path(a) for a in answers])
     models = [c for c in checkpoints if not is_bundle(c)]
     place = placement(device, dtype) if models else None  # bundles and answer files load no torch model
     if len(models) < len(checkpoints) and open_bundle is None:
         raise ConfigError(f"{next(c for c in checkpoints if is_bundle(c))} is an exported bundle: "
                           "`alignkd-mobile eval` answers with one through the emulator")
-    # every checkpoint's tokenizer and every bundle's manifest are checked here, before any model loads
-    answerers = [open_bundle(c) if is_bundle(c) else CheckpointAnswerer(c, place) for c in checkpoints]
+    bundles = {c: open_bundle(c) for c in checkpoints if is_bundle(c)}  # manifests and checksums verified
+    names = _names(list(checkpoints), [Path(a) for a in answers], distilled, baseline, bundles)
+    sources = [*answers, *checkpoints]
+    distilled, baseline = (None if n is None else _run_name(n, names, sources) for n in (distilled, baseline))
+    # every checkpoint's tokenizer is checked here, before any model loads
+    answerers = [bundles[c] if c in bundles else CheckpointAnswerer(c, place) for c in checkpoints]
     out = Path(out_dir)
     for n, a in zip(names, answerers):
         _check_answers_folder(out / "answers" / n, a, max_new_tokens)
@@ -89,6 +91,7 @@ class Answerer:
     path: str
     identity: str
     setting: tuple[str, str]
+    run_name: str  # (bundles: the folder's name and the artifact's)
 
     def reply(self, batch: list[EvalItem], max_new_tokens: int) -> list[str]:
         raise NotImplementedError
@@ -147,8 +150,8 @@ def _replies(who: Answerer, max_new_tokens: int, batch: list[EvalItem]) -> list[
 
 def _check_request(checkpoints: list[str], benches: list[str], data_root: str | None, limit: int | None,
                    batch_size: int, max_new_tokens: int, distilled: str | None, baseline: str | None,
-                   answers: list[Path]) -> list[str]:
-    """The run names, after every check that needs no model and no benchmark file."""
+                   answers: list[Path]) -> None:
+    """Every check that needs no model, no bundle and no benchmark file."""
     if not benches:
         raise ConfigError("--bench names no benchmark")
     for b in benches:
@@ -175,13 +178,20 @@ def _check_request(checkpoints: list[str], benches: list[str], data_root: str | 
         if not rows.rows:
             raise DataError(f"answer file {a} has no answer rows (JSON lines with a question_id and a text"
                             + (f"; {rows.n_bad_lines} line(s) are not" if rows.n_bad_lines else "; it is empty") + ")")
-    names = [Path(a).stem for a in answers] or [Path(c).name or str(c) for c in checkpoints]
+    if (distilled is None) != (baseline is None):
+        raise ConfigError("name both --distilled and --baseline, or neither")
+
+
+def _names(checkpoints: list[str], answers: list[Path], distilled: str | None, baseline: str | None,
+           bundles: Mapping[str, "Answerer"]) -> list[str]:
+    """The run names: a checkpoint folder's or answer file's name; a bundle's folder name and its artifact
+    (alignkd-pte-8da4w: a checkpoint and the bundle exported from it may share a folder name)."""
+    names = [Path(a).stem for a in answers] or [bundles[c].run_name if c in bundles else Path(c).name or str(c)
+                                                for c in checkpoints]
     if len(set(names)) != len(names):
         raise ConfigError("the runs need different names (the checkpoint folders' or answer files' names): "
                           + ", ".join(sorted({n for n in names if names.count(n) > 1})) + " is given twice; evaluate "
                           "them in two commands with two --output-dir")
-    if (distilled is None) != (baseline is None):
-        raise ConfigError("name both --distilled and --baseline, or neither")
     for flag, n in (("--distilled", distilled), ("--baseline", baseline)):
         if n is not None and _run_name(n, names, [*answers, *checkpoints]) is None:
             raise ConfigError(f"{flag} {n!r} is not one of the runs: {', '.join(names)}")
