@@ -360,8 +360,8 @@ def eval_cmd(checkpoints, benches, data_root, answer_files, output_dir, limit, b
     official scripts score them.
 
     A bundle answers through the emulator, as the phone runs it (its preprocessing, template, tokenizer and
-    quantized artifact, one question at a time): what ships is scored beside the checkpoint it came from.
-    Checkpoints: greedy decoding, batched, with a KV cache. Answers go to OUTPUT_DIR/answers/<ckpt>/<bench>.jsonl in
+    quantized artifact, one question at a time): what ships is scored beside the checkpoint it came from; its
+    run is named with the artifact (alignkd-pte-8da4w). Checkpoints: greedy decoding, batched, with a KV cache. Answers go to OUTPUT_DIR/answers/<ckpt>/<bench>.jsonl in
     LLaVA's format ({"question_id", "prompt", "text", ...} per line, official question ids) as they come:
     rerunning the same command resumes a killed eval, and the official scripts read the file. The
     report (report_radar.png, report.json, report.md) has one row per run, the paper's average (MME
