@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import shutil
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +84,7 @@ def is_bundle(path: str | Path) -> bool:
     return (Path(path) / "manifest.json").is_file() and not (Path(path) / "config.json").is_file()
 
 
-class Answerer:
+class Answerer(ABC):
     """What answers a run's questions. `identity` stamps its answers (a checkpoint's weights digest, a bundle's
     manifest digest); `setting` is (flag, value) of what else changes them (--dtype, --artifact): answers of
     another identity or setting are never mixed into a resumed file."""
@@ -93,8 +94,9 @@ class Answerer:
     setting: tuple[str, str]
     run_name: str  # (bundles: the folder's name and the artifact's)
 
-    def reply(self, batch: list[EvalItem], max_new_tokens: int) -> list[str]:
-        raise NotImplementedError
+    @abstractmethod
+    def reply(self, batch: list[EvalItem], max_new_tokens: int) -> list[str | None]:
+        """The replies to a batch of questions (None: left unanswered, scored wrong)."""
 
     def close(self) -> None:
         pass

@@ -465,7 +465,7 @@ def planned_size(dataset, todo: dict[int, bytes], spec: CacheSpec, num_image_tok
     for i in todo:
         s = dataset.samples[i]
         if spec.kd_positions == "text":  # position t is scored when label t + 1 is: the image's labels are ignored
-            rows += sum(1 for t in s["labels"][1:] if t != IGNORE_INDEX)
+            rows += len(s["labels"]) - 1 - s["labels"][1:].count(IGNORE_INDEX)  # C speed: 665k LLaVA samples
         else:  # the image placeholder becomes num_image_tokens positions
             rows += len(s["input_ids"]) + (num_image_tokens - 1 if s["image"] is not None else 0)
     row_bytes = spec.k * (np.dtype(np.float16).itemsize + np.dtype(_ids_dtype(spec.vocab_size)).itemsize)
