@@ -470,6 +470,9 @@ def main() -> None:
           f"max |diff| {check['max_abs']:.2e}, mean {check['mean_abs']:.2e}, row-sum error {check['row_sum_err']:.2e}, "
           f"q_proj grad norm {check['q_proj_grad_norm']:.3e}", flush=True)
     kinds = a.kinds.split(",")
+    dev = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    record = {"device": dev, "tiny": tiny, "layers": a.layers, "batch": a.batch, "text": text, "rounds": a.rounds,
+              "steps": a.steps, "cache_k": a.cache_k, "torch": torch.__version__, "capture_check": check}
     with tempfile.TemporaryDirectory(prefix="train-step-cache-") as workdir:  # the cached kind's cache
         if a.rounds > 1:
             rows = measure_interleaved(kinds, a.rounds, tiny, device, a.batch, text, a.steps, a.layers, a.cache_k,
@@ -478,10 +481,13 @@ def main() -> None:
             rows = []
             for k in kinds:
                 rows.append(measure(k, tiny, device, a.batch, text, a.steps, a.layers, a.profile, a.cache_k, workdir))
-                print(f"  {k}: {rows[-1]['seconds']:.4f} s/step", flush=True)
+                r = rows[-1]
+                print(f"  {k}: {r['seconds']:.4f} s/step, peak {r['peak_mem_gb']} GB, warm-up {r['warmup_s']} s",
+                      flush=True)
+                # each row kept as soon as it is measured: a run stopped by a time limit keeps the rows it has
+                atomic_write(a.json, json.dumps({**record, "complete": False, "rows": rows}, indent=2))
     for r in rows:
         r.setdefault("ratio_median", round(r["seconds"] / rows[0]["seconds"], 3))
-    dev = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     shape = _shape(tiny, a.layers)
     print(f"device: {dev}; {shape}; batch {a.batch} x "
           f"({text} text + 144 image)")
@@ -497,9 +503,7 @@ def main() -> None:
               "(min-max: " + ", ".join(f"{r['step']} {r['ratio_min']}-{r['ratio_max']}" for r in rows[1:]) + ")")
     for line in goal_lines(rows) if not tiny else []:  # the goals are set at real shapes
         print(line + (f" [both LMs cut to {a.layers} layers: the goal is for the full depth]" if a.layers else ""))
-    write_json(a.json, {"device": dev, "tiny": tiny, "layers": a.layers, "batch": a.batch, "text": text,
-                        "rounds": a.rounds, "steps": a.steps, "cache_k": a.cache_k, "torch": torch.__version__,
-                        "capture_check": check, "rows": rows})
+    write_json(a.json, {**record, "complete": True, "rows": rows})
 
 
 def flops_main(a: argparse.Namespace, tiny: bool, device: torch.device, text: int) -> None:
