@@ -135,15 +135,20 @@ def _profile(kind: str, one_step, device: torch.device, rows: int = 18) -> None:
     """One step under torch.profiler: device time per phase (the recipe's record_function ranges) and the
     top kernels, so a slow step says where its time goes."""
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    cuda = device.type == "cuda"
     with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
         one_step()
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
     ev = prof.key_averages()
-    attr = "device_time_total" if device.type == "cuda" else "cpu_time_total"
-    phases = ("student_forward", "teacher_forward", "losses", "backward", "clip_and_optimizer")
-    got = {e.key: getattr(e, attr) / 1e3 for e in ev if e.key in phases}
-    print(f"[{kind}] phase ms ({attr}): " + ", ".join(f"{k} {v:.1f}" for k, v in got.items()), flush=True)
+    phases = ("cache_lookup", "student_forward", "teacher_forward", "losses", "backward", "clip_and_optimizer")
+    # host ms / device ms per phase: a phase whose host time exceeds its device time keeps the GPU waiting
+    got = {e.key: (e.cpu_time_total / 1e3, e.device_time_total / 1e3) for e in ev if e.key in phases}
+    busy = sum(e.self_device_time_total for e in ev) / 1e3 if cuda else None
+    print(f"[{kind}] step {wall * 1e3:.1f} ms (profiled)" + (f", kernels {busy:.1f} ms" if cuda else "")
+          + "; phase host/device ms: " + ", ".join(f"{k} {h:.1f}/{d:.1f}" for k, (h, d) in got.items()), flush=True)
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(ev.table(sort_by=sort, row_limit=rows, max_name_column_width=60), flush=True)
 
@@ -199,7 +204,8 @@ def prepare(kind: str, tiny: bool, device: torch.device, b: int, text: int, step
         if base_kind == "release":
             _release_micro_step(student, teacher, loss_fn, batch, amp)
         elif cached:  # the lookup and the copy to the device, as `train` does per micro-batch
-            rows = {k: v.to(device) for k, v in cached_teacher_rows(run, index).items()}
+            with record_function("cache_lookup"):
+                rows = {k: v.to(device) for k, v in cached_teacher_rows(run, index).items()}
             micro_step(run, {**batch, "index": torch.tensor(index, device=device), **rows}, 1.0)
         else:
             micro_step(run, batch, 1.0)

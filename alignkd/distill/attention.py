@@ -106,7 +106,8 @@ class Layer0Capture:
             k = k.float().view(B, T, -1, d).transpose(1, 2)  # (B, H_kv, T, d)
             cos, sin = pos
             q, k = apply_rotary_pos_emb(q, k, cos.float(), sin.float())
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, H, T, d) GQA, as transformers' repeat_kv
+            if q.shape[1] != k.shape[1]:  # GQA, as transformers' repeat_kv (MHA: no copy)
+                k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, H, T, d)
             scores = (q[:, :, r:] @ k.transpose(-2, -1)) * module.scaling  # (B, H, T_q, T)
             scores = self._mask(scores, mask, r)
             return scores.softmax(dim=-1)  # (B, H, T_q, T)

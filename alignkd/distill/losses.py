@@ -57,17 +57,28 @@ MAX_TEMPERATURE = 1e4
 
 # ----------------------------------------------------------------------------- logits terms
 
+def scored_rows(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The rows of x (B, T, ...) where mask (B, T) is True, in row-major order, and their flat indices b·T + t
+    (M,). An index_select: its backward is one index_add, where a boolean-mask index's sorts the indices and
+    accumulates into a (B, T, V) copy (a few ms a step at real shapes on a GPU)."""
+    idx = mask.reshape(-1).nonzero().squeeze(1)  # (M,)
+    return x.reshape(-1, *x.shape[2:]).index_select(0, idx), idx
+
+
+def _ce_from_logp(logp: Tensor, labels: Tensor, idx: Tensor, logits: Tensor) -> Tensor:
+    """CE from the log-probs (M, V) of the rows `idx` (b·T + t) of `scored_rows`: row t predicts label t+1."""
+    if logp.shape[0] == 0:
+        return logits.sum() * 0.0  # no target in the batch: a zero that still backpropagates
+    return F.nll_loss(logp, labels.reshape(-1)[idx + 1])
+
+
 def ce_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Next-token cross-entropy: logits[:, :-1] predict labels[:, 1:], -100 ignored, mean over targets."""
-    target = labels[:, 1:]  # (B, T-1)
-    valid = target != IGNORE_INDEX
-    picked = logits[:, :-1][valid].float()  # (M, V) only the scored positions: no (B, T, V) fp32 copy
-    if picked.shape[0] == 0:
-        return logits.sum() * 0.0  # no target in the batch: a zero that still backpropagates
-    return F.cross_entropy(picked, target[valid])
+    picked, idx = scored_rows(logits, kd_positions_mask(labels, None, "text"))  # (M, V): no (B, T, V) fp32 copy
+    return _ce_from_logp(F.log_softmax(picked.float(), dim=-1), labels, idx, logits)
 
 
-def kd_positions_mask(labels: Tensor, attention_mask: Tensor, positions: str) -> Tensor:
+def kd_positions_mask(labels: Tensor, attention_mask: Tensor | None, positions: str) -> Tensor:
     """(B, T) bool: the logit positions that KD scores (see `kd_loss`)."""
     if positions == "text":
         mask = torch.zeros_like(labels, dtype=torch.bool)
@@ -100,13 +111,18 @@ def kd_loss(
       "tokens" every real token (attention_mask == 1), prompt and image positions included.
       "all"    every position, image and padding included, as the public release does.
     """
-    mask = kd_positions_mask(labels, attention_mask, positions)  # (B, T)
-    if not mask.any():
+    s, idx = scored_rows(student_logits, kd_positions_mask(labels, attention_mask, positions))  # (M, V)
+    if s.shape[0] == 0:
         return student_logits.sum() * 0.0
-    s = student_logits[mask].float() / temperature  # (M, V)
-    t = teacher_logits[mask].float() / temperature  # (M, V)
+    return _full_kl(F.log_softmax(s.float() / temperature, dim=-1), teacher_logits, idx, temperature)
+
+
+def _full_kl(s_logp: Tensor, teacher_logits: Tensor, idx: Tensor, temperature: float) -> Tensor:
+    """KL(teacher ‖ student) × T² from the student's log-probs (M, V) at T and the teacher's logits at the
+    same rows `idx` (b·T + t) of its (B, T, V) logits."""
+    t = teacher_logits.reshape(-1, teacher_logits.shape[-1]).index_select(0, idx).float() / temperature  # (M, V)
     t_logp = F.log_softmax(t, dim=-1)
-    kl = (t_logp.exp() * (t_logp - F.log_softmax(s, dim=-1))).sum(-1)  # (M,)
+    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)  # (M,)
     return kl.mean() * temperature**2
 
 
@@ -119,6 +135,7 @@ class ImageSpans:
     batch: Tensor
     start: Tensor
     n_tokens: int
+    common_start: int | None = None  # the one first vision position of every image, when they share it
 
 
 def image_spans(image_mask: Tensor) -> ImageSpans:
@@ -136,7 +153,8 @@ def image_spans(image_mask: Tensor) -> ImageSpans:
     last = m.shape[1] - 1 - m.flip(1).int().argmax(1)
     if bool((last - start + 1 != n).any()):
         raise ConfigError("image_mask must mark one contiguous span of vision tokens per sample")
-    return ImageSpans(batch, start, n)
+    lo, hi = torch.stack([start.min(), start.max()]).tolist()
+    return ImageSpans(batch, start, n, lo if lo == hi else None)
 
 
 def _text_after_image(spans: ImageSpans, attention_mask: Tensor, T: int) -> tuple[Tensor, Tensor]:
@@ -175,10 +193,16 @@ def text_vision_block(
     if (first := int((spans.start + n).min())) < query_offset:
         raise ConfigError(f"attention rows start at {query_offset} but text after an image starts at {first}")
     pos, row_mask = _text_after_image(spans, attention_mask, T)  # (B_img, T_q) query positions
-    cols = spans.start[:, None] + torch.arange(n, device=probs.device)  # (B_img, N)
-    # one advanced-index gather; the advanced dims go first because a slice separates them
-    block = probs[spans.batch[:, None, None], :, (pos - query_offset)[:, :, None], cols[:, None, :]]  # (B_img, T_q, N, H)
-    block = block.permute(0, 3, 1, 2)  # (B_img, H, T_q, N)
+    if spans.common_start is not None and spans.batch.numel() == B:
+        # every sample's image at one place (one prompt template): the block is a slice, whose backward is a
+        # copy, not the gather's scatter into a (B, H, T_p, T) copy of the map
+        s0 = spans.common_start
+        block = probs[:, :, first - query_offset:, s0:s0 + n]  # (B, H, T_q, N)
+    else:
+        cols = spans.start[:, None] + torch.arange(n, device=probs.device)  # (B_img, N)
+        # one advanced-index gather; the advanced dims go first because a slice separates them
+        block = probs[spans.batch[:, None, None], :, (pos - query_offset)[:, :, None], cols[:, None, :]]  # (B_img, T_q, N, H)
+        block = block.permute(0, 3, 1, 2)  # (B_img, H, T_q, N)
     block = torch.where(row_mask[:, None, :, None], block, torch.zeros((), dtype=block.dtype, device=block.device))
     return block, row_mask
 
@@ -237,10 +261,11 @@ class VisionAdapter(nn.Module):
 def attention_loss(student_block: Tensor, adapted_teacher_block: Tensor, row_mask: Tensor) -> Tensor:
     """MSE between the blocks over the valid rows (every head and vision column of a valid row)."""
     diff2 = (student_block.float() - adapted_teacher_block.float()).pow(2)  # (B_img, H, T_q, N)
-    keep = row_mask[:, None, :, None].expand_as(diff2)
-    if not keep.any():
-        return diff2.sum() * 0.0
-    return diff2[keep].mean()
+    keep = row_mask[:, None, :, None].to(diff2.dtype)  # (B_img, 1, T_q, 1)
+    # a masked mean, not diff2[keep]: no sync, no (B_img·H·T_q·N)-long index and its scatter in backward;
+    # no valid row gives 0 / 1, a zero that still backpropagates
+    count = row_mask.sum() * (diff2.shape[1] * diff2.shape[3])
+    return (diff2 * keep).sum() / count.clamp(min=1)
 
 
 @torch.no_grad()
@@ -268,10 +293,12 @@ def vision_loss(
     diff2 = (student_feats.float() - adapted_teacher_feats.float()).pow(2)  # (B_img, N, D)
     v_all = diff2.mean()
     picked = diff2.gather(1, focus_idx[:, :, None].expand(-1, -1, diff2.shape[-1]))  # (B_img, k, D)
-    if focus_rows is not None:
-        picked = picked[focus_rows]
-    v_focus = picked.mean() if picked.numel() else diff2.sum() * 0.0
-    return v_all, v_focus
+    if focus_rows is None:
+        return v_all, picked.mean() if picked.numel() else diff2.sum() * 0.0
+    # a masked mean over the kept samples (no boolean index: no sync); none kept gives 0 / 1 = 0
+    keep = focus_rows[:, None, None].to(picked.dtype)  # (B_img, 1, 1)
+    count = focus_rows.sum() * (picked.shape[1] * picked.shape[2])
+    return v_all, (picked * keep).sum() / count.clamp(min=1)
 
 
 # ----------------------------------------------------------------------------- the module
@@ -398,10 +425,14 @@ class AlignKDLoss(nn.Module):
             teacher = DistillInputs(logits=s.logits)  # never read
         t = _as_inputs(teacher)
         zero = s.logits.new_zeros((), dtype=torch.float32)
-        out = {"ce": ce_loss(s.logits, s.labels), "kd": zero, "att": zero, "v_all": zero, "v_focus": zero}
+        # the student's answer rows and their log-probs, once: CE's, and KD's at its default positions and T = 1
+        rows, idx = scored_rows(s.logits, kd_positions_mask(s.labels, None, "text"))  # (M, V), (M,)
+        logp = F.log_softmax(rows.float(), dim=-1)  # (M, V)
+        out = {"ce": _ce_from_logp(logp, s.labels, idx, s.logits), "kd": zero, "att": zero, "v_all": zero,
+               "v_focus": zero}
 
         if cfg.kd_weight > 0:
-            out["kd"] = self._kd(s, t)
+            out["kd"] = self._kd(s, t, (rows, idx, logp) if cfg.kd_positions == "text" else None)
 
         if cfg.att_weight > 0 or cfg.v_weight > 0:
             _require(s, "student", "image_mask")
@@ -421,24 +452,34 @@ class AlignKDLoss(nn.Module):
         )
         return out
 
-    def _kd(self, s: DistillInputs, t: DistillInputs) -> Tensor:
+    def _kd(self, s: DistillInputs, t: DistillInputs, text_rows: tuple[Tensor, Tensor, Tensor] | None) -> Tensor:
         """Full-distribution KD from the teacher's logits, or top-k KD from its cached top-k (or, with
-        kd_topk and no cache, from the top-k of its logits)."""
+        kd_topk and no cache, from the top-k of its logits). text_rows: the student's rows at the answer
+        positions, their indices and log-probs at T = 1 (CE's), when KD reads the same positions."""
         cfg = self.config
         if t.topk_ids is None:
             _require(t, "teacher", "logits")
-            if cfg.kd_topk is None:
-                return kd_loss(s.logits, t.logits, s.labels, s.attention_mask, cfg.temperature, cfg.kd_positions)
-        mask = kd_positions_mask(s.labels, s.attention_mask, cfg.kd_positions)  # (B, T)
-        s_rows = s.logits[mask]  # (M, V)
+        if text_rows is not None:
+            s_rows, idx, logp1 = text_rows
+        else:
+            s_rows, idx = scored_rows(s.logits, kd_positions_mask(s.labels, s.attention_mask, cfg.kd_positions))
+            logp1 = None
+        if s_rows.shape[0] == 0 and t.topk_ids is None:
+            return s.logits.sum() * 0.0
+        s_logp = logp1 if logp1 is not None and cfg.temperature == 1 else None  # else at T, computed below
+        if t.topk_ids is None and cfg.kd_topk is None:
+            if s_logp is None:
+                s_logp = F.log_softmax(s_rows.float() / cfg.temperature, dim=-1)  # (M, V)
+            return _full_kl(s_logp, t.logits, idx, cfg.temperature)
         if t.topk_ids is None:
-            logp, ids = teacher_topk(t.logits[mask], cfg.kd_topk, cfg.temperature)  # (M, k) each
+            t_rows = t.logits.reshape(-1, t.logits.shape[-1]).index_select(0, idx)  # (M, V)
+            logp, ids = teacher_topk(t_rows, cfg.kd_topk, cfg.temperature)  # (M, k) each
         else:
             logp, ids = t.topk_logprobs, t.topk_ids
             if ids.shape[0] != s_rows.shape[0]:
                 raise ConfigError(f"the teacher's top-k has {ids.shape[0]} rows, the batch {s_rows.shape[0]} "
                                   "KD positions")
-        return topk_kd_loss(s_rows, logp, ids, cfg.temperature, cfg.kd_tail)
+        return topk_kd_loss(s_rows, logp, ids, cfg.temperature, cfg.kd_tail, student_logp=s_logp)
 
     def _alignment(self, s: DistillInputs, t: DistillInputs) -> dict[str, Tensor]:
         cfg, out = self.config, {}

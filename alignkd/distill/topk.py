@@ -48,17 +48,19 @@ def topk_kd_loss(
     teacher_ids: Tensor,
     temperature: float = 1.0,
     tail: str = "rest",
+    student_logp: Tensor | None = None,
 ) -> Tensor:
     """KL(teacher ‖ student) over the cached top-k (+ tail) at the M KD positions, mean over positions, × T².
 
     student_logits (M, V) at the KD positions (in the order the cache stores them); teacher_logprobs and
-    teacher_ids (M, k) from `teacher_topk` (log-probs at the same temperature).
+    teacher_ids (M, k) from `teacher_topk` (log-probs at the same temperature). student_logp: the student's
+    log-probs at T when the caller has them (CE's at T = 1), not computed again.
     """
     if tail not in TAILS:
         raise ConfigError(f"tail must be one of {TAILS}, got {tail!r}")
     if student_logits.shape[0] == 0:
         return student_logits.sum() * 0.0
-    s_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (M, V)
+    s_logp = F.log_softmax(student_logits.float() / temperature, dim=-1) if student_logp is None else student_logp  # (M, V)
     s_sel = s_logp.gather(-1, teacher_ids.long())  # (M, k)
     t_sel = teacher_logprobs.float()  # (M, k)
     if tail == "renorm":

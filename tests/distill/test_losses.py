@@ -135,6 +135,42 @@ def test_text_vision_block_matches_loop():
         assert torch.all(block[i, :, ~rows[i]] == 0)
 
 
+def test_text_vision_block_of_one_template_matches_loop():
+    """Every image at one place (the usual batch of one prompt template): the block is read as a slice; the
+    same values and zeroed rows as the loop, and its gradient lands on exactly those entries."""
+    start, lengths = 2, [10, 12, 7, 9]
+    attention_mask = torch.zeros(B, T, dtype=torch.long)
+    for b, length in enumerate(lengths):
+        attention_mask[b, :length] = 1
+    image_mask = torch.zeros(B, T, dtype=torch.bool)
+    image_mask[:, start:start + N] = True
+    probs = causal_probs(H_S, attention_mask, 3).requires_grad_(True)
+    for offset in (0, start + N):
+        block, rows = text_vision_block(probs[:, :, offset:], image_mask, attention_mask, query_offset=offset)
+        assert block.shape == (B, H_S, T - start - N, N)
+        for b, length in enumerate(lengths):
+            for j, pos in enumerate(range(start + N, T)):
+                assert bool(rows[b, j]) == (pos < length)
+                want = probs[b, :, pos, start:start + N] if pos < length else torch.zeros(H_S, N)
+                assert torch.equal(block[b, :, j], want)
+    (grad,) = torch.autograd.grad(block.sum(), probs)
+    want = torch.zeros_like(probs)
+    for b, length in enumerate(lengths):
+        want[b, :, start + N:length, start:start + N] = 1
+    assert torch.equal(grad, want)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("kd_topk", [None, V])
+def test_loss_module_kd_is_kd_loss(temperature, kd_topk):
+    """The module's KD term (sharing CE's rows and, at T = 1, its log-probs) is `kd_loss`, at T = 1 and 2,
+    from full logits and through the top-k path with k = the vocabulary."""
+    s, t = inputs()
+    out = make_loss(temperature=temperature, kd_topk=kd_topk)(s, t)
+    torch.testing.assert_close(out["kd"], kd_loss(s.logits, t.logits, s.labels, s.attention_mask, temperature))
+    torch.testing.assert_close(out["ce"], ce_loss(s.logits, s.labels))
+
+
 def test_text_vision_block_with_query_offset():
     s, _ = inputs()
     full, rows = text_vision_block(s.attn_probs, s.image_mask, s.attention_mask)
@@ -181,6 +217,11 @@ def test_vision_loss_pinned():
     teacher = torch.tensor([[[1.0], [3.0]]])
     v_all, v_focus = vision_loss(student, teacher, torch.tensor([[1]]))
     assert (v_all.item(), v_focus.item()) == (5.0, 9.0)
+    # V-focus over the samples whose focus is kept: the second (error 100) is left out, then none is
+    two = (torch.zeros(2, 2, 1), torch.tensor([[[1.0], [3.0]], [[10.0], [10.0]]]))
+    _, kept = vision_loss(*two, torch.tensor([[1], [0]]), torch.tensor([True, False]))
+    _, none = vision_loss(*two, torch.tensor([[1], [0]]), torch.tensor([False, False]))
+    assert (kept.item(), none.item()) == (9.0, 0.0)
 
 
 # ----------------------------------------------------------------------------- the module
