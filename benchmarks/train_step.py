@@ -51,6 +51,7 @@ import torch
 from alignkd.distill import DistillInputs, teacher_topk
 from alignkd.distill.attention import capture_layer0_attention
 from alignkd.fileio import atomic_write
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
@@ -145,8 +146,13 @@ def _profile(kind: str, one_step, device: torch.device, rows: int = 18) -> None:
     ev = prof.key_averages()
     phases = ("cache_lookup", "student_forward", "teacher_forward", "losses", "backward", "clip_and_optimizer")
     # host ms / device ms per phase: a phase whose host time exceeds its device time keeps the GPU waiting
-    got = {e.key: (e.cpu_time_total / 1e3, e.device_time_total / 1e3) for e in ev if e.key in phases}
-    busy = sum(e.self_device_time_total for e in ev) / 1e3 if cuda else None
+    got: dict[str, tuple[float, float]] = {}  # a range is two events on a GPU: the host's and the device's
+    for e in ev:
+        if e.key in phases:
+            h, d = got.get(e.key, (0.0, 0.0))
+            got[e.key] = (max(h, e.cpu_time_total / 1e3), max(d, e.device_time_total / 1e3))
+    busy = sum(e.self_device_time_total for e in ev if e.device_type == DeviceType.CUDA
+               and not e.is_user_annotation) / 1e3  # kernel time, as the table's "Self CUDA time total"
     print(f"[{kind}] step {wall * 1e3:.1f} ms (profiled)" + (f", kernels {busy:.1f} ms" if cuda else "")
           + "; phase host/device ms: " + ", ".join(f"{k} {h:.1f}/{d:.1f}" for k, (h, d) in got.items()), flush=True)
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
