@@ -61,6 +61,8 @@ def scored_rows(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """The rows of x (B, T, ...) where mask (B, T) is True, in row-major order, and their flat indices b·T + t
     (M,). An index_select: its backward is one index_add, where a boolean-mask index's sorts the indices and
     accumulates into a (B, T, V) copy (a few ms a step at real shapes on a GPU)."""
+    if tuple(x.shape[:2]) != tuple(mask.shape):  # flat indices would read other rows without an error
+        raise ConfigError(f"logits of shape {tuple(x.shape)} do not match the (B, T) = {tuple(mask.shape)} of the labels")
     idx = mask.reshape(-1).nonzero().squeeze(1)  # (M,)
     return x.reshape(-1, *x.shape[2:]).index_select(0, idx), idx
 
@@ -114,14 +116,21 @@ def kd_loss(
     s, idx = scored_rows(student_logits, kd_positions_mask(labels, attention_mask, positions))  # (M, V)
     if s.shape[0] == 0:
         return student_logits.sum() * 0.0
-    return _full_kl(F.log_softmax(s.float() / temperature, dim=-1), teacher_logits, idx, temperature)
+    t = _teacher_rows(teacher_logits, idx, student_logits.shape)  # (M, V)
+    return _full_kl(F.log_softmax(s.float() / temperature, dim=-1), t, temperature)
 
 
-def _full_kl(s_logp: Tensor, teacher_logits: Tensor, idx: Tensor, temperature: float) -> Tensor:
-    """KL(teacher ‖ student) × T² from the student's log-probs (M, V) at T and the teacher's logits at the
-    same rows `idx` (b·T + t) of its (B, T, V) logits."""
-    t = teacher_logits.reshape(-1, teacher_logits.shape[-1]).index_select(0, idx).float() / temperature  # (M, V)
-    t_logp = F.log_softmax(t, dim=-1)
+def _teacher_rows(teacher_logits: Tensor, idx: Tensor, like: tuple[int, ...]) -> Tensor:
+    """The teacher's rows `idx` (b·T + t) of its (B, T, V) logits, which must have the student's (B, T, V)."""
+    if tuple(teacher_logits.shape) != tuple(like):
+        raise ConfigError(f"teacher logits of shape {tuple(teacher_logits.shape)} do not match the student's {tuple(like)}")
+    return teacher_logits.reshape(-1, teacher_logits.shape[-1]).index_select(0, idx)
+
+
+def _full_kl(s_logp: Tensor, t_rows: Tensor, temperature: float) -> Tensor:
+    """KL(teacher ‖ student) × T² from the student's log-probs (M, V) at T and the teacher's logits (M, V) at
+    the same positions."""
+    t_logp = F.log_softmax(t_rows.float() / temperature, dim=-1)  # (M, V)
     kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)  # (M,)
     return kl.mean() * temperature**2
 
@@ -430,9 +439,12 @@ class AlignKDLoss(nn.Module):
         logp = F.log_softmax(rows.float(), dim=-1)  # (M, V)
         out = {"ce": _ce_from_logp(logp, s.labels, idx, s.logits), "kd": zero, "att": zero, "v_all": zero,
                "v_focus": zero}
+        text_rows = (rows, idx, logp) if cfg.kd_weight > 0 and cfg.kd_positions == "text" else None
+        del rows  # (M, V): kept (in text_rows) only while KD reads it
 
         if cfg.kd_weight > 0:
-            out["kd"] = self._kd(s, t, (rows, idx, logp) if cfg.kd_positions == "text" else None)
+            out["kd"] = self._kd(s, t, text_rows)
+        del text_rows
 
         if cfg.att_weight > 0 or cfg.v_weight > 0:
             _require(s, "student", "image_mask")
@@ -470,9 +482,9 @@ class AlignKDLoss(nn.Module):
         if t.topk_ids is None and cfg.kd_topk is None:
             if s_logp is None:
                 s_logp = F.log_softmax(s_rows.float() / cfg.temperature, dim=-1)  # (M, V)
-            return _full_kl(s_logp, t.logits, idx, cfg.temperature)
+            return _full_kl(s_logp, _teacher_rows(t.logits, idx, s.logits.shape), cfg.temperature)
         if t.topk_ids is None:
-            t_rows = t.logits.reshape(-1, t.logits.shape[-1]).index_select(0, idx)  # (M, V)
+            t_rows = _teacher_rows(t.logits, idx, s.logits.shape)  # (M, V)
             logp, ids = teacher_topk(t_rows, cfg.kd_topk, cfg.temperature)  # (M, k) each
         else:
             logp, ids = t.topk_logprobs, t.topk_ids

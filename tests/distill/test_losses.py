@@ -121,7 +121,13 @@ def test_kd_pinned():
 
 # ----------------------------------------------------------------------------- blocks and terms
 
-def test_text_vision_block_matches_loop():
+@pytest.mark.parametrize("starts", [None, [1, 5, 3, 2], [2, 2, None, 2]])
+def test_text_vision_block_matches_loop(starts, monkeypatch):
+    """The standard layout (images at other places, one sample without), every sample with an image at another
+    place, and one place shared by the samples that have one: a gather each (not the one-template slice)."""
+    if starts is not None:  # the layout helpers read these module globals
+        monkeypatch.setitem(globals(), "SAMPLES", [(st, n, a) for st, (_, n, a) in zip(starts, SAMPLES)])
+        monkeypatch.setitem(globals(), "IMG", [b for b, st in enumerate(starts) if st is not None])
     s, _ = inputs()
     block, rows = text_vision_block(s.attn_probs, s.image_mask, s.attention_mask)
     assert block.shape[:2] == (len(IMG), H_S) and block.shape[3] == N
@@ -162,13 +168,40 @@ def test_text_vision_block_of_one_template_matches_loop():
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("kd_topk", [None, V])
-def test_loss_module_kd_is_kd_loss(temperature, kd_topk):
-    """The module's KD term (sharing CE's rows and, at T = 1, its log-probs) is `kd_loss`, at T = 1 and 2,
-    from full logits and through the top-k path with k = the vocabulary."""
+@pytest.mark.parametrize("positions", ["text", "tokens", "all"])
+def test_loss_module_kd_is_kd_loss(temperature, kd_topk, positions):
+    """The module's KD term (sharing CE's rows and, at T = 1, its log-probs, where it reads the answer
+    positions) is `kd_loss` at its positions, at T = 1 and 2, from full logits and through the top-k path with
+    k = the vocabulary."""
     s, t = inputs()
-    out = make_loss(temperature=temperature, kd_topk=kd_topk)(s, t)
-    torch.testing.assert_close(out["kd"], kd_loss(s.logits, t.logits, s.labels, s.attention_mask, temperature))
+    out = make_loss(temperature=temperature, kd_topk=kd_topk, kd_positions=positions)(s, t)
+    want = kd_loss(s.logits, t.logits, s.labels, s.attention_mask, temperature, positions)
+    torch.testing.assert_close(out["kd"], want)
     torch.testing.assert_close(out["ce"], ce_loss(s.logits, s.labels))
+
+
+def test_no_answer_token_gives_grad_safe_zeros():
+    """CE and KD of a batch without any answer token: zeros whose gradient into the logits is zero."""
+    s, t = inputs()
+    s.labels = torch.full_like(s.labels, -100)
+    s.logits.requires_grad_(True)
+    out = make_loss(att_weight=0.0, v_weight=0.0)(s, t)
+    assert (out["ce"].item(), out["kd"].item()) == (0.0, 0.0)
+    out["total"].backward()
+    assert s.logits.grad is not None and s.logits.grad.abs().sum() == 0
+
+
+def test_logits_of_another_layout_are_refused():
+    """Logits whose (B, T) differ from the labels' (or the teacher's from the student's) are one ConfigError,
+    not rows read from the wrong places."""
+    s, t = inputs()
+    with pytest.raises(ConfigError, match="do not match"):
+        ce_loss(torch.randn(B, T + 2, V), s.labels)
+    with pytest.raises(ConfigError, match="teacher logits"):
+        kd_loss(s.logits, torch.randn(B, T + 2, V), s.labels, s.attention_mask)
+    with pytest.raises(ConfigError, match="teacher logits"):
+        make_loss()(s, DistillInputs(logits=torch.randn(B + 1, T, V), image_features=t.image_features,
+                                     attn_probs=t.attn_probs))
 
 
 def test_text_vision_block_with_query_offset():
