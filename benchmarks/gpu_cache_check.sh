@@ -18,7 +18,9 @@
 set -uo pipefail
 py=${PYTHON:-python3}
 out=${1:?usage: gpu_cache_check.sh OUT_DIR}
-if [ -e "$out" ] && [ -n "$(ls -A "$out")" ]; then echo "$out is not empty: name a new folder" >&2; exit 2; fi
+if [ -e "$out" ] && [ -n "$(ls -A "$out")" ]; then echo "error: $out is not empty: name a new folder" >&2; exit 2; fi
+limit=${STEP1_LIMIT:-330}  # seconds for step 1 (both of its runs together)
+[[ "$limit" =~ ^[1-9][0-9]*$ ]] || { echo "error: STEP1_LIMIT must be a whole number of seconds, got '$limit'" >&2; exit 2; }
 mkdir -p "$out"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}  # the repository's alignkd, installed or not
 $py -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__,
@@ -31,7 +33,6 @@ size=(); [ -n "${TINY:-}" ] && size=(--tiny)
 # other for its own peak memory, the goal's pair first and the costliest kind (the whole 7B teacher compiled) last.
 # Each sequential row is printed and kept in the JSON as soon as it is measured; STEP1_LIMIT (seconds, for both)
 # stops this step so that steps 2 to 4 still run.
-limit=${STEP1_LIMIT:-330}
 t0=$SECONDS
 timeout "$limit" $py benchmarks/train_step.py "${size[@]}" --steps 10 --rounds 5 --cache-k 32 \
   --kinds plain+compile,cached+compile --json "$out/train_step_gpu_interleaved.json" \

@@ -469,22 +469,22 @@ class AlignKDLoss(nn.Module):
         kd_topk and no cache, from the top-k of its logits). text_rows: the student's rows at the answer
         positions, their indices and log-probs at T = 1 (CE's), when KD reads the same positions."""
         cfg = self.config
-        if t.topk_ids is None:
-            _require(t, "teacher", "logits")
         if text_rows is not None:
-            s_rows, idx, logp1 = text_rows
+            s_rows, idx, s_logp = text_rows
+            s_logp = s_logp if cfg.temperature == 1 else None  # CE's are at T = 1
         else:
             s_rows, idx = scored_rows(s.logits, kd_positions_mask(s.labels, s.attention_mask, cfg.kd_positions))
-            logp1 = None
-        if s_rows.shape[0] == 0 and t.topk_ids is None:
-            return s.logits.sum() * 0.0
-        s_logp = logp1 if logp1 is not None and cfg.temperature == 1 else None  # else at T, computed below
-        if t.topk_ids is None and cfg.kd_topk is None:
-            if s_logp is None:
-                s_logp = F.log_softmax(s_rows.float() / cfg.temperature, dim=-1)  # (M, V)
-            return _full_kl(s_logp, _teacher_rows(t.logits, idx, s.logits.shape), cfg.temperature)
-        if t.topk_ids is None:
+            s_logp = None
+        if t.topk_ids is None:  # from the teacher's logits
+            _require(t, "teacher", "logits")
+            if s_rows.shape[0] == 0:
+                return s.logits.sum() * 0.0
             t_rows = _teacher_rows(t.logits, idx, s.logits.shape)  # (M, V)
+        if s_logp is None:
+            s_logp = F.log_softmax(s_rows.float() / cfg.temperature, dim=-1)  # (M, V)
+        if t.topk_ids is None and cfg.kd_topk is None:
+            return _full_kl(s_logp, t_rows, cfg.temperature)
+        if t.topk_ids is None:
             logp, ids = teacher_topk(t_rows, cfg.kd_topk, cfg.temperature)  # (M, k) each
         else:
             logp, ids = t.topk_logprobs, t.topk_ids
